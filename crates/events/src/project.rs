@@ -1,0 +1,181 @@
+//! The project aggregate. Agents refer to projects by id; whether a project
+//! exists is decided from its own events, never from a read model.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::envelope::{DecodeError, Envelope, Recorded};
+use crate::fields::{Description, Name};
+
+pub const CREATED: &str = "project.created";
+pub const UPDATED: &str = "project.updated";
+pub const DELETED: &str = "project.deleted";
+
+pub const EVENT_TYPES: [&str; 3] = [CREATED, UPDATED, DELETED];
+
+/// Body of `project.created` v1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectCreated {
+    pub name: Name,
+    pub description: Description,
+}
+
+/// Body of `project.updated` v1: the changed fields only.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<Description>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProjectEvent {
+    Created(ProjectCreated),
+    Updated(ProjectChanges),
+    Deleted,
+}
+
+impl ProjectEvent {
+    pub const SCHEMA_VERSION: u32 = 1;
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            ProjectEvent::Created(_) => CREATED,
+            ProjectEvent::Updated(_) => UPDATED,
+            ProjectEvent::Deleted => DELETED,
+        }
+    }
+
+    pub fn to_data(&self) -> serde_json::Value {
+        let data = match self {
+            ProjectEvent::Created(c) => serde_json::to_value(c),
+            ProjectEvent::Updated(c) => serde_json::to_value(c),
+            ProjectEvent::Deleted => Ok(serde_json::Value::Object(Default::default())),
+        };
+        data.unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn decode(envelope: &Envelope) -> Result<ProjectEvent, DecodeError> {
+        let bad = |source| DecodeError::BadData {
+            event_type: envelope.event_type.clone(),
+            source,
+        };
+        if envelope.schema_version != Self::SCHEMA_VERSION {
+            return Err(DecodeError::UnknownVersion {
+                event_type: envelope.event_type.clone(),
+                version: envelope.schema_version,
+            });
+        }
+        match envelope.event_type.as_str() {
+            CREATED => ProjectCreated::deserialize(&envelope.data)
+                .map(ProjectEvent::Created)
+                .map_err(bad),
+            UPDATED => ProjectChanges::deserialize(&envelope.data)
+                .map(ProjectEvent::Updated)
+                .map_err(bad),
+            DELETED => Ok(ProjectEvent::Deleted),
+            other => Err(DecodeError::UnknownType(other.to_owned())),
+        }
+    }
+
+    pub fn recorded(envelope: &Envelope) -> Result<Recorded<ProjectEvent>, DecodeError> {
+        Ok(Recorded {
+            meta: envelope.meta(),
+            event: ProjectEvent::decode(envelope)?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Project {
+    pub id: Uuid,
+    pub name: Name,
+    pub description: Description,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum ProjectState {
+    #[default]
+    Absent,
+    Live(Project),
+    Deleted(Project),
+}
+
+impl ProjectState {
+    /// Whether agents may be placed in this project.
+    pub fn exists(&self) -> bool {
+        matches!(self, ProjectState::Live(_))
+    }
+}
+
+pub fn evolve(state: ProjectState, recorded: &Recorded<ProjectEvent>) -> ProjectState {
+    let meta = &recorded.meta;
+    match (state, &recorded.event) {
+        (ProjectState::Absent, ProjectEvent::Created(c)) => ProjectState::Live(Project {
+            id: meta.aggregate_id,
+            name: c.name.clone(),
+            description: c.description.clone(),
+            version: meta.aggregate_version,
+            created_at: meta.occurred_at,
+            updated_at: meta.occurred_at,
+            created_by: meta.actor.clone(),
+        }),
+        (ProjectState::Live(mut p), ProjectEvent::Updated(c)) => {
+            if let Some(n) = &c.name {
+                p.name = n.clone();
+            }
+            if let Some(d) = &c.description {
+                p.description = d.clone();
+            }
+            p.version = meta.aggregate_version;
+            p.updated_at = meta.occurred_at;
+            ProjectState::Live(p)
+        }
+        (ProjectState::Live(mut p), ProjectEvent::Deleted) => {
+            p.version = meta.aggregate_version;
+            p.updated_at = meta.occurred_at;
+            ProjectState::Deleted(p)
+        }
+        (state, _) => state,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::EventMeta;
+
+    fn rec(version: u64, event: ProjectEvent) -> Recorded<ProjectEvent> {
+        Recorded {
+            meta: EventMeta {
+                aggregate_id: Uuid::nil(),
+                aggregate_version: version,
+                occurred_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+                actor: "a".into(),
+                request_id: "r".into(),
+            },
+            event,
+        }
+    }
+
+    #[test]
+    fn a_project_exists_from_creation_until_deletion() {
+        let created = ProjectEvent::Created(ProjectCreated {
+            name: Name::parse("name", "P").unwrap(),
+            description: Description::empty(),
+        });
+        let s = evolve(ProjectState::Absent, &rec(1, created));
+        assert!(s.exists());
+        let s = evolve(s, &rec(2, ProjectEvent::Deleted));
+        assert!(!s.exists());
+        assert!(!ProjectState::Absent.exists());
+    }
+}

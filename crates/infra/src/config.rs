@@ -1,0 +1,170 @@
+//! Configuration shared by every role, from flags or `YMERA_*` environment
+//! variables. Each group is a `clap::Args` so roles take only what they use,
+//! and tests build them directly as plain structs.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+/// Where the event log lives and how the stream is provisioned.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsConfig {
+    /// NATS server URL (JetStream must be enabled).
+    #[arg(long, env = "YMERA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Name of the JetStream stream that holds the event log.
+    #[arg(long, env = "YMERA_STREAM", default_value = "YMERA")]
+    pub stream: String,
+    /// Subject prefix: events live under `<prefix>.<aggregate>.<id>`.
+    #[arg(long, env = "YMERA_SUBJECT_PREFIX", default_value = "ymera")]
+    pub subject_prefix: String,
+    /// Stream replicas: 1 on a single server; 3 on a cluster survives the
+    /// loss of a machine.
+    #[arg(long, env = "YMERA_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// `file` keeps the log across server restarts; `memory` is for
+    /// throwaway runs only.
+    #[arg(long, env = "YMERA_STREAM_STORAGE", default_value = "file")]
+    pub stream_storage: StreamStorage,
+    /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates, in
+    /// seconds.
+    #[arg(long, env = "YMERA_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
+    pub duplicate_window_secs: u64,
+    /// How long an append waits for JetStream's ack before answering 503, in
+    /// milliseconds.
+    #[arg(long, env = "YMERA_NATS_TIMEOUT_MS", default_value_t = 1_000)]
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamStorage {
+    File,
+    Memory,
+}
+
+impl NatsConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// A configuration for `url` with every other setting at its default.
+    pub fn local(
+        url: impl Into<String>,
+        stream: impl Into<String>,
+        prefix: impl Into<String>,
+    ) -> Self {
+        NatsConfig {
+            nats_url: url.into(),
+            stream: stream.into(),
+            subject_prefix: prefix.into(),
+            stream_replicas: 1,
+            stream_storage: StreamStorage::File,
+            duplicate_window_secs: 120,
+            request_timeout_ms: 1_000,
+        }
+    }
+}
+
+/// The PostgreSQL database that holds the read models and users.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DbConfig {
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "YMERA_DATABASE_URL",
+        default_value = "postgres://ymera:ymera@127.0.0.1:5432/ymera"
+    )]
+    pub database_url: String,
+    /// Most connections this process keeps open.
+    #[arg(long, env = "YMERA_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// How long to wait for a free connection before answering 503, in
+    /// milliseconds.
+    #[arg(long, env = "YMERA_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 1_000)]
+    pub db_acquire_timeout_ms: u64,
+}
+
+impl DbConfig {
+    pub fn local(url: impl Into<String>) -> Self {
+        DbConfig {
+            database_url: url.into(),
+            db_max_connections: 16,
+            db_acquire_timeout_ms: 1_000,
+        }
+    }
+}
+
+/// Tokens, passwords and the first admin.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthConfig {
+    /// Secret for signing HS256 tokens; at least 32 bytes. Required unless
+    /// `--dev`, where a random one is made for the process.
+    #[arg(long, env = "YMERA_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<SecretString>,
+    /// Token lifetime in seconds.
+    #[arg(long, env = "YMERA_JWT_TTL_SECS", default_value_t = 3_600)]
+    pub jwt_ttl_secs: u64,
+    /// The `iss` claim issued and required.
+    #[arg(long, env = "YMERA_JWT_ISSUER", default_value = "ymera")]
+    pub jwt_issuer: String,
+    /// The `aud` claim issued and required.
+    #[arg(long, env = "YMERA_JWT_AUDIENCE", default_value = "ymera-api")]
+    pub jwt_audience: String,
+    /// Username of the admin created when no user exists yet.
+    #[arg(long, env = "YMERA_ADMIN_USERNAME", default_value = "admin")]
+    pub admin_username: String,
+    /// Password of that first admin. In `--dev` mode, when unset, one is
+    /// generated and printed once.
+    #[arg(long, env = "YMERA_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<SecretString>,
+    /// Development mode: generate the JWT secret and the first admin's
+    /// password when they are not given. Never for production.
+    #[arg(long, env = "YMERA_DEV", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub dev: bool,
+}
+
+/// How the HTTP side listens and what it accepts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    #[arg(long, env = "YMERA_BIND", default_value = "127.0.0.1:8000")]
+    pub bind: SocketAddr,
+    /// Largest request body in bytes (bulk requests have their own limit).
+    #[arg(long, env = "YMERA_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_limit: usize,
+    /// Largest bulk request body in bytes.
+    #[arg(long, env = "YMERA_BULK_BODY_LIMIT", default_value_t = 16 * 1024 * 1024)]
+    pub bulk_body_limit: usize,
+    /// Non-streaming requests taking longer are answered 503, in seconds.
+    #[arg(long, env = "YMERA_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+    /// How long a read with `X-Min-Event-Seq` waits for the projection, in
+    /// milliseconds, before answering 503.
+    #[arg(long, env = "YMERA_MIN_SEQ_WAIT_MS", default_value_t = 5_000)]
+    pub min_seq_wait_ms: u64,
+    /// Projector lag (events) past which `/health` says `degraded`.
+    #[arg(long, env = "YMERA_DEGRADED_LAG_EVENTS", default_value_t = 10_000)]
+    pub degraded_lag_events: u64,
+}
+
+impl HttpConfig {
+    pub fn local() -> Self {
+        HttpConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            body_limit: 1024 * 1024,
+            bulk_body_limit: 16 * 1024 * 1024,
+            request_timeout_secs: 30,
+            min_seq_wait_ms: 5_000,
+            degraded_lag_events: 10_000,
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn min_seq_wait(&self) -> Duration {
+        Duration::from_millis(self.min_seq_wait_ms)
+    }
+}

@@ -1,0 +1,116 @@
+//! The PostgreSQL pool and the migrations this crate owns.
+//!
+//! Two schemas: `ymera` holds what is not derived from the log (users);
+//! `ymera_read` holds the read models, owned and migrated by the projector.
+//! Every connection searches both, so queries stay unqualified and a read
+//! model schema can be rebuilt elsewhere and swapped in.
+
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+use crate::config::DbConfig;
+
+/// Schema of the state that is not derived from the event log.
+pub const CORE_SCHEMA: &str = "ymera";
+/// Schema of the live read models.
+pub const READ_SCHEMA: &str = "ymera_read";
+
+static CORE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+/// Opens a pool. It does not wait for the server: connections are made on
+/// first use, so a process can start (and answer 503) while PostgreSQL is
+/// down, and recovers by itself when it returns.
+pub fn pool(cfg: &DbConfig) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = cfg.database_url.parse()?;
+    let options = options
+        .application_name("ymera")
+        .options([("search_path", format!("{READ_SCHEMA},{CORE_SCHEMA},public"))]);
+    Ok(PgPoolOptions::new()
+        .max_connections(cfg.db_max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_millis(cfg.db_acquire_timeout_ms))
+        .connect_lazy_with(options))
+}
+
+/// Waits until PostgreSQL answers, logging while it does not.
+pub async fn wait_ready(pool: &PgPool, deadline: Duration) -> Result<(), sqlx::Error> {
+    let start = tokio::time::Instant::now();
+    loop {
+        match sqlx::query("SELECT 1").execute(pool).await {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() < deadline => {
+                tracing::warn!(error = %e, "PostgreSQL not reachable yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs `migrator` into `schema`, keeping its bookkeeping table there too, so
+/// that several crates' migrations live side by side.
+pub async fn migrate_schema(
+    pool: &PgPool,
+    migrator: &Migrator,
+    schema: &str,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    assert_identifier(schema);
+    let mut migrator = clone_migrator(migrator);
+    migrator.create_schema(schema.to_owned());
+    migrator.dangerous_set_table_name(format!("{schema}._sqlx_migrations"));
+    let mut conn = pool.acquire().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET search_path TO {schema}, public"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let result = migrator.run(&mut *conn).await;
+    // Put the connection back as the pool made it.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET search_path TO {READ_SCHEMA}, {CORE_SCHEMA}, public"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    result
+}
+
+/// Schema names are spliced into SQL, so they must be plain identifiers;
+/// they only ever come from our own constants and configuration.
+pub fn assert_identifier(name: &str) {
+    assert!(
+        !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "not a safe SQL identifier: {name:?}"
+    );
+}
+
+fn clone_migrator(m: &Migrator) -> Migrator {
+    let mut copy = Migrator::with_migrations(m.iter().cloned().collect());
+    copy.set_locking(true);
+    copy
+}
+
+/// Applies this crate's migrations (users).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    migrate_schema(pool, &CORE_MIGRATIONS, CORE_SCHEMA).await
+}
+
+/// Is this error PostgreSQL being unreachable (as opposed to a bad query)?
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut
+            | sqlx::Error::Io(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    ) || matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
+}
+
+/// Shorthand used by queries elsewhere.
+pub type Tx<'a> = sqlx::Transaction<'a, Postgres>;

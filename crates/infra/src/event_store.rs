@@ -1,0 +1,300 @@
+//! The JetStream event store: the only source of truth.
+//!
+//! Every aggregate has its own subject, so every append can be guarded with
+//! `Nats-Expected-Last-Subject-Sequence` (optimistic concurrency) and
+//! `Nats-Msg-Id` (deduplication of retries within the stream's duplicate
+//! window). Loading an aggregate reads exactly its subject.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::StorageType};
+use bytes::Bytes;
+use events::{AggregateType, Envelope};
+use futures::StreamExt;
+use uuid::Uuid;
+
+use crate::config::{NatsConfig, StreamStorage};
+
+/// Header that carries the W3C trace context from HTTP into the log.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// One event as it sits in the stream.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// The stream sequence: a global, gap-free order of everything appended.
+    pub seq: u64,
+    pub envelope: Envelope,
+}
+
+/// Why the event store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The aggregate's subject moved on since it was loaded: someone else
+    /// appended first. Reload, decide again, or answer 409.
+    #[error("the aggregate changed since it was read")]
+    Conflict,
+    /// NATS or JetStream is unreachable or did not answer in time: 503.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored message is not an envelope. Logged; 500.
+    #[error("stored message {seq} is not a valid event: {reason}")]
+    Corrupt { seq: u64, reason: String },
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A handle on the stream. Cheap to clone; every clone shares one NATS
+/// connection.
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: String,
+    prefix: String,
+}
+
+impl EventStore {
+    /// Connects and makes sure the stream exists with the configured
+    /// settings. The connection reconnects by itself after an outage.
+    #[tracing::instrument(skip_all, fields(url = %cfg.nats_url, stream = %cfg.stream), err)]
+    pub async fn connect(cfg: &NatsConfig) -> Result<Self, StoreError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("ymera")
+            .connection_timeout(Duration::from_secs(2))
+            .request_timeout(Some(cfg.request_timeout()))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(&cfg.nats_url)
+            .await
+            .map_err(unavailable)?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(cfg.request_timeout());
+        let store = EventStore {
+            client,
+            js,
+            stream: cfg.stream.clone(),
+            prefix: cfg.subject_prefix.clone(),
+        };
+        store.ensure_stream(cfg).await?;
+        Ok(store)
+    }
+
+    /// Creates the stream, or brings a changed configuration up to date.
+    async fn ensure_stream(&self, cfg: &NatsConfig) -> Result<(), StoreError> {
+        let config = jetstream::stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![events::all_subjects(&cfg.subject_prefix)],
+            storage: match cfg.stream_storage {
+                StreamStorage::File => StorageType::File,
+                StreamStorage::Memory => StorageType::Memory,
+            },
+            num_replicas: cfg.stream_replicas,
+            duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
+            allow_direct: true,
+            description: Some("YMERA event log".into()),
+            ..Default::default()
+        };
+        // The first start on a fresh server may race JetStream's own start;
+        // give it a few tries before giving up.
+        let mut last_err = None;
+        for attempt in 0..20u32 {
+            match self.js.get_or_create_stream(config.clone()).await {
+                Ok(stream) => {
+                    let current = &stream.cached_info().config;
+                    if current.duplicate_window != config.duplicate_window
+                        || current.num_replicas != config.num_replicas
+                    {
+                        self.js
+                            .update_stream(config.clone())
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "stream not ready yet");
+                    last_err = Some(e);
+                    tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt + 1))).await;
+                }
+            }
+        }
+        Err(unavailable(
+            last_err.map(|e| e.to_string()).unwrap_or_default(),
+        ))
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The subject of one aggregate.
+    pub fn subject(&self, aggregate_type: AggregateType, id: Uuid) -> String {
+        events::subject(&self.prefix, aggregate_type, id)
+    }
+
+    /// Appends one event to `subject`, provided the subject's last sequence
+    /// is still `expected` (0: the subject must be empty). Returns the
+    /// stream sequence of the event.
+    ///
+    /// The event id is the `Nats-Msg-Id`: a retry of the same append within
+    /// the duplicate window is acknowledged with the first sequence and
+    /// stored once.
+    #[tracing::instrument(skip_all, fields(subject, expected, seq), err)]
+    pub async fn append(
+        &self,
+        subject: &str,
+        expected: u64,
+        envelope: &Envelope,
+        traceparent: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        tracing::Span::current()
+            .record("subject", subject)
+            .record("expected", expected);
+        let payload = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt {
+            seq: 0,
+            reason: e.to_string(),
+        })?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", envelope.event_id.to_string().as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+        if let Some(tp) = traceparent {
+            headers.insert(TRACEPARENT, tp);
+        }
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(payload))
+            .headers(headers);
+        let acked = async {
+            self.js
+                .send_publish(subject.to_owned(), publish)
+                .await?
+                .await
+        };
+        let seq = match acked.await.map_err(publish_error) {
+            Ok(ack) => ack.sequence,
+            // JetStream checks the expected sequence before the duplicate
+            // window, so a retry of an append that did land (its ack was
+            // lost) reads as a conflict. If the subject's last event is
+            // this very event, the append succeeded: answer as a duplicate.
+            Err(StoreError::Conflict) => match self.last_on_subject(subject).await? {
+                Some(last) if last.envelope.event_id == envelope.event_id => last.seq,
+                _ => return Err(StoreError::Conflict),
+            },
+            Err(e) => return Err(e),
+        };
+        tracing::Span::current().record("seq", seq);
+        Ok(seq)
+    }
+
+    /// The last event stored on `subject`, if any.
+    async fn last_on_subject(&self, subject: &str) -> Result<Option<StoredEvent>, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(unavailable)?;
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(message) => decode(message.sequence, &message.payload).map(Some),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Every event of one aggregate, oldest first, with the subject's last
+    /// sequence (0 when there is none): the `expected` of the next append.
+    #[tracing::instrument(skip_all, fields(subject, events), err)]
+    pub async fn load(&self, subject: &str) -> Result<(Vec<StoredEvent>, u64), StoreError> {
+        tracing::Span::current().record("subject", subject);
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(unavailable)?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject.to_owned(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        if consumer.cached_info().num_pending == 0 {
+            return Ok((out, 0));
+        }
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(unavailable)?;
+            let info = message.info().map_err(unavailable)?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            out.push(decode(seq, &message.payload)?);
+            if pending == 0 {
+                break;
+            }
+        }
+        tracing::Span::current().record("events", out.len());
+        let last = out.last().map_or(0, |e| e.seq);
+        Ok((out, last))
+    }
+
+    /// The sequence of the last event in the stream (0 when empty).
+    pub async fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.stream_state().await?.last_sequence)
+    }
+
+    /// The stream's current state: message count, bytes, sequences.
+    pub async fn stream_state(&self) -> Result<jetstream::stream::State, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(unavailable)?;
+        let info = stream.get_info().await.map_err(unavailable)?;
+        Ok(info.state)
+    }
+
+    /// One stored event by stream sequence.
+    pub async fn get(&self, seq: u64) -> Result<StoredEvent, StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(unavailable)?;
+        let message = stream.direct_get(seq).await.map_err(unavailable)?;
+        decode(seq, &message.payload)
+    }
+}
+
+/// Reads a stored message's payload as an envelope.
+pub fn decode(seq: u64, payload: &[u8]) -> Result<StoredEvent, StoreError> {
+    serde_json::from_slice(payload)
+        .map(|envelope| StoredEvent { seq, envelope })
+        .map_err(|e| StoreError::Corrupt {
+            seq,
+            reason: e.to_string(),
+        })
+}
+
+fn publish_error(e: jetstream::context::PublishError) -> StoreError {
+    match e.kind() {
+        PublishErrorKind::WrongLastSequence => StoreError::Conflict,
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}

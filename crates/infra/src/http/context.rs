@@ -1,0 +1,132 @@
+//! The middleware every request passes through first: request id, span,
+//! access log, and the final rendering of problem documents.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use super::error::{PROBLEM_JSON, PendingProblem, Problem, slug_and_title};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The id of the request being served: the client's `X-Request-Id` when it
+/// sent a sane one, else a new UUID v7. Stored in each event's metadata.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A client's request id is echoed only when it is short printable ASCII,
+/// so it cannot smuggle anything into logs or headers.
+fn client_request_id(value: &HeaderValue) -> Option<String> {
+    let s = value.to_str().ok()?;
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| s.to_owned())
+}
+
+/// Gives the request its id and span, and finishes the response: the
+/// `X-Request-Id` header, and a problem+json body for every error.
+pub async fn request_context(mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(client_request_id)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let path = req.uri().path().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
+    req.extensions_mut().insert(RequestId(id.clone()));
+
+    let span = tracing::info_span!(
+        "http",
+        %method,
+        route = %route,
+        request_id = %id,
+        status = tracing::field::Empty,
+    );
+    let response = next.run(req).instrument(span.clone()).await;
+    let mut response = finish_problem(response, &path, &id);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), v);
+    }
+    let status = response.status().as_u16();
+    span.record("status", status);
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, elapsed_ms, "request failed");
+        } else {
+            tracing::debug!(status, elapsed_ms, "request served");
+        }
+    });
+    response
+}
+
+/// Renders a pending problem, or converts an error response that is not yet
+/// problem+json (axum's own rejections, limits, timeouts).
+fn finish_problem(mut response: Response, path: &str, request_id: &str) -> Response {
+    let status = response.status();
+    let pending = response.extensions_mut().remove::<PendingProblem>();
+    let pending = match pending {
+        Some(p) => p,
+        None if is_error(status) && !is_problem(&response) => {
+            let (slug, title) = slug_and_title(status);
+            PendingProblem {
+                slug,
+                title,
+                detail: title.to_owned(),
+                errors: None,
+            }
+        }
+        None => return response,
+    };
+    let problem = Problem {
+        problem_type: format!("urn:ymera:problem:{}", pending.slug),
+        title: pending.title.to_owned(),
+        status: status.as_u16(),
+        detail: pending.detail,
+        instance: path.to_owned(),
+        request_id: request_id.to_owned(),
+        errors: pending.errors,
+    };
+    let body = serde_json::to_vec(&problem).unwrap_or_default();
+    let (mut parts, _) = response.into_parts();
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn is_error(status: StatusCode) -> bool {
+    status.is_client_error() || status.is_server_error()
+}
+
+fn is_problem(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()))
+}
+
+/// The fallback for unknown routes: a problem, not an empty 404.
+pub async fn not_found() -> Response {
+    super::ApiError::NotFound("no such endpoint".into()).into_response()
+}

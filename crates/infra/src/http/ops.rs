@@ -1,0 +1,232 @@
+//! Operational endpoints every role serves without auth: `/health`,
+//! `/livez`, `/readyz`, `/system/info`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::event_store::EventStore;
+use crate::projection;
+
+/// How long a health probe waits for a dependency before calling it down.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the operational endpoints look at.
+#[derive(Debug, Clone)]
+pub struct Ops {
+    pub store: EventStore,
+    pub pool: PgPool,
+    /// `all`, `command`, `query` or `projector`.
+    pub role: &'static str,
+    /// The commit the binary was built from.
+    pub git_sha: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub degraded_lag_events: u64,
+}
+
+pub type OpsState = Arc<Ops>;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Check {
+    /// `ok`, `degraded` or `down`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Projector only: the checkpoint, the stream's last sequence and the
+    /// difference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_events: Option<u64>,
+}
+
+impl Check {
+    fn up(latency: Duration) -> Self {
+        Check {
+            status: "ok",
+            latency_ms: Some((latency.as_secs_f64() * 1e6).round() / 1e3),
+            error: None,
+            checkpoint_seq: None,
+            last_seq: None,
+            lag_events: None,
+        }
+    }
+
+    fn down(error: impl std::fmt::Display) -> Self {
+        Check {
+            status: "down",
+            latency_ms: None,
+            error: Some(error.to_string()),
+            checkpoint_seq: None,
+            last_seq: None,
+            lag_events: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, `degraded` (projector lag past the threshold) or `unavailable`
+    /// (NATS or PostgreSQL down).
+    pub status: &'static str,
+    pub version: &'static str,
+    /// `nats`, `postgres` and `projector`.
+    pub checks: BTreeMap<&'static str, Check>,
+}
+
+async fn probe<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> (Result<T, String>, Duration) {
+    let start = Instant::now();
+    let result = match tokio::time::timeout(PROBE_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+    };
+    (result, start.elapsed())
+}
+
+impl Ops {
+    /// Probes NATS and PostgreSQL concurrently, each bounded by a second.
+    pub async fn health(&self) -> Health {
+        let ((nats, nats_t), (pg, pg_t)) = tokio::join!(
+            probe(self.store.last_seq()),
+            probe(projection::checkpoint(&self.pool)),
+        );
+        let mut checks = BTreeMap::new();
+        let mut status = "ok";
+        let projector = match (&nats, &pg) {
+            (Ok(last), Ok(checkpoint)) => {
+                let lag = last.saturating_sub(*checkpoint);
+                let degraded = lag > self.degraded_lag_events;
+                if degraded {
+                    status = "degraded";
+                }
+                Check {
+                    status: if degraded { "degraded" } else { "ok" },
+                    checkpoint_seq: Some(*checkpoint),
+                    last_seq: Some(*last),
+                    lag_events: Some(lag),
+                    ..Check::up(Duration::ZERO)
+                }
+            }
+            _ => Check::down("needs both NATS and PostgreSQL"),
+        };
+        checks.insert("nats", nats.map_or_else(Check::down, |_| Check::up(nats_t)));
+        checks.insert("postgres", pg.map_or_else(Check::down, |_| Check::up(pg_t)));
+        checks.insert(
+            "projector",
+            Check {
+                latency_ms: None,
+                ..projector
+            },
+        );
+        if checks["nats"].status == "down" || checks["postgres"].status == "down" {
+            status = "unavailable";
+        }
+        Health {
+            status,
+            version: env!("CARGO_PKG_VERSION"),
+            checks,
+        }
+    }
+}
+
+/// Health of this process and its dependencies.
+#[utoipa::path(get, path = "/health", tag = "ops",
+    responses(
+        (status = 200, description = "Up (`ok` or `degraded`)", body = Health),
+        (status = 503, description = "NATS or PostgreSQL is down", body = Health),
+    ))]
+pub async fn health(State(ops): State<OpsState>) -> (StatusCode, Json<Health>) {
+    let health = ops.health().await;
+    let code = if health.status == "unavailable" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(health))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    pub status: &'static str,
+}
+
+/// The process is alive. Never looks at dependencies.
+#[utoipa::path(get, path = "/livez", tag = "ops", responses((status = 200, body = Status)))]
+pub async fn livez() -> Json<Status> {
+    Json(Status { status: "ok" })
+}
+
+/// The process can serve: NATS and PostgreSQL are reachable.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = Status), (status = 503, body = Status)))]
+pub async fn readyz(State(ops): State<OpsState>) -> (StatusCode, Json<Status>) {
+    let health = ops.health().await;
+    if health.status == "unavailable" {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Status {
+                status: "unavailable",
+            }),
+        )
+    } else {
+        (StatusCode::OK, Json(Status { status: "ready" }))
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SystemInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub git_sha: &'static str,
+    pub role: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub uptime_seconds: i64,
+    pub stream: String,
+    pub nats_server_version: String,
+    /// `null` while PostgreSQL is unreachable.
+    pub postgres_version: Option<String>,
+}
+
+/// What this process is and what it talks to.
+#[utoipa::path(get, path = "/system/info", tag = "ops", responses((status = 200, body = SystemInfo)))]
+pub async fn system_info(State(ops): State<OpsState>) -> Json<SystemInfo> {
+    let (pg, _) =
+        probe(sqlx::query_scalar::<_, String>("SHOW server_version").fetch_one(&ops.pool)).await;
+    Json(SystemInfo {
+        name: "ymera",
+        version: env!("CARGO_PKG_VERSION"),
+        git_sha: ops.git_sha,
+        role: ops.role,
+        started_at: ops.started_at,
+        uptime_seconds: (Utc::now() - ops.started_at).num_seconds(),
+        stream: ops.store.stream_name().to_owned(),
+        nats_server_version: ops.store.client().server_info().version,
+        postgres_version: pg.ok(),
+    })
+}
+
+/// The operational routes, at the root and under `/api/v1` alike.
+pub fn router(ops: OpsState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(livez))
+        .routes(routes!(readyz))
+        .routes(routes!(system_info))
+        .with_state(ops)
+}

@@ -1,0 +1,60 @@
+//! The JSON shapes of resources, shared by the write side (which answers
+//! with the state it just decided) and the read side (which answers from the
+//! read models), so both speak the same contract.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use events::agent::Agent;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// An agent, as `api.md` gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AgentView {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub agent_type: String,
+    pub description: String,
+    /// `active`, `inactive`, `paused` or `error`.
+    pub status: String,
+    pub capabilities: Vec<String>,
+    #[schema(value_type = Object)]
+    pub config: serde_json::Value,
+    pub tags: BTreeMap<String, String>,
+    pub project_id: Option<Uuid>,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+impl From<&Agent> for AgentView {
+    fn from(a: &Agent) -> Self {
+        AgentView {
+            id: a.id,
+            name: a.name.to_string(),
+            agent_type: a.agent_type.to_string(),
+            description: a.description.to_string(),
+            status: a.status.as_str().to_owned(),
+            capabilities: a.capabilities.as_slice().to_vec(),
+            config: serde_json::Value::Object(a.config.as_map().clone()),
+            tags: a.tags.as_map().clone(),
+            project_id: a.project_id,
+            version: a.version,
+            created_at: a.created_at,
+            updated_at: a.updated_at,
+            created_by: a.created_by.clone(),
+        }
+    }
+}
+
+/// A page of a list: keyset pagination with an opaque cursor.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}

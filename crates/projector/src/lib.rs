@@ -1,0 +1,276 @@
+//! The projector: folds the event log into the PostgreSQL read models,
+//! exactly once in effect.
+//!
+//! It is a step function, [`Projector::process_next_batch`], and a loop
+//! around it, [`Projector::run`]. Each step takes what JetStream has ready
+//! (up to a batch size), applies it and moves the checkpoint in one
+//! PostgreSQL transaction, commits, and only then acks. The checkpoint in
+//! PostgreSQL, not the consumer, is the position of record: on start, and
+//! after any error, the consumer is recreated to deliver from
+//! `checkpoint + 1`, and any event at or below the checkpoint is skipped. So
+//! a crash at any instant neither loses nor doubles an event.
+
+mod apply;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use futures::{FutureExt, StreamExt};
+use infra::db::Tx;
+use infra::{EventStore, projection};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use apply::ApplyError;
+
+/// The read-model migrations, run into the live schema (or a rebuild's).
+pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Creates or updates the live read models.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    infra::db::migrate_schema(pool, &MIGRATIONS, infra::db::READ_SCHEMA).await
+}
+
+/// How the projector consumes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most events applied in one transaction.
+    pub batch_size: usize,
+    /// Name of the checkpoint row and of the JetStream consumer.
+    pub name: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            batch_size: 1_000,
+            name: projection::MAIN.to_owned(),
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied (or skipped as already applied, or parked) `events` events;
+    /// the checkpoint is now `checkpoint`.
+    Applied { events: usize, checkpoint: u64 },
+    /// Nothing arrived within the wait.
+    Idle,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    /// JetStream could not be reached; the step is retried from the
+    /// checkpoint.
+    #[error("event store: {0}")]
+    Nats(String),
+    /// PostgreSQL failed; the transaction rolled back, nothing was acked.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// The projector of one projection.
+pub struct Projector {
+    store: EventStore,
+    pool: PgPool,
+    settings: Settings,
+    checkpoint: u64,
+    messages: Option<pull::Stream>,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projector")
+            .field("name", &self.settings.name)
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Projector {
+    pub fn new(store: EventStore, pool: PgPool, settings: Settings) -> Self {
+        Projector {
+            store,
+            pool,
+            settings,
+            checkpoint: 0,
+            messages: None,
+        }
+    }
+
+    /// The last sequence this projector has committed.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint
+    }
+
+    fn consumer_name(&self) -> String {
+        format!("ymera-projector-{}", self.settings.name)
+    }
+
+    /// Reads the checkpoint from PostgreSQL and points a fresh consumer at
+    /// the event after it.
+    #[tracing::instrument(skip_all, fields(name = %self.settings.name, checkpoint), err)]
+    async fn connect(&mut self) -> Result<(), ProjectorError> {
+        sqlx::query("INSERT INTO projector_checkpoint (name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(&self.settings.name)
+            .execute(&self.pool)
+            .await?;
+        let seq: i64 =
+            sqlx::query_scalar("SELECT last_seq FROM projector_checkpoint WHERE name = $1")
+                .bind(&self.settings.name)
+                .fetch_one(&self.pool)
+                .await?;
+        self.checkpoint = seq as u64;
+        tracing::Span::current().record("checkpoint", self.checkpoint);
+
+        let nats = |e: &dyn std::fmt::Display| ProjectorError::Nats(e.to_string());
+        let stream = self
+            .store
+            .jetstream()
+            .get_stream_no_info(self.store.stream_name())
+            .await
+            .map_err(|e| nats(&e))?;
+        let name = self.consumer_name();
+        // A consumer left by an earlier run may point anywhere; ours starts
+        // exactly after the checkpoint.
+        let _ = stream.delete_consumer(&name).await;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name),
+                filter_subject: events::all_subjects(self.store.prefix()),
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: self.checkpoint + 1,
+                },
+                ack_policy: jetstream::consumer::AckPolicy::All,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: (self.settings.batch_size * 20) as i64,
+                inactive_threshold: Duration::from_secs(300),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats(&e))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.settings.batch_size)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| nats(&e))?;
+        self.messages = Some(messages);
+        Ok(())
+    }
+
+    /// One step: waits at most `wait` for the first event, takes whatever
+    /// else is ready up to the batch size, and applies it all in one
+    /// transaction with the checkpoint. Acks after commit.
+    pub async fn process_next_batch(&mut self, wait: Duration) -> Result<Outcome, ProjectorError> {
+        let result = self.step(wait).await;
+        if result.is_err() {
+            // Unacked messages would only come back after the ack wait;
+            // start over from the checkpoint instead.
+            self.messages = None;
+        }
+        result
+    }
+
+    async fn step(&mut self, wait: Duration) -> Result<Outcome, ProjectorError> {
+        if self.messages.is_none() {
+            self.connect().await?;
+        }
+        let Some(messages) = self.messages.as_mut() else {
+            return Ok(Outcome::Idle);
+        };
+        let first = match tokio::time::timeout(wait, messages.next()).await {
+            Err(_) => return Ok(Outcome::Idle),
+            Ok(None) => return Err(ProjectorError::Nats("the consumer stream ended".into())),
+            Ok(Some(Err(e))) => return Err(ProjectorError::Nats(e.to_string())),
+            Ok(Some(Ok(m))) => m,
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.settings.batch_size {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                Some(Some(Err(e))) => return Err(ProjectorError::Nats(e.to_string())),
+                Some(None) | None => break,
+            }
+        }
+        let count = batch.len();
+        let new_checkpoint = self.apply_batch(&batch).await?;
+        self.checkpoint = new_checkpoint;
+        // AckPolicy::All: acking the last message acks the whole batch. A
+        // lost ack is harmless: the redelivery is at or below the
+        // checkpoint and skipped.
+        if let Some(last) = batch.last()
+            && let Err(e) = last.ack_with(AckKind::Ack).await
+        {
+            tracing::warn!(error = %e, "ack failed; redelivery will be skipped");
+        }
+        Ok(Outcome::Applied {
+            events: count,
+            checkpoint: new_checkpoint,
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(events = batch.len(), from, to), err)]
+    async fn apply_batch(&self, batch: &[jetstream::Message]) -> Result<u64, ProjectorError> {
+        let mut tx: Tx<'_> = self.pool.begin().await?;
+        let mut checkpoint = self.checkpoint;
+        for message in batch {
+            let seq = message
+                .info()
+                .map_err(|e| ProjectorError::Nats(e.to_string()))?
+                .stream_sequence;
+            if seq <= checkpoint {
+                continue; // already applied: a redelivery
+            }
+            apply::apply_message(&mut tx, seq, &message.subject, &message.payload).await?;
+            checkpoint = seq;
+        }
+        if checkpoint > self.checkpoint {
+            sqlx::query(
+                "UPDATE projector_checkpoint SET last_seq = $2, updated_at = now() WHERE name = $1",
+            )
+            .bind(&self.settings.name)
+            .bind(checkpoint as i64)
+            .execute(&mut *tx)
+            .await?;
+            if self.settings.name == projection::MAIN {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(projection::CHANNEL)
+                    .bind(checkpoint.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        tracing::Span::current()
+            .record("from", self.checkpoint + 1)
+            .record("to", checkpoint);
+        Ok(checkpoint)
+    }
+
+    /// Applies events until `shutdown`, backing off while a dependency is
+    /// down and resuming from the checkpoint when it returns.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let step = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                step = self.process_next_batch(Duration::from_secs(1)) => step,
+            };
+            match step {
+                Ok(_) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, checkpoint = self.checkpoint, "projector step failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

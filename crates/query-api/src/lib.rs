@@ -1,0 +1,39 @@
+//! The read side: every read is served from the PostgreSQL read models.
+//!
+//! Each response says which event sequence its data reflects
+//! (`X-Projection-Seq`), read in the same statement as the data, and a
+//! reader that needs its own writes sends `X-Min-Event-Seq` (or `?min_seq=`)
+//! to be answered only once the projection has got that far.
+
+pub mod agents;
+
+use std::sync::Arc;
+
+use axum::extract::FromRef;
+use infra::auth::Auth;
+use infra::config::HttpConfig;
+use infra::projection::ProjectionWatch;
+use sqlx::PgPool;
+use utoipa_axum::router::OpenApiRouter;
+
+/// Everything the read handlers need; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct QueryState {
+    pub pool: PgPool,
+    pub auth: Arc<Auth>,
+    pub watch: ProjectionWatch,
+    pub http: Arc<HttpConfig>,
+}
+
+impl FromRef<QueryState> for Arc<Auth> {
+    fn from_ref(s: &QueryState) -> Self {
+        s.auth.clone()
+    }
+}
+
+/// The read routes, relative to `/api/v1`.
+pub fn router(state: QueryState) -> OpenApiRouter {
+    OpenApiRouter::new()
+        .merge(agents::router())
+        .with_state(state)
+}

@@ -1,0 +1,330 @@
+//! The end-to-end test harness: every test gets its own PostgreSQL database,
+//! its own JetStream stream and subject prefix, and its own port, against
+//! the real servers that `scripts/setup.sh` starts. Nothing is mocked.
+//!
+//! Servers are found through `YMERA_TEST_NATS_URL` and
+//! `YMERA_TEST_DATABASE_URL` (a role allowed to create databases), which
+//! `scripts/test.sh` sets; the defaults match `scripts/setup.sh`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use infra::auth::Role as UserRole;
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use reqwest::{Method, RequestBuilder, Response};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use ymera::{Deps, Role, Running, Settings};
+
+pub use ymera;
+
+pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
+pub const JWT_SECRET: &str = "a-test-secret-that-is-long-enough-0123456789";
+
+pub fn nats_url() -> String {
+    std::env::var("YMERA_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("YMERA_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://ymera:ymera@127.0.0.1:5432/ymera".into())
+}
+
+/// A fresh, isolated place for one test: a database, a stream and a prefix
+/// of its own.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub id: String,
+    pub settings: Settings,
+    _cleanup: Arc<Cleanup>,
+}
+
+/// Drops the sandbox's stream and database when the last handle on it goes,
+/// so repeated local runs do not pile them up. Best effort: a test that
+/// aborts leaves them, and `scripts/test.sh` sweeps databases at start.
+#[derive(Debug)]
+struct Cleanup {
+    stream: String,
+    database: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let stream = self.stream.clone();
+        let database = self.database.clone();
+        let worker = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(client) = async_nats::connect(nats_url()).await {
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(&stream)
+                        .await;
+                }
+                if let Ok(admin) = sqlx::PgPool::connect(&admin_database_url()).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&admin).await;
+                }
+            });
+        });
+        let _ = worker.join();
+    }
+}
+
+impl Sandbox {
+    /// Creates the database; the stream is made by the first process that
+    /// connects.
+    pub async fn new() -> Sandbox {
+        let id = Uuid::now_v7().simple().to_string();
+        let id = id[id.len() - 12..].to_owned();
+        let db_name = format!("ymera_test_{id}");
+        let admin = sqlx::PgPool::connect(&admin_database_url())
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let db_url = url_with_database(&admin_database_url(), &db_name);
+        let mut http = HttpConfig::local();
+        http.min_seq_wait_ms = 5_000;
+        let settings = Settings {
+            nats: NatsConfig::local(nats_url(), format!("T_{id}"), format!("t_{id}")),
+            db: DbConfig::local(db_url),
+            auth: AuthConfig {
+                jwt_secret: Some(SecretString::from(JWT_SECRET)),
+                jwt_ttl_secs: 600,
+                jwt_issuer: "ymera".into(),
+                jwt_audience: "ymera-api".into(),
+                admin_username: "admin".into(),
+                admin_password: Some(SecretString::from(ADMIN_PASSWORD)),
+                dev: false,
+            },
+            http,
+        };
+        let cleanup = Arc::new(Cleanup {
+            stream: settings.nats.stream.clone(),
+            database: db_name,
+        });
+        Sandbox {
+            id,
+            settings,
+            _cleanup: cleanup,
+        }
+    }
+
+    /// Starts a process playing `role` on a free port.
+    pub async fn start(&self, role: Role) -> TestApp {
+        self.start_with(role, &self.settings).await
+    }
+
+    /// Starts a process with adjusted settings (same database and stream).
+    pub async fn start_with(&self, role: Role, settings: &Settings) -> TestApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let shutdown = CancellationToken::new();
+        let running = ymera::start(role, settings, listener, shutdown.clone())
+            .await
+            .expect("start ymera");
+        let base = format!("http://{}", running.addr);
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        let deps = running.deps.clone();
+        TestApp {
+            base,
+            client,
+            deps,
+            shutdown,
+            running: Some(running),
+            sandbox: self.clone(),
+        }
+    }
+}
+
+/// `postgres://u:p@h:port/db?x` with the database replaced.
+fn url_with_database(url: &str, db: &str) -> String {
+    let (head, query) = url
+        .split_once('?')
+        .map_or((url, None), |(h, q)| (h, Some(q)));
+    let authority_start = head.find("//").map_or(0, |i| i + 2);
+    let slash = match head.rfind('/') {
+        Some(i) if i >= authority_start => i,
+        _ => return format!("{head}/{db}"),
+    };
+    let mut out = format!("{}/{db}", &head[..slash]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// One running `ymera` process inside a test, with an HTTP client for it.
+#[derive(Debug)]
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub deps: Deps,
+    pub shutdown: CancellationToken,
+    pub running: Option<Running>,
+    pub sandbox: Sandbox,
+}
+
+impl TestApp {
+    /// A sandbox and one all-in-one process in it.
+    pub async fn spawn() -> TestApp {
+        Sandbox::new().await.start(Role::All).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn request(&self, method: Method, path: &str, token: Option<&str>) -> RequestBuilder {
+        let r = self.client.request(method, self.url(path));
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> String {
+        let r = self
+            .request(Method::POST, "/api/v1/auth/login", None)
+            .json(&json!({ "username": username, "password": password }))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(r.status(), 200, "login as {username}");
+        let body: Value = r.json().await.expect("login body");
+        body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_owned()
+    }
+
+    pub async fn admin_token(&self) -> String {
+        self.login("admin", ADMIN_PASSWORD).await
+    }
+
+    /// A token for a new user with `role`, made through the API.
+    pub async fn token_for(&self, role: UserRole) -> String {
+        let admin = self.admin_token().await;
+        let username = format!(
+            "{}-{}",
+            role.as_str(),
+            &Uuid::now_v7().simple().to_string()[20..]
+        );
+        let password = "a-long-enough-password";
+        let r = self
+            .request(Method::POST, "/api/v1/users", Some(&admin))
+            .json(&json!({ "username": username, "password": password, "role": role.as_str() }))
+            .send()
+            .await
+            .expect("create user");
+        assert_eq!(r.status(), 201, "create {role:?} user");
+        self.login(&username, password).await
+    }
+
+    pub async fn create_agent(&self, token: &str, body: Value) -> Response {
+        self.request(Method::POST, "/api/v1/agents", Some(token))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST /agents")
+    }
+
+    /// The stream's last sequence, straight from JetStream.
+    pub async fn last_seq(&self) -> u64 {
+        self.deps.store.last_seq().await.expect("stream state")
+    }
+
+    /// Stops the process gracefully and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(r) = self.running.take() {
+            r.join().await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Extracts a header as a string.
+pub fn header(r: &Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// A header parsed as an integer; panics with the header name when absent.
+pub fn header_u64(r: &Response, name: &str) -> u64 {
+    header(r, name)
+        .unwrap_or_else(|| panic!("missing header {name}"))
+        .parse()
+        .expect("integer header")
+}
+
+/// Polls `check` until it yields `Some`, failing the test after `deadline`.
+/// For conditions that have no event to wait on; never a fixed sleep.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A minimal valid agent body.
+pub fn agent_body(name: &str) -> Value {
+    json!({ "name": name, "type": "llm" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_with_database;
+
+    #[test]
+    fn database_is_swapped_in_urls() {
+        assert_eq!(
+            url_with_database("postgres://u:p@h:5432/ymera", "t1"),
+            "postgres://u:p@h:5432/t1"
+        );
+        assert_eq!(
+            url_with_database("postgres://u:p@h/ymera?sslmode=disable", "t1"),
+            "postgres://u:p@h/t1?sslmode=disable"
+        );
+        assert_eq!(
+            url_with_database("postgres://u:p@h", "t1"),
+            "postgres://u:p@h/t1"
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! The `ymera` process: wires the roles together. `main.rs` only parses the
+//! command line and calls [`run`]; tests call the same functions with their
+//! own configuration and a listener on port 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use command_api::CommandState;
+use infra::EventStore;
+use infra::auth::Auth;
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::http::ops::{self, Ops};
+use infra::projection::ProjectionWatch;
+use query_api::QueryState;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+
+pub const GIT_SHA: &str = env!("YMERA_GIT_SHA");
+
+/// Which roles a process plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Command API, query API and projector in one process, on one port.
+    All,
+    Command,
+    Query,
+    Projector,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Command => "command",
+            Role::Query => "query",
+            Role::Projector => "projector",
+        }
+    }
+
+    fn commands(self) -> bool {
+        matches!(self, Role::All | Role::Command)
+    }
+
+    fn queries(self) -> bool {
+        matches!(self, Role::All | Role::Query)
+    }
+
+    fn projects(self) -> bool {
+        matches!(self, Role::All | Role::Projector)
+    }
+}
+
+/// Everything a serving process is configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub nats: NatsConfig,
+    pub db: DbConfig,
+    pub auth: AuthConfig,
+    pub http: HttpConfig,
+}
+
+/// The connections every role needs, made ready: stream provisioned,
+/// database migrated.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    pub store: EventStore,
+    pub pool: PgPool,
+}
+
+/// How long start-up waits for PostgreSQL before giving up.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Connects to NATS and PostgreSQL and applies every migration.
+pub async fn connect(nats: &NatsConfig, db: &DbConfig) -> anyhow::Result<Deps> {
+    let pool = infra::db::pool(db).context("bad database URL")?;
+    infra::db::wait_ready(&pool, STARTUP_DEADLINE)
+        .await
+        .context("PostgreSQL is not reachable")?;
+    migrate(&pool).await?;
+    let store = EventStore::connect(nats)
+        .await
+        .context("NATS JetStream is not reachable")?;
+    Ok(Deps { store, pool })
+}
+
+/// Applies every crate's migrations: users, then the read models.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    infra::db::migrate(pool)
+        .await
+        .context("migrating the core schema")?;
+    projector::migrate(pool)
+        .await
+        .context("migrating the read models")?;
+    Ok(())
+}
+
+/// The HTTP application of `role`: its API routes under `/api/v1`, the
+/// operational routes at the root and under `/api/v1`, the OpenAPI spec at
+/// `/api/v1/openapi.json`, and the middleware every request passes.
+pub fn app(
+    role: Role,
+    deps: &Deps,
+    auth: Arc<Auth>,
+    http: Arc<HttpConfig>,
+    watch: ProjectionWatch,
+) -> Router {
+    let ops_state = Arc::new(Ops {
+        store: deps.store.clone(),
+        pool: deps.pool.clone(),
+        role: role.name(),
+        git_sha: GIT_SHA,
+        started_at: Utc::now(),
+        degraded_lag_events: http.degraded_lag_events,
+    });
+    let mut api = OpenApiRouter::new().merge(ops::router(ops_state.clone()));
+    if role.commands() {
+        let state = CommandState::new(
+            deps.store.clone(),
+            deps.pool.clone(),
+            auth.clone(),
+            http.clone(),
+        );
+        api = api.merge(command_api::router(state));
+    }
+    if role.queries() {
+        let state = QueryState {
+            pool: deps.pool.clone(),
+            auth: auth.clone(),
+            watch,
+            http: http.clone(),
+        };
+        api = api.merge(query_api::router(state));
+    }
+    let (api, spec) = OpenApiRouter::with_openapi(base_spec())
+        .nest("/api/v1", api)
+        .split_for_parts();
+    let spec = Arc::new(spec);
+    let root_ops: Router = ops::router(ops_state).into();
+
+    Router::new()
+        .merge(api)
+        .merge(root_ops)
+        .route(
+            "/api/v1/openapi.json",
+            get(move || async move { Json(spec.as_ref().clone()) }),
+        )
+        .fallback(infra::http::context::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(http.body_limit))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            http.request_timeout(),
+        ))
+        .layer(axum::middleware::from_fn(infra::http::request_context))
+}
+
+fn base_spec() -> OpenApi {
+    let mut spec = OpenApi::default();
+    spec.info.title = "YMERA API".into();
+    spec.info.version = env!("CARGO_PKG_VERSION").into();
+    spec.info.description = Some(
+        "Event-sourced backend for fleets of AI agents. Errors are application/problem+json \
+         (RFC 9457). Writes return X-Event-Seq; reads honour X-Min-Event-Seq and return \
+         X-Projection-Seq."
+            .into(),
+    );
+    let components = spec.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .build(),
+        ),
+    );
+    spec
+}
+
+/// A running process's handles, for tests and for `main`.
+#[derive(Debug)]
+pub struct Running {
+    pub deps: Deps,
+    pub auth: Arc<Auth>,
+    pub addr: std::net::SocketAddr,
+    /// Set when development mode generated the first admin's password.
+    pub generated_admin_password: Option<secrecy::SecretString>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Running {
+    /// Waits for every task (HTTP server, projector) to finish after
+    /// shutdown was signalled.
+    pub async fn join(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts `role` on `listener`: connects, migrates, bootstraps the first
+/// admin (write roles), spawns the projector (projector roles) and serves
+/// HTTP until `shutdown`, then drains in-flight requests.
+pub async fn start(
+    role: Role,
+    settings: &Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let deps = connect(&settings.nats, &settings.db).await?;
+    let auth = Arc::new(Auth::from_config(&settings.auth)?);
+    let generated_admin_password = if role.commands() {
+        command_api::users::bootstrap_admin(&deps.pool, &settings.auth).await?
+    } else {
+        None
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    if role.projects() {
+        let projector = projector::Projector::new(
+            deps.store.clone(),
+            deps.pool.clone(),
+            projector::Settings::default(),
+        );
+        tasks.spawn(projector.run(shutdown.clone()));
+    }
+    let watch = ProjectionWatch::spawn(deps.pool.clone(), shutdown.clone());
+    let router = app(
+        role,
+        &deps,
+        auth.clone(),
+        Arc::new(settings.http.clone()),
+        watch,
+    );
+    let addr = listener.local_addr()?;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(role = role.name(), %addr, stream = deps.store.stream_name(), "ymera is serving");
+    Ok(Running {
+        deps,
+        auth,
+        addr,
+        generated_admin_password,
+        tasks,
+    })
+}

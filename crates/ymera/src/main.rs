@@ -1,0 +1,188 @@
+//! `ymera`: run YMERA's roles, migrate, manage users.
+//!
+//! Thin on purpose: parse the command line, set up logging, call the
+//! library, and turn SIGTERM/Ctrl-C into a graceful shutdown.
+
+use std::io::Read;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use infra::auth::Role as UserRole;
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::telemetry::{self, LogFormat};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+use ymera::{Role, Settings};
+
+/// YMERA: an event-sourced backend for fleets of AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "ymera", version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, env = "YMERA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Serve {
+    #[command(flatten)]
+    nats: NatsConfig,
+    #[command(flatten)]
+    db: DbConfig,
+    #[command(flatten)]
+    auth: AuthConfig,
+    #[command(flatten)]
+    http: HttpConfig,
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)] // the names are the subcommands users type
+enum Command {
+    /// All roles in one process on one port (the default).
+    All(Serve),
+    /// The write API only.
+    CommandApi(Serve),
+    /// The read API only.
+    QueryApi(Serve),
+    /// The projector only (serves the operational endpoints).
+    Projector(Serve),
+    /// Create or update the database schemas, then exit.
+    Migrate {
+        #[command(flatten)]
+        db: DbConfig,
+    },
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Add a user. The password is read from YMERA_NEW_USER_PASSWORD or,
+    /// with --password-stdin, from standard input.
+    Add {
+        #[arg(long)]
+        username: String,
+        #[arg(long, value_parser = parse_role)]
+        role: UserRole,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        db: DbConfig,
+    },
+}
+
+fn parse_role(s: &str) -> Result<UserRole, String> {
+    UserRole::parse(s).ok_or_else(|| "one of admin, editor, viewer".into())
+}
+
+/// `ymera` alone, or `ymera --some-flag`, means `ymera all`.
+fn args() -> Vec<String> {
+    let mut args: Vec<String> = std::env::args().collect();
+    let first = args.get(1).map(String::as_str);
+    let is_help_or_version = matches!(first, Some("-h" | "--help" | "-V" | "--version"));
+    if first.is_none() || (first.is_some_and(|a| a.starts_with('-')) && !is_help_or_version) {
+        args.insert(1, "all".into());
+    }
+    args
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse_from(args());
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::All(s) => serve(Role::All, s).await,
+        Command::CommandApi(s) => serve(Role::Command, s).await,
+        Command::QueryApi(s) => serve(Role::Query, s).await,
+        Command::Projector(s) => serve(Role::Projector, s).await,
+        Command::Migrate { db } => {
+            let pool = infra::db::pool(&db)?;
+            infra::db::wait_ready(&pool, std::time::Duration::from_secs(30)).await?;
+            ymera::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::User(UserCommand::Add {
+            username,
+            role,
+            password_stdin,
+            db,
+        }) => {
+            let password = if password_stdin {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned())
+            } else {
+                SecretString::from(
+                    std::env::var("YMERA_NEW_USER_PASSWORD")
+                        .context("set YMERA_NEW_USER_PASSWORD or pass --password-stdin")?,
+                )
+            };
+            anyhow::ensure!(
+                password.expose_secret().chars().count() >= 8,
+                "the password needs at least 8 characters"
+            );
+            let pool = infra::db::pool(&db)?;
+            infra::db::wait_ready(&pool, std::time::Duration::from_secs(30)).await?;
+            ymera::migrate(&pool).await?;
+            let added =
+                command_api::users::add_user(&pool, &username, &password, role, "cli").await?;
+            anyhow::ensure!(added, "a user named {username:?} exists already");
+            println!("user {username} added as {}", role.as_str());
+            Ok(())
+        }
+    }
+}
+
+async fn serve(role: Role, s: Serve) -> anyhow::Result<()> {
+    let settings = Settings {
+        nats: s.nats,
+        db: s.db,
+        auth: s.auth,
+        http: s.http,
+    };
+    let listener = tokio::net::TcpListener::bind(settings.http.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.http.bind))?;
+    let shutdown = CancellationToken::new();
+    let running = ymera::start(role, &settings, listener, shutdown.clone()).await?;
+    if let Some(password) = &running.generated_admin_password {
+        // Development mode only: shown once, never logged.
+        println!(
+            "\n  First admin created: username {:?}, password {:?}\n  (shown once; set YMERA_ADMIN_PASSWORD to choose it)\n",
+            settings.auth.admin_username,
+            password.expose_secret()
+        );
+    }
+    println!("ymera {} listening on http://{}", role.name(), running.addr);
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    shutdown.cancel();
+    running.join().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The project's one test command: starts the servers (scripts/setup.sh), drops
+# per-test databases left over from earlier runs, then runs the Rust tests.
+# Extra arguments go to the test runner (cargo nextest run / cargo test).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "$ROOT"
+
+./scripts/setup.sh
+# shellcheck source=/dev/null
+. ./.data/env
+export YMERA_NATS_URL YMERA_DATABASE_URL
+export YMERA_TEST_NATS_URL="$YMERA_NATS_URL"
+export YMERA_TEST_DATABASE_URL="$YMERA_DATABASE_URL"
+
+# Leftover per-test databases (ymera_test_*) from earlier runs.
+PSQL="$(command -v psql || true)"
+if [ -z "$PSQL" ]; then
+    PSQL="$(printf '%s\n' /usr/lib/postgresql/*/bin/psql | sort -V | tail -n1)"
+    [ -x "$PSQL" ] || PSQL=""
+fi
+if [ -n "$PSQL" ]; then
+    "$PSQL" -X -w -q -v ON_ERROR_STOP=1 -d "${YMERA_DATABASE_URL%/*}/postgres" >/dev/null <<'SQL' \
+        || echo "test: warning: could not drop leftover ymera_test_* databases" >&2
+SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', datname)
+  FROM pg_database WHERE datname LIKE 'ymera\_test\_%'
+\gexec
+SQL
+else
+    echo "test: warning: psql not found; leftover ymera_test_* databases not dropped" >&2
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+    exec cargo nextest run --workspace --no-fail-fast "$@"
+else
+    exec cargo test --workspace --no-fail-fast "$@"
+fi
