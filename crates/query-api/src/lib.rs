@@ -10,6 +10,7 @@ pub mod agents;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
+use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::HttpConfig;
 use infra::projection::ProjectionWatch;
@@ -20,6 +21,9 @@ use utoipa_axum::router::OpenApiRouter;
 #[derive(Debug, Clone)]
 pub struct QueryState {
     pub pool: PgPool,
+    /// The log itself, for what the read models do not keep (per-agent
+    /// history, state as of a past time) and for the live feed.
+    pub store: EventStore,
     pub auth: Arc<Auth>,
     pub watch: ProjectionWatch,
     pub http: Arc<HttpConfig>,

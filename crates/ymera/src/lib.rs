@@ -134,6 +134,7 @@ pub fn app(
     if role.queries() {
         let state = QueryState {
             pool: deps.pool.clone(),
+            store: deps.store.clone(),
             auth: auth.clone(),
             watch,
             http: http.clone(),
