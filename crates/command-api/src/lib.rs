@@ -1,11 +1,14 @@
 //! The write side: takes commands over HTTP, decides them against aggregate
-//! state rebuilt from the event log, and appends the resulting events to
-//! JetStream. Also login and user management.
+//! state rebuilt from the event log (and cached), and appends the resulting
+//! events to JetStream. Also login and user management.
 //!
 //! Handlers are thin: extract, build the command, call the service, map the
-//! result. The log decides; no read model is consulted for a write.
+//! result. The log decides; no read model is consulted for a decision.
 
 pub mod agents;
+pub mod idempotency;
+pub mod projects;
+pub mod repo;
 pub mod service;
 pub mod users;
 
@@ -15,22 +18,30 @@ use axum::extract::FromRef;
 use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::HttpConfig;
+use infra::projection::ProjectionWatch;
 use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
 
 /// Everything the write handlers need; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CommandState {
-    pub service: Arc<service::AgentService>,
+    pub commands: Arc<service::Commands>,
     pub pool: PgPool,
     pub auth: Arc<Auth>,
     pub http: Arc<HttpConfig>,
 }
 
 impl CommandState {
-    pub fn new(store: EventStore, pool: PgPool, auth: Arc<Auth>, http: Arc<HttpConfig>) -> Self {
+    pub fn new(
+        store: EventStore,
+        pool: PgPool,
+        auth: Arc<Auth>,
+        http: Arc<HttpConfig>,
+        watch: ProjectionWatch,
+    ) -> Self {
+        let commands = service::Commands::new(store, pool.clone(), watch, http.min_seq_wait());
         CommandState {
-            service: Arc::new(service::AgentService::new(store)),
+            commands: Arc::new(commands),
             pool,
             auth,
             http,
@@ -47,7 +58,12 @@ impl FromRef<CommandState> for Arc<Auth> {
 /// The write routes, relative to `/api/v1`.
 pub fn router(state: CommandState) -> OpenApiRouter {
     OpenApiRouter::new()
-        .merge(agents::router())
+        .merge(agents::router(state.http.bulk_body_limit))
+        .merge(projects::router())
         .merge(users::router())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::idempotency,
+        ))
         .with_state(state)
 }

@@ -1,85 +1,231 @@
-//! The command service: load an aggregate from the log, decide, append
-//! guarded by the expected subject sequence.
+//! The write model: what each write endpoint does, on top of the cached
+//! repositories. Cross-aggregate rules live here: an agent may only join a
+//! project that exists (decided from the project's own events), and deleting
+//! a project detaches its agents.
 
-use chrono::{SubsecRound, Utc};
-use events::agent::{self, AgentCommand, AgentCreated, AgentError, AgentEvent, AgentState};
-use events::project::{self, ProjectEvent, ProjectState};
-use events::{AggregateType, Envelope, EventMeta, Recorded};
-use infra::http::ApiError;
-use infra::{EventStore, StoreError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use events::agent::{Agent, AgentChanges, AgentCommand, AgentCreated, AgentEvent, AgentState};
+use events::project::{self, ProjectChanges, ProjectCommand, ProjectCreated, ProjectState};
+use events::{AggregateType, Envelope, Recorded};
+use infra::http::{ApiError, ProblemItem};
+use infra::projection::ProjectionWatch;
+use infra::{BatchItem, EventStore};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Who is writing and on behalf of which request: recorded in every event.
-#[derive(Debug, Clone)]
-pub struct WriteContext {
-    pub actor: String,
-    pub request_id: String,
-    /// The W3C trace context of the HTTP request, carried into the NATS
-    /// headers so the projection continues the same trace.
-    pub traceparent: Option<String>,
-}
+pub use crate::repo::{Committed, Repository, WriteContext};
 
-/// The outcome of a write: the agent as it now is, and the stream sequence
-/// of the last event appended (or of the current state, when nothing was).
-#[derive(Debug, Clone)]
-pub struct Written {
-    pub agent: agent::Agent,
-    pub seq: u64,
-}
-
-/// Decides and appends agent commands.
+/// Every write the API can make.
 #[derive(Debug)]
-pub struct AgentService {
+pub struct Commands {
+    pub agents: Repository<AgentState>,
+    pub projects: Repository<ProjectState>,
     store: EventStore,
+    pool: PgPool,
+    watch: ProjectionWatch,
+    projection_wait: Duration,
 }
 
-impl AgentService {
-    pub fn new(store: EventStore) -> Self {
-        AgentService { store }
+/// A created, updated or deleted agent and the sequence of the last event.
+pub type AgentWrite = Committed<AgentState>;
+
+fn live(state: &AgentState) -> Result<&Agent, ApiError> {
+    state
+        .live()
+        .ok_or_else(|| ApiError::NotFound("no such agent".into()))
+}
+
+impl Commands {
+    pub fn new(
+        store: EventStore,
+        pool: PgPool,
+        watch: ProjectionWatch,
+        projection_wait: Duration,
+    ) -> Self {
+        Commands {
+            agents: Repository::new(store.clone()),
+            projects: Repository::new(store.clone()),
+            store,
+            pool,
+            watch,
+            projection_wait,
+        }
     }
 
     pub fn store(&self) -> &EventStore {
         &self.store
     }
 
-    /// Creates a new agent with a server-made UUID v7.
+    /// Whether the log says `project` exists (not deleted) right now.
+    async fn project_exists(&self, project: Uuid) -> Result<bool, ApiError> {
+        let subject = self.store.subject(AggregateType::Project, project);
+        Ok(match self.store.last_on_subject(&subject).await? {
+            None => false,
+            Some(last) => last.envelope.event_type != project::DELETED,
+        })
+    }
+
+    /// 422 on `project_id` unless the project exists.
+    async fn require_project(&self, project: Option<Uuid>) -> Result<(), ApiError> {
+        match project {
+            Some(p) if !self.project_exists(p).await? => {
+                Err(ApiError::invalid_field("project_id", "no such project"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Closes the race between "the project exists" and our append: if the
+    /// project was deleted in between, the agent is detached again, so no
+    /// live agent points at a deleted project.
+    async fn detach_if_project_gone(
+        &self,
+        ctx: &WriteContext,
+        agent: Uuid,
+        project: Uuid,
+    ) -> Result<Option<AgentWrite>, ApiError> {
+        if self.project_exists(project).await? {
+            return Ok(None);
+        }
+        tracing::info!(%agent, %project, "project deleted while the agent joined it; detaching");
+        self.detach(ctx, agent, project).await
+    }
+
+    /// Moves `agent` out of `project` if it is still in it.
+    async fn detach(
+        &self,
+        ctx: &WriteContext,
+        agent: Uuid,
+        project: Uuid,
+    ) -> Result<Option<AgentWrite>, ApiError> {
+        let result = self
+            .agents
+            .execute(agent, ctx, None, |state| {
+                let still_in = state.live().is_some_and(|a| a.project_id == Some(project));
+                Ok(AgentCommand::Update(if still_in {
+                    AgentChanges {
+                        project_id: Some(None),
+                        ..Default::default()
+                    }
+                } else {
+                    AgentChanges::default()
+                }))
+            })
+            .await;
+        match result {
+            Ok(w) => Ok(Some(w)),
+            Err(ApiError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     #[tracing::instrument(skip_all, fields(agent_id), err(level = "debug"))]
-    pub async fn create(
+    pub async fn create_agent(
         &self,
         ctx: &WriteContext,
         created: AgentCreated,
-    ) -> Result<Written, ApiError> {
-        if let Some(project_id) = created.project_id {
-            self.require_project(project_id).await?;
-        }
+    ) -> Result<AgentWrite, ApiError> {
+        let project = created.project_id;
+        self.require_project(project).await?;
         let id = Uuid::now_v7();
         tracing::Span::current().record("agent_id", tracing::field::display(id));
-        let state = AgentState::Absent;
-        let events = agent::decide(&state, AgentCommand::Create(created)).map_err(domain_error)?;
-        self.commit(id, state, 0, events, ctx).await
+        let written = self
+            .agents
+            .execute(id, ctx, None, |_| Ok(AgentCommand::Create(created.clone())))
+            .await?;
+        if let Some(p) = project
+            && let Some(detached) = self.detach_if_project_gone(ctx, id, p).await?
+        {
+            return Ok(detached);
+        }
+        Ok(written)
     }
 
-    /// Appends `events` one by one, each guarded by the sequence the
-    /// previous one got, and folds them into `state`.
-    async fn commit(
+    #[tracing::instrument(skip_all, fields(agent_id = %id), err(level = "debug"))]
+    pub async fn update_agent(
         &self,
-        id: Uuid,
-        mut state: AgentState,
-        mut expected: u64,
-        events: Vec<AgentEvent>,
         ctx: &WriteContext,
-    ) -> Result<Written, ApiError> {
-        let subject = self.store.subject(AggregateType::Agent, id);
-        for event in events {
-            let meta = EventMeta {
-                aggregate_id: id,
-                aggregate_version: state.version() + 1,
-                // PostgreSQL keeps microseconds: record no more, so the
-                // write's answer and every later read agree to the digit.
-                occurred_at: Utc::now().trunc_subsecs(6),
-                actor: ctx.actor.clone(),
-                request_id: ctx.request_id.clone(),
-            };
+        id: Uuid,
+        if_match: Option<u64>,
+        patch: AgentChanges,
+    ) -> Result<AgentWrite, ApiError> {
+        let joins = patch.project_id.flatten();
+        if let Some(p) = joins
+            && !self.project_exists(p).await?
+        {
+            // Tell a missing agent (404) from a missing project (422); an
+            // agent already in that project is a no-op, not an error.
+            let (state, _) = self.agents.load(id).await?;
+            let agent = live(&state)?;
+            if agent.project_id != Some(p) {
+                return Err(ApiError::invalid_field("project_id", "no such project"));
+            }
+        }
+        let written = self
+            .agents
+            .execute(id, ctx, if_match, |state| {
+                live(state)?;
+                Ok(AgentCommand::Update(patch.clone()))
+            })
+            .await?;
+        if let Some(p) = joins
+            && written.appended
+            && let Some(detached) = self.detach_if_project_gone(ctx, id, p).await?
+        {
+            return Ok(detached);
+        }
+        Ok(written)
+    }
+
+    #[tracing::instrument(skip_all, fields(agent_id = %id), err(level = "debug"))]
+    pub async fn delete_agent(
+        &self,
+        ctx: &WriteContext,
+        id: Uuid,
+        if_match: Option<u64>,
+    ) -> Result<AgentWrite, ApiError> {
+        self.agents
+            .execute(id, ctx, if_match, |_| Ok(AgentCommand::Delete))
+            .await
+    }
+
+    /// Creates every agent or none, in one atomic batch.
+    #[tracing::instrument(skip_all, fields(agents = items.len()), err(level = "debug"))]
+    pub async fn bulk_create(
+        &self,
+        ctx: &WriteContext,
+        items: Vec<AgentCreated>,
+    ) -> Result<(Vec<Agent>, u64), ApiError> {
+        // Every referenced project must exist; list each item that names a
+        // missing one.
+        let projects: BTreeSet<Uuid> = items.iter().filter_map(|c| c.project_id).collect();
+        let mut missing = BTreeSet::new();
+        for p in &projects {
+            if !self.project_exists(*p).await? {
+                missing.insert(*p);
+            }
+        }
+        if !missing.is_empty() {
+            let errors = items
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.project_id.is_some_and(|p| missing.contains(&p)))
+                .map(|(index, _)| ProblemItem {
+                    field: Some("project_id".into()),
+                    index: Some(index),
+                    message: "no such project".into(),
+                })
+                .collect();
+            return Err(ApiError::invalid(errors));
+        }
+
+        let mut prepared = Vec::with_capacity(items.len());
+        for created in items {
+            let id = Uuid::now_v7();
+            let meta = ctx.meta(id, 0);
+            let event = AgentEvent::Created(created);
             let envelope = Envelope::new(
                 Uuid::now_v7(),
                 AggregateType::Agent,
@@ -88,68 +234,148 @@ impl AgentService {
                 AgentEvent::SCHEMA_VERSION,
                 event.to_data(),
             );
-            expected = self
-                .store
-                .append(&subject, expected, &envelope, ctx.traceparent.as_deref())
-                .await?;
-            state = agent::evolve(state, &Recorded { meta, event });
+            let subject = self.store.subject(AggregateType::Agent, id);
+            prepared.push((id, subject, envelope, Recorded { meta, event }));
         }
-        match state {
-            AgentState::Live(agent) | AgentState::Deleted(agent) => Ok(Written {
-                agent,
-                seq: expected,
-            }),
-            AgentState::Absent => Err(ApiError::Internal(anyhow::anyhow!(
-                "commit left agent {id} absent"
-            ))),
+        let batch: Vec<BatchItem<'_>> = prepared
+            .iter()
+            .map(|(_, subject, envelope, _)| BatchItem {
+                subject,
+                expected: 0,
+                envelope,
+            })
+            .collect();
+        let seqs = self
+            .store
+            .append_batch(&batch, ctx.traceparent.as_deref())
+            .await?;
+
+        let mut agents = Vec::with_capacity(prepared.len());
+        let mut by_project: BTreeMap<Uuid, Vec<usize>> = BTreeMap::new();
+        for (i, ((id, _, _, recorded), seq)) in prepared.into_iter().zip(&seqs).enumerate() {
+            let state = AgentState::Absent;
+            let state = events::Aggregate::evolve(state, &recorded);
+            if let Some(agent) = state.live() {
+                agents.push(agent.clone());
+                if let Some(p) = agent.project_id {
+                    by_project.entry(p).or_default().push(i);
+                }
+            }
+            self.agents.remember(id, state, *seq).await;
+        }
+        let mut last = seqs.last().copied().unwrap_or(0);
+        for (project, indexes) in by_project {
+            if self.project_exists(project).await? {
+                continue;
+            }
+            for i in indexes {
+                if let Some(w) = self.detach(ctx, agents[i].id, project).await? {
+                    last = last.max(w.seq);
+                    if let Some(a) = w.state.live() {
+                        agents[i] = a.clone();
+                    }
+                }
+            }
+        }
+        Ok((agents, last))
+    }
+
+    pub async fn create_project(
+        &self,
+        ctx: &WriteContext,
+        created: ProjectCreated,
+    ) -> Result<Committed<ProjectState>, ApiError> {
+        let id = Uuid::now_v7();
+        self.projects
+            .execute(id, ctx, None, |_| {
+                Ok(ProjectCommand::Create(created.clone()))
+            })
+            .await
+    }
+
+    pub async fn update_project(
+        &self,
+        ctx: &WriteContext,
+        id: Uuid,
+        if_match: Option<u64>,
+        patch: ProjectChanges,
+    ) -> Result<Committed<ProjectState>, ApiError> {
+        self.projects
+            .execute(id, ctx, if_match, |_| {
+                Ok(ProjectCommand::Update(patch.clone()))
+            })
+            .await
+    }
+
+    /// Deletes a project and detaches its agents (they live on with
+    /// `project_id: null`, each through an `agent.updated` event, so the log
+    /// stays the whole truth). The members are found in the read model once
+    /// it has applied the deletion: any agent that joined before the
+    /// deletion is in it by then, and any that joins after is refused or
+    /// detached by its own write. Returns the sequence of the last event
+    /// appended.
+    pub async fn delete_project(
+        &self,
+        ctx: &WriteContext,
+        id: Uuid,
+        if_match: Option<u64>,
+    ) -> Result<u64, ApiError> {
+        let deleted = self
+            .projects
+            .execute(id, ctx, if_match, |_| Ok(ProjectCommand::Delete))
+            .await?;
+        match self.detach_members(ctx, id, deleted.seq).await {
+            Ok(last) => Ok(last.max(deleted.seq)),
+            Err(e) => {
+                // The deletion stands; finish detaching in the background
+                // rather than fail a request whose write already happened.
+                tracing::warn!(project = %id, error = %e, "detaching agents later");
+                let this = self.background();
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    for attempt in 1..=30u32 {
+                        match this.detach_members(&ctx, id, deleted.seq).await {
+                            Ok(_) => return,
+                            Err(e) => {
+                                tracing::warn!(project = %id, attempt, error = %e, "detaching agents failed")
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                });
+                Ok(deleted.seq)
+            }
         }
     }
 
-    /// An agent's state and its subject's last sequence, from the log.
-    pub async fn load_agent(&self, id: Uuid) -> Result<(AgentState, u64), ApiError> {
-        let subject = self.store.subject(AggregateType::Agent, id);
-        let (stored, last) = self.store.load(&subject).await?;
-        let mut state = AgentState::Absent;
-        for e in &stored {
-            let recorded = AgentEvent::recorded(&e.envelope).map_err(|err| corrupt(e.seq, err))?;
-            state = agent::evolve(state, &recorded);
+    async fn detach_members(
+        &self,
+        ctx: &WriteContext,
+        project: Uuid,
+        after: u64,
+    ) -> Result<u64, ApiError> {
+        self.watch.wait_for(after, self.projection_wait).await?;
+        let members: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM agents WHERE project_id = $1")
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut last = 0;
+        for agent in members {
+            if let Some(w) = self.detach(ctx, agent, project).await? {
+                last = last.max(w.seq);
+            }
         }
-        Ok((state, last))
+        Ok(last)
     }
 
-    /// A project's state, from the log.
-    pub async fn load_project(&self, id: Uuid) -> Result<ProjectState, ApiError> {
-        let subject = self.store.subject(AggregateType::Project, id);
-        let (stored, _) = self.store.load(&subject).await?;
-        let mut state = ProjectState::Absent;
-        for e in &stored {
-            let recorded =
-                ProjectEvent::recorded(&e.envelope).map_err(|err| corrupt(e.seq, err))?;
-            state = project::evolve(state, &recorded);
-        }
-        Ok(state)
-    }
-
-    /// 422 on `project_id` unless the log says the project exists.
-    async fn require_project(&self, id: Uuid) -> Result<(), ApiError> {
-        if self.load_project(id).await?.exists() {
-            Ok(())
-        } else {
-            Err(ApiError::invalid_field("project_id", "no such project"))
-        }
-    }
-}
-
-fn corrupt(seq: u64, err: events::DecodeError) -> ApiError {
-    ApiError::from(StoreError::Corrupt {
-        seq,
-        reason: err.to_string(),
-    })
-}
-
-fn domain_error(e: AgentError) -> ApiError {
-    match e {
-        AgentError::NotFound => ApiError::NotFound("no such agent".into()),
-        AgentError::AlreadyExists => ApiError::Conflict("the agent already exists".into()),
+    /// A copy that shares the event store and database but not the caches,
+    /// for work that outlives a request.
+    fn background(&self) -> Commands {
+        Commands::new(
+            self.store.clone(),
+            self.pool.clone(),
+            self.watch.clone(),
+            self.projection_wait,
+        )
     }
 }

@@ -307,7 +307,7 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a Recorded<AgentEvent>>) -> A
 }
 
 /// Serde support for `Option<Option<T>>`: absent, `null`, or a value.
-pub(crate) mod double_option {
+pub mod double_option {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     pub fn serialize<T: Serialize, S: Serializer>(

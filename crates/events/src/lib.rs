@@ -15,10 +15,12 @@
 //! server.
 
 pub mod agent;
+pub mod aggregate;
 pub mod envelope;
 pub mod fields;
 pub mod project;
 
+pub use aggregate::Aggregate;
 pub use envelope::{AggregateType, DecodeError, Envelope, EventMeta, Recorded};
 pub use fields::FieldError;
 

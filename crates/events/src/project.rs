@@ -116,6 +116,56 @@ impl ProjectState {
     }
 }
 
+impl ProjectState {
+    pub fn version(&self) -> u64 {
+        match self {
+            ProjectState::Absent => 0,
+            ProjectState::Live(p) | ProjectState::Deleted(p) => p.version,
+        }
+    }
+}
+
+/// What a writer asks of a project.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProjectCommand {
+    Create(ProjectCreated),
+    Update(ProjectChanges),
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProjectError {
+    #[error("a project with this id already exists")]
+    AlreadyExists,
+    #[error("no such project")]
+    NotFound,
+}
+
+/// Decides what `command` means for a project in `state`. As for agents, an
+/// update that changes nothing yields no event.
+pub fn decide(
+    state: &ProjectState,
+    command: ProjectCommand,
+) -> Result<Vec<ProjectEvent>, ProjectError> {
+    match (state, command) {
+        (ProjectState::Absent, ProjectCommand::Create(c)) => Ok(vec![ProjectEvent::Created(c)]),
+        (_, ProjectCommand::Create(_)) => Err(ProjectError::AlreadyExists),
+        (ProjectState::Live(p), ProjectCommand::Update(patch)) => {
+            let changes = ProjectChanges {
+                name: patch.name.filter(|n| *n != p.name),
+                description: patch.description.filter(|d| *d != p.description),
+            };
+            Ok(if changes == ProjectChanges::default() {
+                vec![]
+            } else {
+                vec![ProjectEvent::Updated(changes)]
+            })
+        }
+        (ProjectState::Live(_), ProjectCommand::Delete) => Ok(vec![ProjectEvent::Deleted]),
+        (ProjectState::Absent | ProjectState::Deleted(_), _) => Err(ProjectError::NotFound),
+    }
+}
+
 pub fn evolve(state: ProjectState, recorded: &Recorded<ProjectEvent>) -> ProjectState {
     let meta = &recorded.meta;
     match (state, &recorded.event) {
@@ -164,6 +214,48 @@ mod tests {
             },
             event,
         }
+    }
+
+    fn created() -> ProjectEvent {
+        ProjectEvent::Created(ProjectCreated {
+            name: Name::parse("name", "P").unwrap(),
+            description: Description::empty(),
+        })
+    }
+
+    #[test]
+    fn project_commands_follow_its_life() {
+        let live = evolve(ProjectState::Absent, &rec(1, created()));
+        let rename = ProjectChanges {
+            name: Some(Name::parse("name", "Q").unwrap()),
+            description: None,
+        };
+        assert_eq!(
+            decide(&live, ProjectCommand::Update(rename.clone())),
+            Ok(vec![ProjectEvent::Updated(rename)])
+        );
+        let same = ProjectChanges {
+            name: Some(Name::parse("name", "P").unwrap()),
+            description: None,
+        };
+        assert_eq!(decide(&live, ProjectCommand::Update(same)), Ok(vec![]));
+        assert_eq!(
+            decide(&live, ProjectCommand::Delete),
+            Ok(vec![ProjectEvent::Deleted])
+        );
+        let gone = evolve(live, &rec(2, ProjectEvent::Deleted));
+        assert_eq!(
+            decide(&gone, ProjectCommand::Delete),
+            Err(ProjectError::NotFound)
+        );
+        assert_eq!(gone.version(), 2);
+        assert_eq!(
+            decide(
+                &ProjectState::Absent,
+                ProjectCommand::Update(ProjectChanges::default())
+            ),
+            Err(ProjectError::NotFound)
+        );
     }
 
     #[test]

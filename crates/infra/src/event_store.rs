@@ -94,6 +94,8 @@ impl EventStore {
             num_replicas: cfg.stream_replicas,
             duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
             allow_direct: true,
+            // Bulk writes are all or nothing (ADR-50 atomic batches).
+            allow_atomic_publish: true,
             description: Some("YMERA event log".into()),
             ..Default::default()
         };
@@ -106,6 +108,7 @@ impl EventStore {
                     let current = &stream.cached_info().config;
                     if current.duplicate_window != config.duplicate_window
                         || current.num_replicas != config.num_replicas
+                        || !current.allow_atomic_publish
                     {
                         self.js
                             .update_stream(config.clone())
@@ -203,8 +206,14 @@ impl EventStore {
         Ok(seq)
     }
 
+    /// The sequence of the last event on `subject` (0 when there is none):
+    /// one cheap direct get, to check a cached state is still current.
+    pub async fn last_seq_of(&self, subject: &str) -> Result<u64, StoreError> {
+        Ok(self.last_on_subject(subject).await?.map_or(0, |e| e.seq))
+    }
+
     /// The last event stored on `subject`, if any.
-    async fn last_on_subject(&self, subject: &str) -> Result<Option<StoredEvent>, StoreError> {
+    pub async fn last_on_subject(&self, subject: &str) -> Result<Option<StoredEvent>, StoreError> {
         let stream = self
             .js
             .get_stream_no_info(&self.stream)
@@ -215,6 +224,113 @@ impl EventStore {
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// Appends events to several subjects as one atomic batch: all are
+    /// stored, with consecutive sequences, or none is. Each is guarded by its
+    /// own expected subject sequence. Returns each event's sequence.
+    ///
+    /// JetStream refuses `Nats-Msg-Id` inside atomic batches, so a retried
+    /// batch is not deduplicated by the stream; retries are made safe one
+    /// level up, by `Idempotency-Key`.
+    #[tracing::instrument(skip_all, fields(events = items.len(), last_seq), err)]
+    pub async fn append_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        traceparent: Option<&str>,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.send_batch(items, traceparent, None).await
+    }
+
+    /// Fault injection for tests: sends the first `after` events of a batch
+    /// and then gives up without committing, as a process killed in the
+    /// middle of a bulk write would.
+    #[doc(hidden)]
+    pub async fn append_batch_abandoned(
+        &self,
+        items: &[BatchItem<'_>],
+        after: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.send_batch(items, None, Some(after)).await
+    }
+
+    async fn send_batch(
+        &self,
+        items: &[BatchItem<'_>],
+        traceparent: Option<&str>,
+        abandon_after: Option<usize>,
+    ) -> Result<Vec<u64>, StoreError> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        if items.len() > MAX_BATCH {
+            return Err(StoreError::Unavailable(format!(
+                "a batch holds at most {MAX_BATCH} events"
+            )));
+        }
+        let batch_id = Uuid::now_v7().simple().to_string();
+        let last = items.len() - 1;
+        for (i, item) in items.iter().enumerate() {
+            if abandon_after == Some(i) {
+                return Err(StoreError::Unavailable(
+                    "batch abandoned before its commit".into(),
+                ));
+            }
+            let payload = serde_json::to_vec(item.envelope).map_err(|e| StoreError::Corrupt {
+                seq: 0,
+                reason: e.to_string(),
+            })?;
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Batch-Id", batch_id.as_str());
+            headers.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                item.expected.to_string().as_str(),
+            );
+            if let Some(tp) = traceparent {
+                headers.insert(TRACEPARENT, tp);
+            }
+            if i == last {
+                headers.insert("Nats-Batch-Commit", "1");
+            }
+            let subject = item.subject.to_owned();
+            // The first message and every hundredth wait for the server:
+            // flow control, and an early error when the stream refuses.
+            if i == 0 || i == last || i % 100 == 0 {
+                let request = async_nats::Request::new()
+                    .payload(Bytes::from(payload))
+                    .headers(headers);
+                let reply = self
+                    .client
+                    .send_request(subject, request)
+                    .await
+                    .map_err(unavailable)?;
+                let ack = batch_reply(&reply.payload)?;
+                if i == last {
+                    let ack = ack.ok_or_else(|| {
+                        StoreError::Unavailable("the batch commit was not acknowledged".into())
+                    })?;
+                    let count = ack.count.unwrap_or(items.len() as u64);
+                    if count != items.len() as u64 {
+                        return Err(StoreError::Unavailable(format!(
+                            "batch committed {count} of {} events",
+                            items.len()
+                        )));
+                    }
+                    let first = ack.seq + 1 - count;
+                    tracing::Span::current().record("last_seq", ack.seq);
+                    return Ok((0..count).map(|k| first + k).collect());
+                }
+            } else {
+                self.client
+                    .publish_with_headers(subject, headers, Bytes::from(payload))
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the batch was not committed".into(),
+        ))
     }
 
     /// Every event of one aggregate, oldest first, with the subject's last
@@ -279,6 +395,59 @@ impl EventStore {
             .map_err(unavailable)?;
         let message = stream.direct_get(seq).await.map_err(unavailable)?;
         decode(seq, &message.payload)
+    }
+}
+
+/// The most events one atomic batch may hold (a JetStream limit).
+pub const MAX_BATCH: usize = 1_000;
+
+/// One event of an atomic batch: where it goes and what its subject's last
+/// sequence must be.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    pub subject: &'a str,
+    pub expected: u64,
+    pub envelope: &'a Envelope,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BatchAck {
+    seq: u64,
+    #[serde(default)]
+    count: Option<u64>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ApiErrorBody {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+enum BatchReply {
+    Error { error: ApiErrorBody },
+    Ack(BatchAck),
+}
+
+/// JetStream's answer to a batch message: empty (flow control), an ack
+/// (commit), or an error. 10071 is "wrong last sequence".
+fn batch_reply(payload: &[u8]) -> Result<Option<BatchAck>, StoreError> {
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<BatchReply>(payload) {
+        Ok(BatchReply::Ack(ack)) => Ok(Some(ack)),
+        Ok(BatchReply::Error { error }) if error.err_code == 10071 => Err(StoreError::Conflict),
+        Ok(BatchReply::Error { error }) => Err(StoreError::Unavailable(format!(
+            "JetStream refused the batch ({}): {}",
+            error.err_code, error.description
+        ))),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "unreadable batch reply: {e}"
+        ))),
     }
 }
 

@@ -15,4 +15,4 @@ pub mod projection;
 pub mod telemetry;
 pub mod views;
 
-pub use event_store::{EventStore, StoreError, StoredEvent};
+pub use event_store::{BatchItem, EventStore, StoreError, StoredEvent};

@@ -58,3 +58,32 @@ pub struct Page<T> {
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
 }
+
+/// A project, as `api.md` gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProjectView {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    /// Live agents in the project, from the read model.
+    pub agent_count: u64,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+impl ProjectView {
+    pub fn new(p: &events::project::Project, agent_count: u64) -> Self {
+        ProjectView {
+            id: p.id,
+            name: p.name.to_string(),
+            description: p.description.to_string(),
+            agent_count,
+            version: p.version,
+            created_at: p.created_at,
+            updated_at: p.updated_at,
+            created_by: p.created_by.clone(),
+        }
+    }
+}

@@ -83,6 +83,12 @@ async fn the_spec_lists_every_endpoint() {
         ("/api/v1/agents", "post"),
         ("/api/v1/agents", "get"),
         ("/api/v1/agents/{id}", "get"),
+        ("/api/v1/agents/{id}", "put"),
+        ("/api/v1/agents/{id}", "delete"),
+        ("/api/v1/agents/bulk", "post"),
+        ("/api/v1/projects", "post"),
+        ("/api/v1/projects/{id}", "put"),
+        ("/api/v1/projects/{id}", "delete"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),

@@ -128,6 +128,7 @@ pub fn app(
             deps.pool.clone(),
             auth.clone(),
             http.clone(),
+            watch.clone(),
         );
         api = api.merge(command_api::router(state));
     }

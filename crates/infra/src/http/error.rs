@@ -234,4 +234,24 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<events::agent::AgentError> for ApiError {
+    fn from(e: events::agent::AgentError) -> Self {
+        use events::agent::AgentError;
+        match e {
+            AgentError::NotFound => ApiError::NotFound("no such agent".into()),
+            AgentError::AlreadyExists => ApiError::Conflict("the agent already exists".into()),
+        }
+    }
+}
+
+impl From<events::project::ProjectError> for ApiError {
+    fn from(e: events::project::ProjectError) -> Self {
+        use events::project::ProjectError;
+        match e {
+            ProjectError::NotFound => ApiError::NotFound("no such project".into()),
+            ProjectError::AlreadyExists => ApiError::Conflict("the project already exists".into()),
+        }
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,263 @@
+//! Loading, caching and appending aggregates.
+//!
+//! State is cached per aggregate in this process, with the subject sequence
+//! it reflects. A write decides against the cached state and appends with
+//! that sequence as `Nats-Expected-Last-Subject-Sequence`, so a stale cache
+//! (another process wrote meanwhile) cannot write: JetStream refuses, the
+//! state is reloaded from the log and the command decided again, a bounded
+//! number of times, before answering 409. Outcomes that append nothing (a
+//! refusal, a no-op update) are confirmed against the log's current sequence
+//! first, so a stale cache never answers for the log.
+//!
+//! Writes to one aggregate are serialized within the process by a lock on
+//! its cache slot, so concurrent requests here queue instead of conflicting.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{SubsecRound, Utc};
+use events::{Aggregate, Envelope, EventMeta, Recorded};
+use infra::http::ApiError;
+use infra::{EventStore, StoreError};
+use uuid::Uuid;
+
+/// Who is writing and on behalf of which request: recorded in every event.
+#[derive(Debug, Clone)]
+pub struct WriteContext {
+    pub actor: String,
+    pub request_id: String,
+    /// The W3C trace context of the HTTP request, carried into the NATS
+    /// headers so the projection continues the same trace.
+    pub traceparent: Option<String>,
+}
+
+impl WriteContext {
+    /// The metadata of the next event of an aggregate at `version`.
+    pub fn meta(&self, id: Uuid, version: u64) -> EventMeta {
+        EventMeta {
+            aggregate_id: id,
+            aggregate_version: version + 1,
+            // PostgreSQL keeps microseconds: record no more, so the write's
+            // answer and every later read agree to the digit.
+            occurred_at: Utc::now().trunc_subsecs(6),
+            actor: self.actor.clone(),
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+/// The result of a command: the state after it and the subject sequence of
+/// its last event (the current one when nothing was appended).
+#[derive(Debug, Clone)]
+pub struct Committed<A> {
+    pub state: A,
+    pub seq: u64,
+    pub appended: bool,
+}
+
+/// How often a command is decided again after losing a race to another
+/// process before answering 409.
+const MAX_ATTEMPTS: u32 = 10;
+/// Cached aggregates kept before idle ones are dropped.
+const CACHE_CAPACITY: usize = 100_000;
+
+#[derive(Debug, Default)]
+struct Slot<A> {
+    state: A,
+    seq: u64,
+    loaded: bool,
+}
+
+/// The aggregates of one type, cached.
+#[derive(Debug)]
+pub struct Repository<A: Aggregate> {
+    store: EventStore,
+    slots: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Slot<A>>>>>,
+}
+
+impl<A: Aggregate + std::fmt::Debug> Repository<A>
+where
+    ApiError: From<A::Error>,
+{
+    pub fn new(store: EventStore) -> Self {
+        Repository {
+            store,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    fn slot(&self, id: Uuid) -> Arc<tokio::sync::Mutex<Slot<A>>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.len() >= CACHE_CAPACITY && !slots.contains_key(&id) {
+            // Drop idle entries; ones in use are kept.
+            slots.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        slots.entry(id).or_default().clone()
+    }
+
+    /// The aggregate's state and subject sequence, straight from the log.
+    pub async fn load(&self, id: Uuid) -> Result<(A, u64), ApiError> {
+        let subject = self.store.subject(A::TYPE, id);
+        let (stored, last) = self.store.load(&subject).await?;
+        let mut state = A::default();
+        for e in &stored {
+            let event = A::decode(&e.envelope).map_err(|err| StoreError::Corrupt {
+                seq: e.seq,
+                reason: err.to_string(),
+            })?;
+            state = state.evolve(&Recorded {
+                meta: e.envelope.meta(),
+                event,
+            });
+        }
+        Ok((state, last))
+    }
+
+    /// Remembers a state just written by other means (a bulk append).
+    pub async fn remember(&self, id: Uuid, state: A, seq: u64) {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        *slot = Slot {
+            state,
+            seq,
+            loaded: true,
+        };
+    }
+
+    /// Decides `command` against the aggregate and appends what it yields.
+    /// `if_match` is the version the caller expects (412 otherwise).
+    /// `command` may be called more than once: after a lost race the state
+    /// is reloaded and the command rebuilt against it.
+    pub async fn execute(
+        &self,
+        id: Uuid,
+        ctx: &WriteContext,
+        if_match: Option<u64>,
+        command: impl Fn(&A) -> Result<A::Command, ApiError>,
+    ) -> Result<Committed<A>, ApiError> {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        let mut fresh = false;
+        for attempt in 1..=MAX_ATTEMPTS {
+            if !slot.loaded {
+                let (state, seq) = self.load(id).await?;
+                *slot = Slot {
+                    state,
+                    seq,
+                    loaded: true,
+                };
+                fresh = true;
+            }
+            let decided = if_match
+                .filter(|v| *v != slot.state.version())
+                .map(|v| {
+                    Err(ApiError::PreconditionFailed(format!(
+                        "If-Match names version {v}; the current version is {}",
+                        slot.state.version()
+                    )))
+                })
+                .unwrap_or_else(|| command(&slot.state).and_then(|c| Ok(slot.state.decide(c)?)));
+            let events = match decided {
+                Ok(events) if !events.is_empty() => events,
+                // Appending nothing (refusal or no-op): only on state known
+                // to be current.
+                outcome if !fresh && !self.is_current(id, slot.seq).await? => {
+                    drop(outcome);
+                    slot.loaded = false;
+                    continue;
+                }
+                Ok(_) => {
+                    return Ok(Committed {
+                        state: slot.state.clone(),
+                        seq: slot.seq,
+                        appended: false,
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            match self
+                .append(id, slot.state.clone(), slot.seq, events, ctx)
+                .await
+            {
+                Ok((state, seq)) => {
+                    *slot = Slot {
+                        state: state.clone(),
+                        seq,
+                        loaded: true,
+                    };
+                    return Ok(Committed {
+                        state,
+                        seq,
+                        appended: true,
+                    });
+                }
+                Err(StoreError::Conflict) => {
+                    tracing::debug!(%id, attempt, "lost a race to another writer; reloading");
+                    slot.loaded = false;
+                    fresh = false;
+                    let jitter = rand_millis(attempt);
+                    tokio::time::sleep(jitter).await;
+                }
+                Err(e) => {
+                    // The outcome is unknown (say, the ack was lost): reload
+                    // next time rather than trust the cache.
+                    slot.loaded = false;
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(ApiError::Conflict(format!(
+            "the resource kept changing concurrently; gave up after {MAX_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// Whether the log's last sequence for the aggregate is still `seq`.
+    async fn is_current(&self, id: Uuid, seq: u64) -> Result<bool, ApiError> {
+        let subject = self.store.subject(A::TYPE, id);
+        Ok(self.store.last_seq_of(&subject).await? == seq)
+    }
+
+    /// Appends `events` in order, each guarded by the sequence the one
+    /// before it got, folding them into `state`.
+    async fn append(
+        &self,
+        id: Uuid,
+        mut state: A,
+        mut expected: u64,
+        events: Vec<A::Event>,
+        ctx: &WriteContext,
+    ) -> Result<(A, u64), StoreError> {
+        let subject = self.store.subject(A::TYPE, id);
+        for event in events {
+            let meta = ctx.meta(id, state.version());
+            let envelope = Envelope::new(
+                Uuid::now_v7(),
+                A::TYPE,
+                &meta,
+                A::event_type(&event),
+                A::schema_version(&event),
+                A::to_data(&event),
+            );
+            expected = self
+                .store
+                .append(&subject, expected, &envelope, ctx.traceparent.as_deref())
+                .await?;
+            state = state.evolve(&Recorded { meta, event });
+        }
+        Ok((state, expected))
+    }
+}
+
+/// A small, growing pause between attempts, so racing writers spread out.
+fn rand_millis(attempt: u32) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    Duration::from_micros(u64::from(nanos % 1000) * u64::from(attempt.min(5)))
+}
