@@ -146,6 +146,17 @@ pub struct HttpConfig {
     /// Projector lag (events) past which `/health` says `degraded`.
     #[arg(long, env = "YMERA_DEGRADED_LAG_EVENTS", default_value_t = 10_000)]
     pub degraded_lag_events: u64,
+    /// Most live-feed clients (WebSocket and SSE together); more get 503.
+    #[arg(long, env = "YMERA_LIVE_MAX_CONNECTIONS", default_value_t = 1_000)]
+    pub live_max_connections: usize,
+    /// How many events a live-feed client may fall behind before it is
+    /// disconnected as too slow. This bounds the memory a slow client costs.
+    #[arg(long, env = "YMERA_LIVE_BUFFER", default_value_t = 1_024)]
+    pub live_buffer: usize,
+    /// Seconds between server pings on the live feed; a client that does
+    /// not answer two in a row is dropped.
+    #[arg(long, env = "YMERA_LIVE_PING_SECS", default_value_t = 15)]
+    pub live_ping_secs: u64,
 }
 
 impl HttpConfig {
@@ -157,6 +168,9 @@ impl HttpConfig {
             request_timeout_secs: 30,
             min_seq_wait_ms: 5_000,
             degraded_lag_events: 10_000,
+            live_max_connections: 1_000,
+            live_buffer: 1_024,
+            live_ping_secs: 15,
         }
     }
 

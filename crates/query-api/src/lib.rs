@@ -6,6 +6,7 @@
 //! to be answered only once the projection has got that far.
 
 pub mod agents;
+pub mod live;
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ pub struct QueryState {
     pub auth: Arc<Auth>,
     pub watch: ProjectionWatch,
     pub http: Arc<HttpConfig>,
+    pub live: Arc<live::LiveHub>,
 }
 
 impl FromRef<QueryState> for Arc<Auth> {
@@ -39,5 +41,6 @@ impl FromRef<QueryState> for Arc<Auth> {
 pub fn router(state: QueryState) -> OpenApiRouter {
     OpenApiRouter::new()
         .merge(agents::router())
+        .merge(live::router())
         .with_state(state)
 }

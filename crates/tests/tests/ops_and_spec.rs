@@ -89,6 +89,8 @@ async fn the_spec_lists_every_endpoint() {
         ("/api/v1/projects", "post"),
         ("/api/v1/projects/{id}", "put"),
         ("/api/v1/projects/{id}", "delete"),
+        ("/api/v1/ws", "get"),
+        ("/api/v1/events/stream", "get"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),

@@ -112,6 +112,7 @@ pub fn app(
     auth: Arc<Auth>,
     http: Arc<HttpConfig>,
     watch: ProjectionWatch,
+    shutdown: CancellationToken,
 ) -> Router {
     let ops_state = Arc::new(Ops {
         store: deps.store.clone(),
@@ -139,6 +140,7 @@ pub fn app(
             auth: auth.clone(),
             watch,
             http: http.clone(),
+            live: query_api::live::LiveHub::spawn(deps.store.clone(), &http, shutdown.clone()),
         };
         api = api.merge(query_api::router(state));
     }
@@ -238,6 +240,7 @@ pub async fn start(
         auth.clone(),
         Arc::new(settings.http.clone()),
         watch,
+        shutdown.clone(),
     );
     let addr = listener.local_addr()?;
     let stop = shutdown.clone();

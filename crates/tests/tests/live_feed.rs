@@ -1,0 +1,378 @@
+//! The live feed over WebSocket and SSE: latency, replay-then-live without
+//! gap or duplicate, filters, auth before upgrade, slow clients, caps.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tests::{Sandbox, TestApp, agent_body, header_u64};
+use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+use ymera::Role;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(
+    app: &TestApp,
+    query: &str,
+    token: Option<&str>,
+) -> Result<Ws, tungstenite::Error> {
+    let url = format!("{}/api/v1/ws{query}", app.base.replace("http://", "ws://"));
+    let mut request = url.into_client_request().unwrap();
+    if let Some(t) = token {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// The next event frame (skipping pings), within `within`.
+async fn next_event(ws: &mut Ws, within: Duration) -> Value {
+    tokio::time::timeout(within, async {
+        loop {
+            match ws.next().await.expect("socket open").expect("frame") {
+                Message::Text(t) => return serde_json::from_str::<Value>(&t).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("an event in time")
+}
+
+/// Parses an SSE byte stream into (id, event, data) triples.
+fn sse_events(
+    stream: impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) -> impl Stream<Item = (Option<String>, String, Value)> {
+    futures::stream::unfold(
+        (stream, String::new()),
+        |(mut stream, mut buf)| async move {
+            loop {
+                if let Some(end) = buf.find("\n\n") {
+                    let block: String = buf.drain(..end + 2).collect();
+                    let (mut id, mut event, mut data) =
+                        (None, String::from("message"), String::new());
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            id = Some(v.trim().to_owned());
+                        } else if let Some(v) = line.strip_prefix("event:") {
+                            event = v.trim().to_owned();
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.trim_start());
+                        }
+                    }
+                    if data.is_empty() {
+                        continue; // keep-alive comment
+                    }
+                    return Some((
+                        (id, event, serde_json::from_str(&data).unwrap()),
+                        (stream, buf),
+                    ));
+                }
+                match stream.next().await {
+                    Some(Ok(chunk)) => buf.push_str(&String::from_utf8_lossy(&chunk)),
+                    _ => return None,
+                }
+            }
+        },
+    )
+}
+
+async fn sse(app: &TestApp, query: &str, last_event_id: Option<u64>) -> reqwest::Response {
+    let mut r = app.request(Method::GET, &format!("/api/v1/events/stream{query}"), None);
+    if let Some(id) = last_event_id {
+        r = r.header("last-event-id", id.to_string());
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_and_sse_clients_see_a_write_within_a_second() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let mut ws = ws_connect(&app, "", Some(&token)).await.unwrap();
+    let r = sse(&app, &format!("?access_token={token}"), None).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut events = Box::pin(sse_events(Box::pin(r.bytes_stream())));
+
+    let r = app.create_agent(&token, agent_body("live")).await;
+    let seq = header_u64(&r, "x-event-seq");
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let e = next_event(&mut ws, Duration::from_secs(1)).await;
+    assert_eq!(e["type"], "agent.created");
+    assert_eq!(e["aggregate_id"], id.as_str());
+    assert_eq!(e["seq"], seq);
+    assert_eq!(e["data"]["name"], "live");
+    assert_eq!(e["actor"], "admin");
+
+    let (sse_id, kind, data) = tokio::time::timeout(Duration::from_secs(1), events.next())
+        .await
+        .expect("in time")
+        .expect("an event");
+    assert_eq!(sse_id.as_deref(), Some(seq.to_string().as_str()));
+    assert_eq!(kind, "agent.created");
+    assert_eq!(data["aggregate_id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_then_live_has_no_gap_and_no_duplicate() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    for i in 0..10 {
+        app.create_agent(&token, agent_body(&format!("before {i}")))
+            .await;
+    }
+    assert_eq!(app.last_seq().await, 10);
+
+    // Writers keep going while the clients connect and replay.
+    let writer = {
+        let client = app.client.clone();
+        let url = app.url("/api/v1/agents");
+        let token = token.clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&agent_body(&format!("during {i}")))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+            }
+        })
+    };
+    let mut ws = ws_connect(&app, "?since_seq=4", Some(&token))
+        .await
+        .unwrap();
+    let r = sse(&app, &format!("?access_token={token}"), Some(7)).await;
+    assert_eq!(r.status(), 200);
+    let mut events = Box::pin(sse_events(Box::pin(r.bytes_stream())));
+    writer.await.unwrap();
+    let last = app.last_seq().await;
+    assert_eq!(last, 50);
+
+    let mut ws_seqs = Vec::new();
+    while ws_seqs.last() != Some(&last) {
+        ws_seqs.push(
+            next_event(&mut ws, Duration::from_secs(5)).await["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        ws_seqs,
+        (5..=last).collect::<Vec<_>>(),
+        "WebSocket: every event after since_seq, once, in order"
+    );
+
+    let mut sse_seqs = Vec::new();
+    while sse_seqs.last() != Some(&last) {
+        let (id, _, data) = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            id.unwrap().parse::<u64>().unwrap(),
+            data["seq"].as_u64().unwrap()
+        );
+        sse_seqs.push(data["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        sse_seqs,
+        (8..=last).collect::<Vec<_>>(),
+        "SSE: every event after Last-Event-ID, once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_by_type_and_aggregate() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let r = app.create_agent(&token, agent_body("watched")).await;
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut by_type = ws_connect(&app, "?types=agent.deleted", Some(&token))
+        .await
+        .unwrap();
+    let mut by_id = ws_connect(
+        &app,
+        &format!("?aggregate_id={id}&since_seq=0"),
+        Some(&token),
+    )
+    .await
+    .unwrap();
+
+    app.create_agent(&token, agent_body("other")).await;
+    let path = format!("/api/v1/agents/{id}");
+    app.request(Method::PUT, &path, Some(&token))
+        .json(&json!({"status": "paused"}))
+        .send()
+        .await
+        .unwrap();
+    app.request(Method::DELETE, &path, Some(&token))
+        .send()
+        .await
+        .unwrap();
+
+    let e = next_event(&mut by_type, Duration::from_secs(2)).await;
+    assert_eq!(
+        (e["type"].as_str(), e["aggregate_id"].as_str()),
+        (Some("agent.deleted"), Some(id.as_str()))
+    );
+    let types: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            let e = next_event(&mut by_id, Duration::from_secs(2)).await;
+            assert_eq!(e["aggregate_id"], id.as_str());
+            v.push(e["type"].as_str().unwrap().to_owned());
+        }
+        v
+    };
+    assert_eq!(types, ["agent.created", "agent.updated", "agent.deleted"]);
+
+    let r = sse(
+        &app,
+        &format!("?access_token={token}&types=agent.exploded"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_before_the_upgrade() {
+    let app = TestApp::spawn().await;
+    for (query, token) in [
+        ("", None),
+        ("?access_token=garbage", None),
+        ("", Some("not.a.token")),
+    ] {
+        match ws_connect(&app, query, token).await {
+            Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+            other => panic!(
+                "expected 401 before upgrade, got {:?}",
+                other.map(|_| "upgraded")
+            ),
+        }
+    }
+    let r = sse(&app, "", None).await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    // The token may also come as the `bearer, <token>` subprotocol.
+    let token = app.admin_token().await;
+    let url = format!("{}/api/v1/ws", app.base.replace("http://", "ws://"));
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("bearer, {token}").parse().unwrap(),
+    );
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "bearer");
+    app.create_agent(&token, agent_body("x")).await;
+    assert_eq!(
+        next_event(&mut ws, Duration::from_secs(2)).await["type"],
+        "agent.created"
+    );
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
+    let sandbox = Sandbox::new().await;
+    let mut settings = sandbox.settings.clone();
+    settings.http.live_buffer = 32;
+    settings.http.live_ping_secs = 1;
+    settings.http.live_max_connections = 2;
+    let app = sandbox.start_with(Role::All, &settings).await;
+    let token = app.admin_token().await;
+
+    let mut stalled = ws_connect(&app, "", Some(&token)).await.unwrap();
+    let _second = ws_connect(&app, "", Some(&token)).await.unwrap();
+    match ws_connect(&app, "", Some(&token)).await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503, "the cap holds")
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| "upgraded")),
+    }
+
+    // Far more than the socket buffers hold, while the client reads nothing.
+    let rss_before = vm_rss_kib();
+    let description = "x".repeat(3_900);
+    let mut total = 0;
+    for round in 0..4 {
+        let agents: Vec<Value> =
+            (0..1000).map(|i| json!({"name": format!("{round}-{i}"), "type": "t", "description": description})).collect();
+        let r = app
+            .request(Method::POST, "/api/v1/agents/bulk", Some(&token))
+            .json(&json!({"agents": agents}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        total += 1000;
+    }
+
+    // Now read: the server gave up on us before the end.
+    let mut received = 0;
+    let mut closed_with = None;
+    let reading = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(frame) = stalled.next().await {
+            match frame {
+                Ok(Message::Text(_)) => received += 1,
+                Ok(Message::Close(frame)) => {
+                    closed_with = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(reading.is_ok(), "the server closed the stalled connection");
+    assert!(
+        received < total,
+        "a client that never read was cut off ({received} of {total})"
+    );
+    if let Some((code, reason)) = &closed_with {
+        assert_eq!(*code, 1008, "{reason}");
+        assert!(reason.contains("since_seq="), "{reason}");
+    }
+    let grown_mib = vm_rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 100, "memory grew by {grown_mib} MiB");
+
+    // Its slot is free again.
+    let _third = tests::eventually(Duration::from_secs(10), "a free live slot", || async {
+        ws_connect(&app, "", Some(&token)).await.ok()
+    })
+    .await;
+}
