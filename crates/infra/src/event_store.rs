@@ -157,7 +157,7 @@ impl EventStore {
     /// The event id is the `Nats-Msg-Id`: a retry of the same append within
     /// the duplicate window is acknowledged with the first sequence and
     /// stored once.
-    #[tracing::instrument(skip_all, fields(subject, expected, seq), err)]
+    #[tracing::instrument(skip_all, fields(otel.kind = "producer", subject, expected, seq), err)]
     pub async fn append(
         &self,
         subject: &str,
@@ -178,7 +178,10 @@ impl EventStore {
             "Nats-Expected-Last-Subject-Sequence",
             expected.to_string().as_str(),
         );
-        if let Some(tp) = traceparent {
+        // The append span's own context when tracing is on (so the
+        // projection hangs under it), else the caller's as it came.
+        let traced = crate::telemetry::current_traceparent();
+        if let Some(tp) = traced.as_deref().or(traceparent) {
             headers.insert(TRACEPARENT, tp);
         }
         let publish = jetstream::message::PublishMessage::build()
@@ -233,13 +236,15 @@ impl EventStore {
     /// JetStream refuses `Nats-Msg-Id` inside atomic batches, so a retried
     /// batch is not deduplicated by the stream; retries are made safe one
     /// level up, by `Idempotency-Key`.
-    #[tracing::instrument(skip_all, fields(events = items.len(), last_seq), err)]
+    #[tracing::instrument(skip_all, fields(otel.kind = "producer", events = items.len(), last_seq), err)]
     pub async fn append_batch(
         &self,
         items: &[BatchItem<'_>],
         traceparent: Option<&str>,
     ) -> Result<Vec<u64>, StoreError> {
-        self.send_batch(items, traceparent, None).await
+        let traced = crate::telemetry::current_traceparent();
+        self.send_batch(items, traced.as_deref().or(traceparent), None)
+            .await
     }
 
     /// Fault injection for tests: sends the first `after` events of a batch

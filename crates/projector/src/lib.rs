@@ -20,6 +20,7 @@ use infra::db::Tx;
 use infra::{EventStore, projection};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use apply::ApplyError;
 
@@ -225,7 +226,18 @@ impl Projector {
             if seq <= checkpoint {
                 continue; // already applied: a redelivery
             }
-            apply::apply_message(&mut tx, seq, &message.subject, &message.payload).await?;
+            // Each event's span continues the trace of the request that
+            // wrote it.
+            let span = tracing::info_span!("projector.apply", otel.kind = "consumer", seq, subject = %message.subject);
+            let traceparent = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(infra::event_store::TRACEPARENT))
+                .map(|v| v.as_str());
+            infra::telemetry::continue_trace(&span, traceparent);
+            apply::apply_message(&mut tx, seq, &message.subject, &message.payload)
+                .instrument(span)
+                .await?;
             checkpoint = seq;
         }
         if checkpoint > self.checkpoint {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use infra::auth::Role as UserRole;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
-use infra::telemetry::{self, LogFormat};
+use infra::telemetry::{self, TelemetryConfig};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use ymera::{Role, Settings};
@@ -18,9 +18,8 @@ use ymera::{Role, Settings};
 #[derive(Debug, Parser)]
 #[command(name = "ymera", version, about)]
 struct Cli {
-    /// Log line format.
-    #[arg(long, env = "YMERA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    telemetry: TelemetryConfig,
     #[command(subcommand)]
     command: Command,
 }
@@ -93,7 +92,7 @@ fn args() -> Vec<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse_from(args());
-    telemetry::init(cli.log_format);
+    let _telemetry = telemetry::init(&cli.telemetry)?;
     match cli.command {
         Command::All(s) => serve(Role::All, s).await,
         Command::CommandApi(s) => serve(Role::Command, s).await,

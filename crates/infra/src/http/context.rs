@@ -56,11 +56,23 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
 
     let span = tracing::info_span!(
         "http",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
         %method,
         route = %route,
         request_id = %id,
+        trace_id = tracing::field::Empty,
         status = tracing::field::Empty,
     );
+    // Continue the caller's trace when it sent a W3C traceparent.
+    let incoming = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    crate::telemetry::continue_trace(&span, incoming);
+    if let Some(trace_id) = span.in_scope(crate::telemetry::current_trace_id) {
+        span.record("trace_id", trace_id);
+    }
     let response = next.run(req).instrument(span.clone()).await;
     let mut response = finish_problem(response, &path, &id);
     if let Ok(v) = HeaderValue::from_str(&id) {
