@@ -18,6 +18,7 @@ use axum::extract::FromRef;
 use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::HttpConfig;
+use infra::http::ratelimit::Limits;
 use infra::projection::ProjectionWatch;
 use sqlx::PgPool;
 use utoipa_axum::router::OpenApiRouter;
@@ -29,6 +30,7 @@ pub struct CommandState {
     pub pool: PgPool,
     pub auth: Arc<Auth>,
     pub http: Arc<HttpConfig>,
+    pub limits: Arc<Limits>,
 }
 
 impl CommandState {
@@ -38,6 +40,7 @@ impl CommandState {
         auth: Arc<Auth>,
         http: Arc<HttpConfig>,
         watch: ProjectionWatch,
+        limits: Arc<Limits>,
     ) -> Self {
         let commands = service::Commands::new(store, pool.clone(), watch, http.min_seq_wait());
         CommandState {
@@ -45,6 +48,7 @@ impl CommandState {
             pool,
             auth,
             http,
+            limits,
         }
     }
 }

@@ -5,9 +5,11 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use infra::auth::{self, Admin, Role};
 use infra::config::AuthConfig;
+use infra::http::ratelimit;
 use infra::http::{ApiError, ApiJson, ApiPath, Problem};
 use infra::views::Page;
 use secrecy::{ExposeSecret, SecretString};
@@ -75,8 +77,17 @@ async fn blocking<T: Send + 'static>(
     ))]
 pub async fn login(
     State(state): State<CommandState>,
+    extensions: axum::http::Extensions,
     ApiJson(body): ApiJson<LoginRequest>,
-) -> Result<Json<TokenResponse>, ApiError> {
+) -> Result<Response, ApiError> {
+    // Attempts are limited per username and per client address, so
+    // passwords cannot be guessed at speed.
+    let client = ratelimit::client_address(&extensions);
+    if let Some(d) = state.limits.login_attempt(&body.username, &client)
+        && !d.allowed
+    {
+        return Ok(d.refusal());
+    }
     let row: Option<(String, String)> =
         sqlx::query_as("SELECT password_hash, role FROM users WHERE username = $1")
             .bind(&body.username)
@@ -97,7 +108,8 @@ pub async fn login(
         token_type: "bearer".into(),
         expires_in,
         role,
-    }))
+    })
+    .into_response())
 }
 
 fn validate_user(body: &CreateUserRequest) -> Result<(), ApiError> {

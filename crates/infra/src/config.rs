@@ -157,6 +157,17 @@ pub struct HttpConfig {
     /// not answer two in a row is dropped.
     #[arg(long, env = "YMERA_LIVE_PING_SECS", default_value_t = 15)]
     pub live_ping_secs: u64,
+    /// Requests per second each token may make to the API, sustained
+    /// (bursts of twice that are allowed). 0 turns the limit off.
+    #[arg(long, env = "YMERA_RATE_LIMIT_PER_TOKEN", default_value_t = 1_000)]
+    pub rate_limit_per_token: u32,
+    /// Requests per second each client address may make without a valid
+    /// token. 0 turns the limit off.
+    #[arg(long, env = "YMERA_RATE_LIMIT_PER_IP", default_value_t = 100)]
+    pub rate_limit_per_ip: u32,
+    /// Login attempts per minute, per username and per client address.
+    #[arg(long, env = "YMERA_LOGIN_ATTEMPTS_PER_MINUTE", default_value_t = 60)]
+    pub login_attempts_per_minute: u32,
 }
 
 impl HttpConfig {
@@ -171,6 +182,9 @@ impl HttpConfig {
             live_max_connections: 1_000,
             live_buffer: 1_024,
             live_ping_secs: 15,
+            rate_limit_per_token: 1_000,
+            rate_limit_per_ip: 100,
+            login_attempts_per_minute: 60,
         }
     }
 

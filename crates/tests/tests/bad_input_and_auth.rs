@@ -373,3 +373,59 @@ async fn unknown_routes_and_methods_are_problems() {
         .is_some()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_token_and_on_login() {
+    let sandbox = tests::Sandbox::new().await;
+    let mut settings = sandbox.settings.clone();
+    settings.http.rate_limit_per_token = 5;
+    settings.http.login_attempts_per_minute = 3;
+    let app = sandbox.start_with(ymera::Role::All, &settings).await;
+    let token = app.admin_token().await;
+
+    // A burst of twice the rate, then 429 with Retry-After.
+    let mut statuses = Vec::new();
+    let mut last = None;
+    for _ in 0..12 {
+        let r = app
+            .request(Method::GET, "/api/v1/agents", Some(&token))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        last = Some(r);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+    let r = last.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(header(&r, "retry-after").is_some());
+    assert_eq!(header(&r, "ratelimit-limit").as_deref(), Some("10"));
+    assert_eq!(header(&r, "ratelimit-remaining").as_deref(), Some("0"));
+    assert_eq!(
+        header(&r, "content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    // Operational endpoints are not limited.
+    let r = app
+        .request(Method::GET, "/health", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Login attempts: the first token used one; two more wrong ones, then 429.
+    let attempt = || {
+        app.request(Method::POST, "/api/v1/auth/login", None)
+            .json(&json!({"username": "admin", "password": "wrong-password"}))
+            .send()
+    };
+    assert_eq!(attempt().await.unwrap().status(), 401);
+    assert_eq!(attempt().await.unwrap().status(), 401);
+    let r = attempt().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(header(&r, "retry-after").is_some());
+}

@@ -15,6 +15,7 @@ use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
 use infra::http::ops::{self, Ops};
+use infra::http::ratelimit::{self, Limits};
 use infra::projection::ProjectionWatch;
 use query_api::QueryState;
 use sqlx::PgPool;
@@ -122,6 +123,8 @@ pub fn app(
         started_at: Utc::now(),
         degraded_lag_events: http.degraded_lag_events,
     });
+    let limits = Arc::new(Limits::new(auth.clone(), &http));
+    let limited = || axum::middleware::from_fn_with_state(limits.clone(), ratelimit::rate_limit);
     let mut api = OpenApiRouter::new().merge(ops::router(ops_state.clone()));
     if role.commands() {
         let state = CommandState::new(
@@ -130,8 +133,9 @@ pub fn app(
             auth.clone(),
             http.clone(),
             watch.clone(),
+            limits.clone(),
         );
-        api = api.merge(command_api::router(state));
+        api = api.merge(command_api::router(state).layer(limited()));
     }
     if role.queries() {
         let state = QueryState {
@@ -142,7 +146,7 @@ pub fn app(
             http: http.clone(),
             live: query_api::live::LiveHub::spawn(deps.store.clone(), &http, shutdown.clone()),
         };
-        api = api.merge(query_api::router(state));
+        api = api.merge(query_api::router(state).layer(limited()));
     }
     let (api, spec) = OpenApiRouter::with_openapi(base_spec())
         .nest("/api/v1", api)
@@ -245,6 +249,7 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let stop = shutdown.clone();
     tasks.spawn(async move {
+        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let served = axum::serve(listener, router)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await;

@@ -5,6 +5,7 @@ pub mod context;
 pub mod error;
 pub mod extract;
 pub mod ops;
+pub mod ratelimit;
 
 pub use context::{RequestId, request_context};
 pub use error::{ApiError, ApiResult, Problem, ProblemItem};
