@@ -168,12 +168,21 @@ impl Search {
             .push(", search_text)::float8 + similarity(")
             .push_bind(self.text.clone())
             .push(", lower(name))::float8) AS score FROM agents WHERE (");
-        if let Some(tsq) = &self.tsquery {
-            qb.push("search_doc @@ to_tsquery('simple', ")
-                .push_bind(tsq.clone())
-                .push(") OR ");
+        match &self.tsquery {
+            Some(tsq) => {
+                qb.push("search_doc @@ to_tsquery('simple', ")
+                    .push_bind(tsq.clone())
+                    .push(") OR ")
+                    .push_bind(self.text.clone())
+                    .push(" <% search_text)");
+            }
+            // Without a letter or digit there is no word to match and no
+            // trigram either (pg_trgm ignores everything else): nothing
+            // can match, and the plan says so without reading a row.
+            None => {
+                qb.push("false)");
+            }
         }
-        qb.push_bind(self.text.clone()).push(" <% search_text)");
         self.filters.push_where(&mut qb);
         qb.push(") m WHERE true");
         if let Some(c) = self.cursor {
