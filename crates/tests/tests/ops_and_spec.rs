@@ -83,6 +83,13 @@ async fn the_spec_lists_every_endpoint() {
         ("/api/v1/agents", "post"),
         ("/api/v1/agents", "get"),
         ("/api/v1/agents/{id}", "get"),
+        ("/api/v1/agents/search", "get"),
+        ("/api/v1/agents/export", "get"),
+        ("/api/v1/agents/{id}/history", "get"),
+        ("/api/v1/projects", "get"),
+        ("/api/v1/projects/{id}", "get"),
+        ("/api/v1/metrics", "get"),
+        ("/api/v1/analytics", "get"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
