@@ -226,6 +226,13 @@ impl Filters {
                 .ok_or_else(|| {
                     ApiError::BadRequest(format!("tag filter {tag:?} must be key:value"))
                 })?;
+            // PostgreSQL text and jsonb cannot hold NUL: refuse it here
+            // rather than fail in the database.
+            if tag.contains('\0') {
+                return Err(ApiError::BadRequest(
+                    "tag filters must not contain NUL".into(),
+                ));
+            }
             tags.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
         }
         Ok(Filters {

@@ -221,6 +221,27 @@ async fn hostile_strings_are_answered_never_5xx() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    for path in [
+        "/api/v1/agents/search?q=x&tag=a:%00",
+        "/api/v1/agents/export?tag=a%00:b",
+        "/api/v1/agents?tag=a:b%00",
+    ] {
+        let r = app
+            .request(Method::GET, path, Some(&token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+    }
+    // Hostile tag values are just values.
+    let page = search(
+        &app,
+        &token,
+        &[("q", "scout"), ("tag", "team:'%_\\&|!")],
+        seq,
+    )
+    .await;
+    assert!(names(&page).is_empty());
     // Everything still there.
     let page = search(&app, &token, &[("q", "scout")], seq).await;
     assert_eq!(names(&page), ["Scout"]);
