@@ -165,6 +165,7 @@ impl EventStore {
         envelope: &Envelope,
         traceparent: Option<&str>,
     ) -> Result<u64, StoreError> {
+        let started = std::time::Instant::now();
         tracing::Span::current()
             .record("subject", subject)
             .record("expected", expected);
@@ -206,6 +207,7 @@ impl EventStore {
             Err(e) => return Err(e),
         };
         tracing::Span::current().record("seq", seq);
+        crate::metrics::record_append(started);
         Ok(seq)
     }
 

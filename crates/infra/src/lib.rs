@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod event_store;
 pub mod http;
+pub mod metrics;
 pub mod projection;
 pub mod telemetry;
 pub mod views;

@@ -59,7 +59,8 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
-/// A project, as `api.md` gives it.
+/// A project, as `api.md` gives it. `agent_count` is the number of live
+/// agents in it, from the read model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProjectView {
     pub id: Uuid,

@@ -1,5 +1,6 @@
 //! How each event changes the read models.
 
+use chrono::{DateTime, Utc};
 use events::agent::{AgentCreated, AgentEvent};
 use events::project::ProjectEvent;
 use events::{AggregateType, Envelope};
@@ -15,18 +16,27 @@ pub enum ApplyError {
     Decode(#[from] events::DecodeError),
 }
 
-/// Applies one stored message inside the batch's transaction. A message
-/// that cannot be decoded is parked with the reason; a database error aborts
-/// the batch.
+/// Applies one stored message inside the batch's transaction, and records
+/// it in the `events` table. Returns the event's `occurred_at`, or `None`
+/// when it was parked: a message that cannot be decoded is parked with the
+/// reason. A database error aborts the batch.
 pub async fn apply_message(
     tx: &mut Tx<'_>,
     seq: u64,
     subject: &str,
     payload: &[u8],
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     match decode(payload) {
-        Ok(Decoded::Agent(env, event)) => apply_agent(tx, seq, &env, event).await,
-        Ok(Decoded::Project(env, event)) => apply_project(tx, seq, &env, event).await,
+        Ok(Decoded::Agent(env, event)) => {
+            record_event(tx, seq, &env).await?;
+            apply_agent(tx, seq, &env, event).await?;
+            Ok(Some(env.occurred_at))
+        }
+        Ok(Decoded::Project(env, event)) => {
+            record_event(tx, seq, &env).await?;
+            apply_project(tx, seq, &env, event).await?;
+            Ok(Some(env.occurred_at))
+        }
         Err(e) => {
             tracing::error!(seq, subject, error = %e, "parking an event that cannot be applied");
             sqlx::query(
@@ -39,9 +49,32 @@ pub async fn apply_message(
             .bind(e.to_string())
             .execute(&mut **tx)
             .await
-            .map(|_| ())
+            .map(|_| None)
         }
     }
+}
+
+/// Keeps the event itself, for history, `as_of` and analytics.
+async fn record_event(tx: &mut Tx<'_>, seq: u64, env: &Envelope) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (seq, event_id, event_type, schema_version, aggregate_type, \
+         aggregate_id, aggregate_version, occurred_at, actor, request_id, data) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (seq) DO NOTHING",
+    )
+    .bind(seq as i64)
+    .bind(env.event_id)
+    .bind(&env.event_type)
+    .bind(env.schema_version as i32)
+    .bind(env.aggregate_type.as_str())
+    .bind(env.aggregate_id)
+    .bind(env.aggregate_version as i64)
+    .bind(env.occurred_at)
+    .bind(&env.actor)
+    .bind(&env.request_id)
+    .bind(&env.data)
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
 }
 
 enum Decoded {

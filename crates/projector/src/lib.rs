@@ -216,13 +216,18 @@ impl Projector {
 
     #[tracing::instrument(skip_all, fields(events = batch.len(), from, to), err)]
     async fn apply_batch(&self, batch: &[jetstream::Message]) -> Result<u64, ProjectorError> {
+        let started = std::time::Instant::now();
         let mut tx: Tx<'_> = self.pool.begin().await?;
         let mut checkpoint = self.checkpoint;
+        let mut applied = 0;
+        let mut pending = 0;
+        let mut occurred = Vec::with_capacity(batch.len());
         for message in batch {
-            let seq = message
+            let info = message
                 .info()
-                .map_err(|e| ProjectorError::Nats(e.to_string()))?
-                .stream_sequence;
+                .map_err(|e| ProjectorError::Nats(e.to_string()))?;
+            let seq = info.stream_sequence;
+            pending = info.pending;
             if seq <= checkpoint {
                 continue; // already applied: a redelivery
             }
@@ -235,9 +240,11 @@ impl Projector {
                 .and_then(|h| h.get(infra::event_store::TRACEPARENT))
                 .map(|v| v.as_str());
             infra::telemetry::continue_trace(&span, traceparent);
-            apply::apply_message(&mut tx, seq, &message.subject, &message.payload)
+            let at = apply::apply_message(&mut tx, seq, &message.subject, &message.payload)
                 .instrument(span)
                 .await?;
+            occurred.extend(at);
+            applied += 1;
             checkpoint = seq;
         }
         if checkpoint > self.checkpoint {
@@ -257,6 +264,14 @@ impl Projector {
             }
         }
         tx.commit().await?;
+        infra::metrics::record_projector_batch(&infra::metrics::ProjectorBatch {
+            applied,
+            elapsed: started.elapsed(),
+            checkpoint,
+            lag_events: pending,
+            occurred_at: &occurred,
+            committed_at: chrono::Utc::now(),
+        });
         tracing::Span::current()
             .record("from", self.checkpoint + 1)
             .record("to", checkpoint);

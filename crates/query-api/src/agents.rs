@@ -21,7 +21,7 @@ use crate::QueryState;
 
 /// An `agents` row.
 #[derive(Debug, FromRow)]
-struct AgentRow {
+pub(crate) struct AgentRow {
     id: Uuid,
     name: String,
     #[sqlx(rename = "type")]
@@ -58,16 +58,16 @@ impl From<AgentRow> for AgentView {
     }
 }
 
-const AGENT_COLUMNS: &str = "a.id, a.name, a.type, a.description, a.status, a.capabilities, a.config, \
+pub(crate) const AGENT_COLUMNS: &str = "a.id, a.name, a.type, a.description, a.status, a.capabilities, a.config, \
      a.tags, a.project_id, a.version, a.created_at, a.updated_at, a.created_by";
 
 /// The checkpoint as one row, to join the data against so both come from
 /// one snapshot.
-const CHECKPOINT: &str = "(SELECT COALESCE((SELECT last_seq FROM projector_checkpoint WHERE name = 'main'), 0) AS seq) c";
+pub(crate) const CHECKPOINT: &str = "(SELECT COALESCE((SELECT last_seq FROM projector_checkpoint WHERE name = 'main'), 0) AS seq) c";
 
 /// Reads the agent columns of a row that came from a LEFT JOIN: `None` when
 /// the join found nothing.
-fn agent_of(row: &PgRow) -> Result<Option<AgentView>, sqlx::Error> {
+pub(crate) fn agent_of(row: &PgRow) -> Result<Option<AgentView>, sqlx::Error> {
     let id: Option<Uuid> = row.try_get("id")?;
     if id.is_none() {
         return Ok(None);
@@ -75,12 +75,12 @@ fn agent_of(row: &PgRow) -> Result<Option<AgentView>, sqlx::Error> {
     Ok(Some(AgentRow::from_row(row)?.into()))
 }
 
-fn projection_seq(row: &PgRow) -> Result<u64, sqlx::Error> {
+pub(crate) fn projection_seq(row: &PgRow) -> Result<u64, sqlx::Error> {
     Ok(row.try_get::<i64, _>("projection_seq")?.max(0) as u64)
 }
 
 /// Honour `X-Min-Event-Seq` / `?min_seq=` before reading.
-async fn await_min_seq(
+pub(crate) async fn await_min_seq(
     state: &QueryState,
     headers: &HeaderMap,
     query: &QueryPairs,
@@ -91,17 +91,24 @@ async fn await_min_seq(
     Ok(())
 }
 
-fn with_projection_seq(mut response: Response, seq: u64) -> Response {
+pub(crate) fn with_projection_seq(mut response: Response, seq: u64) -> Response {
     response
         .headers_mut()
         .insert(X_PROJECTION_SEQ.clone(), HeaderValue::from(seq));
     response
 }
 
-/// Get one agent.
+/// Get one agent, as it is now or (with `as_of`) as it was at a past time.
+///
+/// With `as_of`, the agent is rebuilt by folding its events up to that time
+/// with the same `evolve` the write side uses; 404 when it did not exist
+/// then or had been deleted by then. A `+` in the offset must be sent as
+/// `%2B` (a literal `+` is read back as one for convenience); `Z` needs no
+/// escaping.
 #[utoipa::path(get, path = "/agents/{id}", tag = "agents",
     params(
         ("id" = Uuid, Path),
+        ("as_of" = Option<String>, Query, description = "RFC 3339 time: the agent as it was then, rebuilt from its events"),
         ("min_seq" = Option<u64>, Query, description = "Answer only once the projection has applied this event"),
         ("X-Min-Event-Seq" = Option<u64>, Header, description = "Same as min_seq"),
         ("If-None-Match" = Option<String>, Header, description = "304 when the ETag matches"),
@@ -122,20 +129,39 @@ pub async fn get_agent(
     query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    query.only(&["min_seq"])?;
+    query.only(&["min_seq", "as_of"])?;
+    let as_of = query.one("as_of")?.map(parse_time("as_of")).transpose()?;
     await_min_seq(&state, &headers, &query).await?;
-    let sql = format!(
-        "SELECT c.seq AS projection_seq, {AGENT_COLUMNS} FROM {CHECKPOINT} LEFT JOIN agents a ON a.id = $1"
-    );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_one(&state.pool)
-        .await?;
-    let seq = projection_seq(&row)?;
-    let Some(agent) = agent_of(&row)? else {
-        return Err(ApiError::NotFound("no such agent".into()));
+    let (agent, seq) = match as_of {
+        Some(at) => crate::history::agent_as_of(&state, id, at).await?,
+        None => {
+            let sql = format!(
+                "SELECT c.seq AS projection_seq, {AGENT_COLUMNS} FROM {CHECKPOINT} LEFT JOIN agents a ON a.id = $1"
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(id)
+                .fetch_one(&state.pool)
+                .await?;
+            (agent_of(&row)?, projection_seq(&row)?)
+        }
     };
-    let tag = etag(agent.version);
+    let Some(agent) = agent else {
+        return Err(ApiError::NotFound(match as_of {
+            Some(_) => "the agent did not exist at that time".into(),
+            None => "no such agent".into(),
+        }));
+    };
+    Ok(conditional(&headers, etag(agent.version), Json(agent), seq))
+}
+
+/// A single-resource answer with its `ETag`, or 304 when `If-None-Match`
+/// names it.
+pub(crate) fn conditional(
+    headers: &HeaderMap,
+    tag: HeaderValue,
+    body: impl IntoResponse,
+    seq: u64,
+) -> Response {
     let not_modified = headers.get(header::IF_NONE_MATCH).is_some_and(|v| {
         v.as_bytes()
             .split(|b| *b == b',')
@@ -144,10 +170,25 @@ pub async fn get_agent(
     let mut response = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        Json(agent).into_response()
+        body.into_response()
     };
     response.headers_mut().insert(header::ETAG, tag);
-    Ok(with_projection_seq(response, seq))
+    with_projection_seq(response, seq)
+}
+
+/// Parses an RFC 3339 time from a query parameter. A `+` decoded to a
+/// space by form decoding is taken back as `+`.
+pub(crate) fn parse_time(name: &'static str) -> impl Fn(&str) -> Result<DateTime<Utc>, ApiError> {
+    move |raw| {
+        DateTime::parse_from_rfc3339(raw)
+            .or_else(|_| DateTime::parse_from_rfc3339(&raw.replace(' ', "+")))
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "query parameter {name:?} must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z"
+                ))
+            })
+    }
 }
 
 /// The filters shared by list, search and export.
@@ -185,6 +226,13 @@ impl Filters {
                 .ok_or_else(|| {
                     ApiError::BadRequest(format!("tag filter {tag:?} must be key:value"))
                 })?;
+            // PostgreSQL text and jsonb cannot hold NUL: refuse it here
+            // rather than fail in the database.
+            if tag.contains('\0') {
+                return Err(ApiError::BadRequest(
+                    "tag filters must not contain NUL".into(),
+                ));
+            }
             tags.insert(k.to_owned(), serde_json::Value::String(v.to_owned()));
         }
         Ok(Filters {
@@ -338,6 +386,8 @@ pub fn router() -> OpenApiRouter<QueryState> {
     OpenApiRouter::new()
         .routes(routes!(list_agents))
         .routes(routes!(get_agent))
+        .routes(routes!(crate::search::search_agents))
+        .routes(routes!(crate::history::agent_history))
 }
 
 #[cfg(test)]

@@ -6,7 +6,13 @@
 //! to be answered only once the projection has got that far.
 
 pub mod agents;
+pub mod analytics;
+pub mod export;
+pub mod history;
 pub mod live;
+pub mod metrics;
+pub mod projects;
+pub mod search;
 
 use std::sync::Arc;
 
@@ -37,10 +43,18 @@ impl FromRef<QueryState> for Arc<Auth> {
     }
 }
 
-/// The read routes, relative to `/api/v1`.
+/// The read routes, relative to `/api/v1`, except the streaming ones.
 pub fn router(state: QueryState) -> OpenApiRouter {
     OpenApiRouter::new()
         .merge(agents::router())
         .merge(live::router())
+        .merge(projects::router())
+        .merge(metrics::router())
         .with_state(state)
+}
+
+/// The streaming read routes (export), relative to `/api/v1`: to be
+/// mounted outside the request timeout.
+pub fn streaming_router(state: QueryState) -> OpenApiRouter {
+    export::router().with_state(state)
 }

@@ -82,6 +82,7 @@ pub struct Slot(Arc<LiveHub>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::SeqCst);
+        infra::metrics::live_connection(-1);
     }
 }
 
@@ -137,6 +138,7 @@ impl LiveHub {
     /// Takes a connection slot, or 503 when all are taken.
     pub fn admit(self: &Arc<Self>) -> Result<Slot, ApiError> {
         let taken = self.connections.fetch_add(1, Ordering::SeqCst);
+        infra::metrics::live_connection(1);
         let slot = Slot(self.clone());
         if taken >= self.max_connections {
             return Err(ApiError::Unavailable(format!(

@@ -21,6 +21,8 @@ use ymera::{Deps, Role, Running, Settings};
 
 pub use ymera;
 
+pub mod seed;
+
 pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
 pub const JWT_SECRET: &str = "a-test-secret-that-is-long-enough-0123456789";
 

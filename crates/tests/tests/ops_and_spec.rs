@@ -91,6 +91,13 @@ async fn the_spec_lists_every_endpoint() {
         ("/api/v1/projects/{id}", "delete"),
         ("/api/v1/ws", "get"),
         ("/api/v1/events/stream", "get"),
+        ("/api/v1/agents/search", "get"),
+        ("/api/v1/agents/export", "get"),
+        ("/api/v1/agents/{id}/history", "get"),
+        ("/api/v1/projects", "get"),
+        ("/api/v1/projects/{id}", "get"),
+        ("/api/v1/metrics", "get"),
+        ("/api/v1/analytics", "get"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),

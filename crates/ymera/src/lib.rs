@@ -125,6 +125,12 @@ pub fn app(
     });
     let limits = Arc::new(Limits::new(auth.clone(), &http));
     let limited = || axum::middleware::from_fn_with_state(limits.clone(), ratelimit::rate_limit);
+    // Every route but the streaming ones answers 503 past the request
+    // timeout; streams (export) run as long as the client reads.
+    let timeout = tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::SERVICE_UNAVAILABLE,
+        http.request_timeout(),
+    );
     let mut api = OpenApiRouter::new().merge(ops::router(ops_state.clone()));
     if role.commands() {
         let state = CommandState::new(
@@ -137,37 +143,52 @@ pub fn app(
         );
         api = api.merge(command_api::router(state).layer(limited()));
     }
-    if role.queries() {
-        let state = QueryState {
-            pool: deps.pool.clone(),
-            store: deps.store.clone(),
-            auth: auth.clone(),
-            watch,
-            http: http.clone(),
-            live: query_api::live::LiveHub::spawn(deps.store.clone(), &http, shutdown.clone()),
-        };
-        api = api.merge(query_api::router(state).layer(limited()));
+    let query_state = role.queries().then(|| QueryState {
+        pool: deps.pool.clone(),
+        store: deps.store.clone(),
+        auth: auth.clone(),
+        watch,
+        http: http.clone(),
+        live: query_api::live::LiveHub::spawn(deps.store.clone(), &http, shutdown.clone()),
+    });
+    if let Some(state) = &query_state {
+        api = api.merge(query_api::router(state.clone()).layer(limited()));
+    }
+    let mut api = api.layer(timeout);
+    if let Some(state) = query_state {
+        api = api.merge(query_api::streaming_router(state).layer(limited()));
     }
     let (api, spec) = OpenApiRouter::with_openapi(base_spec())
         .nest("/api/v1", api)
         .split_for_parts();
     let spec = Arc::new(spec);
     let root_ops: Router = ops::router(ops_state).into();
+    let scrape = deps.clone();
 
     Router::new()
         .merge(api)
-        .merge(root_ops)
+        .merge(root_ops.layer(timeout))
         .route(
             "/api/v1/openapi.json",
             get(move || async move { Json(spec.as_ref().clone()) }),
         )
+        .route("/metrics", get(move || prometheus(scrape.clone())))
         .fallback(infra::http::context::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(http.body_limit))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            http.request_timeout(),
-        ))
         .layer(axum::middleware::from_fn(infra::http::request_context))
+}
+
+/// `GET /metrics`: the Prometheus scrape, without auth (api.md); put it
+/// behind the network, not a token.
+async fn prometheus(deps: Deps) -> impl axum::response::IntoResponse {
+    let text = infra::metrics::render(&deps.pool, &deps.store).await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 fn base_spec() -> OpenApi {
@@ -228,6 +249,7 @@ pub async fn start(
     } else {
         None
     };
+    infra::metrics::spawn_upkeep(shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
     if role.projects() {
         let projector = projector::Projector::new(

@@ -52,6 +52,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().clone();
+    let in_flight = crate::metrics::InFlight::enter();
     req.extensions_mut().insert(RequestId(id.clone()));
 
     let span = tracing::info_span!(
@@ -80,7 +81,10 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     }
     let status = response.status().as_u16();
     span.record("status", status);
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let elapsed = started.elapsed();
+    drop(in_flight);
+    crate::metrics::record_http(method.as_str(), &route, status, elapsed);
+    let elapsed_ms = elapsed.as_secs_f64() * 1e3;
     span.in_scope(|| {
         if status >= 500 {
             tracing::warn!(status, elapsed_ms, "request failed");

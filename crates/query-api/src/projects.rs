@@ -1,0 +1,160 @@
+//! `GET /projects` and `GET /projects/{id}` from the read model, each with
+//! `agent_count`: the live agents in the project, counted in the same
+//! statement (and so the same snapshot) as the project and the checkpoint.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use infra::auth::Viewer;
+use infra::http::{ApiError, ApiPath, Problem, QueryPairs, etag};
+use infra::views::{Page, ProjectView};
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row};
+use utoipa_axum::{router::OpenApiRouter, routes};
+use uuid::Uuid;
+
+use crate::QueryState;
+use crate::agents::{
+    CHECKPOINT, Cursor, await_min_seq, conditional, parse_limit, projection_seq,
+    with_projection_seq,
+};
+
+const PROJECT_COLUMNS: &str = "p.id, p.name, p.description, p.version, p.created_at, \
+     p.updated_at, p.created_by, \
+     (SELECT count(*) FROM agents ag WHERE ag.project_id = p.id) AS agent_count";
+
+/// The project of a row from a LEFT JOIN: `None` when it found nothing.
+fn project_of(row: &PgRow) -> Result<Option<ProjectView>, sqlx::Error> {
+    let Some(id) = row.try_get::<Option<Uuid>, _>("id")? else {
+        return Ok(None);
+    };
+    Ok(Some(ProjectView {
+        id,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        agent_count: row.try_get::<i64, _>("agent_count")?.max(0) as u64,
+        version: row.try_get::<i64, _>("version")?.max(0) as u64,
+        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        created_by: row.try_get("created_by")?,
+    }))
+}
+
+/// Get one project.
+#[utoipa::path(get, path = "/projects/{id}", tag = "projects",
+    params(
+        ("id" = Uuid, Path),
+        ("min_seq" = Option<u64>, Query, description = "Answer only once the projection has applied this event"),
+        ("X-Min-Event-Seq" = Option<u64>, Header, description = "Same as min_seq"),
+        ("If-None-Match" = Option<String>, Header, description = "304 when the ETag matches"),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = ProjectView, headers(("ETag" = String), ("X-Projection-Seq" = u64))),
+        (status = 304, description = "Not modified"),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown or deleted", body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_project(
+    State(state): State<QueryState>,
+    _viewer: Viewer,
+    ApiPath(id): ApiPath<Uuid>,
+    query: QueryPairs,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    query.only(&["min_seq"])?;
+    await_min_seq(&state, &headers, &query).await?;
+    let sql = format!(
+        "SELECT c.seq AS projection_seq, {PROJECT_COLUMNS} FROM {CHECKPOINT} \
+         LEFT JOIN projects p ON p.id = $1"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_one(&state.pool)
+        .await?;
+    let seq = projection_seq(&row)?;
+    let project = project_of(&row)?.ok_or_else(|| ApiError::NotFound("no such project".into()))?;
+    Ok(conditional(
+        &headers,
+        etag(project.version),
+        Json(project),
+        seq,
+    ))
+}
+
+/// List projects, newest first.
+#[utoipa::path(get, path = "/projects", tag = "projects",
+    params(
+        ("limit" = Option<i64>, Query, description = "1..=500, default 50"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("min_seq" = Option<u64>, Query),
+        ("X-Min-Event-Seq" = Option<u64>, Header),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = Page<ProjectView>, headers(("X-Projection-Seq" = u64))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list_projects(
+    State(state): State<QueryState>,
+    _viewer: Viewer,
+    query: QueryPairs,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    query.only(&["limit", "cursor", "min_seq"])?;
+    let limit = parse_limit(&query)?;
+    let cursor = query.one("cursor")?.map(Cursor::decode).transpose()?;
+    await_min_seq(&state, &headers, &query).await?;
+
+    let mut qb = QueryBuilder::<Postgres>::new(format!(
+        "SELECT c.seq AS projection_seq, {PROJECT_COLUMNS} FROM {CHECKPOINT} \
+         LEFT JOIN LATERAL (SELECT * FROM projects WHERE true"
+    ));
+    if let Some(c) = cursor {
+        qb.push(" AND (created_at, id) < (")
+            .push_bind(c.created_at)
+            .push(", ")
+            .push_bind(c.id)
+            .push(")");
+    }
+    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(limit + 1)
+        .push(") p ON true ORDER BY p.created_at DESC, p.id DESC");
+    let rows = qb.build().fetch_all(&state.pool).await?;
+
+    let seq = rows.first().map(projection_seq).transpose()?.unwrap_or(0);
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(p) = project_of(row)? {
+            items.push(p);
+        }
+    }
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|p| {
+            Cursor {
+                created_at: p.created_at,
+                id: p.id,
+            }
+            .encode()
+        })
+    } else {
+        None
+    };
+    Ok(with_projection_seq(
+        Json(Page { items, next_cursor }).into_response(),
+        seq,
+    ))
+}
+
+pub fn router() -> OpenApiRouter<QueryState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_projects))
+        .routes(routes!(get_project))
+}
