@@ -24,10 +24,17 @@ static CORE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 /// first use, so a process can start (and answer 503) while PostgreSQL is
 /// down, and recovers by itself when it returns.
 pub fn pool(cfg: &DbConfig) -> Result<PgPool, sqlx::Error> {
+    pool_reading(cfg, READ_SCHEMA)
+}
+
+/// A pool whose unqualified names resolve in `read_schema` first: how a
+/// rebuild or a replay writes read models into a schema of their own.
+pub fn pool_reading(cfg: &DbConfig, read_schema: &str) -> Result<PgPool, sqlx::Error> {
+    assert_identifier(read_schema);
     let options: PgConnectOptions = cfg.database_url.parse()?;
     let options = options
         .application_name("ymera")
-        .options([("search_path", format!("{READ_SCHEMA},{CORE_SCHEMA},public"))]);
+        .options([("search_path", format!("{read_schema},{CORE_SCHEMA},public"))]);
     Ok(PgPoolOptions::new()
         .max_connections(cfg.db_max_connections)
         .min_connections(0)

@@ -11,6 +11,7 @@
 //! a crash at any instant neither loses nor doubles an event.
 
 mod apply;
+pub mod rebuild;
 
 use std::time::Duration;
 
@@ -37,8 +38,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub struct Settings {
     /// Most events applied in one transaction.
     pub batch_size: usize,
-    /// Name of the checkpoint row and of the JetStream consumer.
+    /// Name of the checkpoint row.
     pub name: String,
+    /// Name of the JetStream consumer; several projectors of one stream
+    /// (the live one, a rebuild, a replay) each need their own.
+    pub consumer: String,
+    /// The live projection: it notifies readers of each checkpoint, records
+    /// metrics, and yields to a rebuild's swap (see [`SWAP_LOCK`]).
+    pub live: bool,
+    /// Apply no event after this sequence.
+    pub stop_at: Option<u64>,
+    /// Stop at the first event that occurred after this time.
+    pub stop_after: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Default for Settings {
@@ -46,9 +57,17 @@ impl Default for Settings {
         Settings {
             batch_size: 1_000,
             name: projection::MAIN.to_owned(),
+            consumer: format!("ymera-projector-{}", projection::MAIN),
+            live: true,
+            stop_at: None,
+            stop_after: None,
         }
     }
 }
+
+/// The advisory lock that a live projector's batch holds shared and a
+/// rebuild's swap takes exclusive, so the swap happens between batches.
+pub const SWAP_LOCK: i64 = 0x796d_6572_615f_7377; // "ymera_sw"
 
 /// What one step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +94,10 @@ pub enum ProjectorError {
 pub struct Projector {
     store: EventStore,
     pool: PgPool,
-    settings: Settings,
+    pub(crate) settings: Settings,
     checkpoint: u64,
     messages: Option<pull::Stream>,
+    finished: bool,
 }
 
 impl std::fmt::Debug for Projector {
@@ -97,6 +117,7 @@ impl Projector {
             settings,
             checkpoint: 0,
             messages: None,
+            finished: false,
         }
     }
 
@@ -106,7 +127,13 @@ impl Projector {
     }
 
     fn consumer_name(&self) -> String {
-        format!("ymera-projector-{}", self.settings.name)
+        self.settings.consumer.clone()
+    }
+
+    /// Whether a `stop_at` / `stop_after` bound has been reached: nothing
+    /// more will be applied.
+    pub fn finished(&self) -> bool {
+        self.finished
     }
 
     /// Reads the checkpoint from PostgreSQL and points a fresh consumer at
@@ -198,15 +225,25 @@ impl Projector {
             }
         }
         let count = batch.len();
-        let new_checkpoint = self.apply_batch(&batch).await?;
+        let (new_checkpoint, finished) = self.apply_batch(&batch).await?;
         self.checkpoint = new_checkpoint;
-        // AckPolicy::All: acking the last message acks the whole batch. A
-        // lost ack is harmless: the redelivery is at or below the
-        // checkpoint and skipped.
-        if let Some(last) = batch.last()
+        self.finished = finished;
+        // AckPolicy::All: acking the last applied message acks all before
+        // it. A lost ack is harmless: the redelivery is at or below the
+        // checkpoint and skipped. Messages past a bound are not acked, and
+        // the consumer is recreated from the checkpoint, so a later, wider
+        // bound gets them again at once.
+        let last_applied = batch
+            .iter()
+            .rev()
+            .find(|m| m.info().is_ok_and(|i| i.stream_sequence <= new_checkpoint));
+        if let Some(last) = last_applied
             && let Err(e) = last.ack_with(AckKind::Ack).await
         {
             tracing::warn!(error = %e, "ack failed; redelivery will be skipped");
+        }
+        if finished {
+            self.messages = None;
         }
         Ok(Outcome::Applied {
             events: count,
@@ -215,10 +252,20 @@ impl Projector {
     }
 
     #[tracing::instrument(skip_all, fields(events = batch.len(), from, to), err)]
-    async fn apply_batch(&self, batch: &[jetstream::Message]) -> Result<u64, ProjectorError> {
+    async fn apply_batch(
+        &self,
+        batch: &[jetstream::Message],
+    ) -> Result<(u64, bool), ProjectorError> {
         let started = std::time::Instant::now();
         let mut tx: Tx<'_> = self.pool.begin().await?;
+        if self.settings.live {
+            sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                .bind(SWAP_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut checkpoint = self.checkpoint;
+        let mut finished = false;
         let mut applied = 0;
         let mut pending = 0;
         let mut occurred = Vec::with_capacity(batch.len());
@@ -230,6 +277,10 @@ impl Projector {
             pending = info.pending;
             if seq <= checkpoint {
                 continue; // already applied: a redelivery
+            }
+            if self.past_the_end(seq, &message.payload) {
+                finished = true;
+                break;
             }
             // Each event's span continues the trace of the request that
             // wrote it.
@@ -255,7 +306,7 @@ impl Projector {
             .bind(checkpoint as i64)
             .execute(&mut *tx)
             .await?;
-            if self.settings.name == projection::MAIN {
+            if self.settings.live {
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(projection::CHANNEL)
                     .bind(checkpoint.to_string())
@@ -264,18 +315,35 @@ impl Projector {
             }
         }
         tx.commit().await?;
-        infra::metrics::record_projector_batch(&infra::metrics::ProjectorBatch {
-            applied,
-            elapsed: started.elapsed(),
-            checkpoint,
-            lag_events: pending,
-            occurred_at: &occurred,
-            committed_at: chrono::Utc::now(),
-        });
+        if self.settings.live {
+            infra::metrics::record_projector_batch(&infra::metrics::ProjectorBatch {
+                applied,
+                elapsed: started.elapsed(),
+                checkpoint,
+                lag_events: pending,
+                occurred_at: &occurred,
+                committed_at: chrono::Utc::now(),
+            });
+        }
         tracing::Span::current()
             .record("from", self.checkpoint + 1)
             .record("to", checkpoint);
-        Ok(checkpoint)
+        Ok((checkpoint, finished))
+    }
+
+    /// Whether event `seq` lies beyond this projector's bounds.
+    fn past_the_end(&self, seq: u64, payload: &[u8]) -> bool {
+        if self.settings.stop_at.is_some_and(|end| seq > end) {
+            return true;
+        }
+        let Some(after) = self.settings.stop_after else {
+            return false;
+        };
+        #[derive(serde::Deserialize)]
+        struct When {
+            occurred_at: chrono::DateTime<chrono::Utc>,
+        }
+        serde_json::from_slice::<When>(payload).is_ok_and(|w| w.occurred_at > after)
     }
 
     /// Applies events until `shutdown`, backing off while a dependency is

@@ -52,6 +52,34 @@ enum Command {
         #[command(flatten)]
         db: DbConfig,
     },
+    /// Build every read model afresh from the log in a new schema while the
+    /// live ones keep serving, check both agree, and swap atomically.
+    Rebuild {
+        /// Swap even when the rebuilt models disagree with the live ones:
+        /// to repair corrupted read models, or after an upgrade that added
+        /// a read model. The differences are logged.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        nats: NatsConfig,
+        #[command(flatten)]
+        db: DbConfig,
+    },
+    /// Replay the log into a schema of its own for analysis, leaving the
+    /// live read models alone.
+    Replay {
+        /// Stop after this stream sequence, or before the first event that
+        /// occurred after this RFC 3339 time. Default: the end of the log.
+        #[arg(long)]
+        until: Option<String>,
+        /// The schema to create and fill (a-z, 0-9, _).
+        #[arg(long)]
+        into_schema: String,
+        #[command(flatten)]
+        nats: NatsConfig,
+        #[command(flatten)]
+        db: DbConfig,
+    },
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -103,6 +131,43 @@ async fn main() -> anyhow::Result<()> {
             infra::db::wait_ready(&pool, std::time::Duration::from_secs(30)).await?;
             ymera::migrate(&pool).await?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Rebuild { force, nats, db } => {
+            let deps = ymera::connect(&nats, &db).await?;
+            let report = projector::rebuild::rebuild(&deps.store, &db, &deps.pool, force).await?;
+            println!(
+                "rebuilt the read models from {} events in {:.1}s and swapped them in",
+                report.events,
+                report.elapsed.as_secs_f64()
+            );
+            for t in &report.tables {
+                println!("  {:<22} {:>10} rows  {}", t.table, t.rows, t.checksum);
+            }
+            Ok(())
+        }
+        Command::Replay {
+            until,
+            into_schema,
+            nats,
+            db,
+        } => {
+            let until = match until.as_deref() {
+                None => projector::rebuild::Until::End,
+                Some(u) => match u.parse::<u64>() {
+                    Ok(seq) => projector::rebuild::Until::Seq(seq),
+                    Err(_) => projector::rebuild::Until::Time(
+                        chrono::DateTime::parse_from_rfc3339(u)
+                            .context("--until takes a stream sequence or an RFC 3339 time")?
+                            .with_timezone(&chrono::Utc),
+                    ),
+                },
+            };
+            let deps = ymera::connect(&nats, &db).await?;
+            let last =
+                projector::rebuild::replay(&deps.store, &db, &deps.pool, &into_schema, until)
+                    .await?;
+            println!("replayed events 1..={last} into schema {into_schema}");
             Ok(())
         }
         Command::User(UserCommand::Add {
