@@ -35,6 +35,25 @@ fn chars(s: &str) -> usize {
     s.chars().count()
 }
 
+/// NUL cannot be stored in PostgreSQL text or jsonb; an event carrying one
+/// could never be projected, so it is refused at the door.
+fn no_nul(field: impl Into<String>, s: &str) -> Result<(), FieldError> {
+    if s.contains('\0') {
+        Err(FieldError::new(field, "must not contain NUL characters"))
+    } else {
+        Ok(())
+    }
+}
+
+fn json_has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(json_has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)),
+        _ => false,
+    }
+}
+
 macro_rules! string_newtype {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -82,6 +101,7 @@ impl Name {
     pub const MAX_CHARS: usize = 200;
 
     pub fn parse(field: &str, raw: &str) -> Result<Self, FieldError> {
+        no_nul(field, raw)?;
         let trimmed = raw.trim();
         match chars(trimmed) {
             0 => Err(FieldError::new(field, "must not be empty")),
@@ -119,6 +139,7 @@ impl Description {
     pub const MAX_CHARS: usize = 4_000;
 
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        no_nul("description", raw)?;
         if chars(raw) > Self::MAX_CHARS {
             return Err(FieldError::new(
                 "description",
@@ -189,6 +210,7 @@ impl Capabilities {
             ));
         }
         for (i, c) in raw.iter().enumerate() {
+            no_nul(format!("capabilities[{i}]"), c)?;
             let n = chars(c);
             if n == 0 || n > Self::MAX_CHARS {
                 return Err(FieldError::new(
@@ -220,6 +242,9 @@ impl Config {
     pub const MAX_BYTES: usize = 64 * 1024;
 
     pub fn parse(raw: serde_json::Value) -> Result<Self, FieldError> {
+        if json_has_nul(&raw) {
+            return Err(FieldError::new("config", "must not contain NUL characters"));
+        }
         let serde_json::Value::Object(map) = raw else {
             return Err(FieldError::new("config", "must be a JSON object"));
         };
@@ -253,6 +278,8 @@ impl Tags {
             return Err(FieldError::new("tags", "must have at most 32 entries"));
         }
         for (k, v) in &raw {
+            no_nul(format!("tags.{k}"), k)?;
+            no_nul(format!("tags.{k}"), v)?;
             let n = chars(k);
             if n == 0 || n > Self::MAX_KEY_CHARS || k.contains(':') {
                 return Err(FieldError::new(
@@ -309,6 +336,16 @@ mod tests {
         let big = "x".repeat(64 * 1024);
         assert!(Config::parse(serde_json::json!({ "k": big })).is_err());
         assert!(Config::parse(serde_json::json!({ "k": 1 })).is_ok());
+    }
+
+    #[test]
+    fn nul_is_refused_everywhere() {
+        assert!(Name::parse("name", "a\0b").is_err());
+        assert!(Description::parse("a\0").is_err());
+        assert!(Capabilities::parse(vec!["a\0".into()]).is_err());
+        assert!(Tags::parse([("k".to_owned(), "v\0".to_owned())].into()).is_err());
+        assert!(Config::parse(serde_json::json!({"a": [{"b\0": 1}]})).is_err());
+        assert!(Config::parse(serde_json::json!({"a": ["x\0"]})).is_err());
     }
 
     #[test]

@@ -74,7 +74,11 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     if let Some(trace_id) = span.in_scope(crate::telemetry::current_trace_id) {
         span.record("trace_id", trace_id);
     }
-    let response = next.run(req).instrument(span.clone()).await;
+    let response = if header_bytes(&req) > MAX_HEADER_BYTES {
+        too_large_headers()
+    } else {
+        next.run(req).instrument(span.clone()).await
+    };
     let mut response = finish_problem(response, &path, &id);
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), v);
@@ -92,6 +96,29 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
             tracing::debug!(status, elapsed_ms, "request served");
         }
     });
+    response
+}
+
+/// The most header bytes a request may carry (names and values together).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+fn header_bytes(req: &Request) -> usize {
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum()
+}
+
+fn too_large_headers() -> Response {
+    let mut response = StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.into_response();
+    response
+        .extensions_mut()
+        .insert(super::error::PendingProblem {
+            slug: "headers-too-large",
+            title: "Request header fields too large",
+            detail: format!("the request headers exceed {MAX_HEADER_BYTES} bytes"),
+            errors: None,
+        });
     response
 }
 

@@ -159,6 +159,7 @@ pub(crate) fn slug_and_title(status: StatusCode) -> (&'static str, &'static str)
         409 => ("conflict", "Conflict"),
         412 => ("precondition-failed", "Precondition failed"),
         413 => ("payload-too-large", "Payload too large"),
+        431 => ("headers-too-large", "Request header fields too large"),
         415 => ("unsupported-media-type", "Unsupported media type"),
         422 => ("validation", "Validation failed"),
         429 => ("rate-limited", "Too many requests"),
