@@ -8,6 +8,16 @@ use reqwest::Method;
 use serde_json::Value;
 use tests::{TestApp, header};
 
+/// A hostile request: a name, method, path, token, content type and body.
+type Case = (
+    &'static str,
+    Method,
+    String,
+    Option<String>,
+    Option<&'static str>,
+    Vec<u8>,
+);
+
 fn b64(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
@@ -53,7 +63,7 @@ async fn hostile_requests_get_4xx_problems_and_append_nothing() {
     );
 
     let json = "application/json";
-    let cases: Vec<(&str, Method, String, Option<String>, Option<&str>, Vec<u8>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "deep array",
             Method::POST,
