@@ -145,6 +145,16 @@ impl EventStore {
         &self.js
     }
 
+    /// Fails fast while NATS is disconnected, rather than queue a publish
+    /// that the client would send after reconnecting, long after the
+    /// request was answered 503.
+    fn connected(&self) -> Result<(), StoreError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(StoreError::Unavailable("NATS is not connected".into())),
+        }
+    }
+
     /// The subject of one aggregate.
     pub fn subject(&self, aggregate_type: AggregateType, id: Uuid) -> String {
         events::subject(&self.prefix, aggregate_type, id)
@@ -169,6 +179,7 @@ impl EventStore {
         tracing::Span::current()
             .record("subject", subject)
             .record("expected", expected);
+        self.connected()?;
         let payload = serde_json::to_vec(envelope).map_err(|e| StoreError::Corrupt {
             seq: 0,
             reason: e.to_string(),
@@ -270,6 +281,7 @@ impl EventStore {
         if items.is_empty() {
             return Ok(vec![]);
         }
+        self.connected()?;
         if items.len() > MAX_BATCH {
             return Err(StoreError::Unavailable(format!(
                 "a batch holds at most {MAX_BATCH} events"
@@ -345,6 +357,7 @@ impl EventStore {
     #[tracing::instrument(skip_all, fields(subject, events), err)]
     pub async fn load(&self, subject: &str) -> Result<(Vec<StoredEvent>, u64), StoreError> {
         tracing::Span::current().record("subject", subject);
+        self.connected()?;
         let stream = self
             .js
             .get_stream_no_info(&self.stream)

@@ -21,6 +21,7 @@ use ymera::{Deps, Role, Running, Settings};
 
 pub use ymera;
 
+pub mod proxy;
 pub mod seed;
 
 pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
@@ -121,6 +122,19 @@ impl Sandbox {
             settings,
             _cleanup: cleanup,
         }
+    }
+
+    /// The same sandbox, reached through proxies that can cut NATS and
+    /// PostgreSQL off: `(sandbox, nats, postgres)`.
+    pub async fn behind_proxies(&self) -> (Sandbox, proxy::Proxy, proxy::Proxy) {
+        let nats = proxy::Proxy::start(proxy::host_port(&self.settings.nats.nats_url)).await;
+        let pg = proxy::Proxy::start(proxy::host_port(&self.settings.db.database_url)).await;
+        let mut sandbox = self.clone();
+        sandbox.settings.nats.nats_url =
+            proxy::with_host_port(&self.settings.nats.nats_url, nats.addr);
+        sandbox.settings.db.database_url =
+            proxy::with_host_port(&self.settings.db.database_url, pg.addr);
+        (sandbox, nats, pg)
     }
 
     /// Starts a process playing `role` on a free port.

@@ -129,7 +129,7 @@ fn finish_problem(mut response: Response, path: &str, request_id: &str) -> Respo
     let pending = response.extensions_mut().remove::<PendingProblem>();
     let pending = match pending {
         Some(p) => p,
-        None if is_error(status) && !is_problem(&response) => {
+        None if is_error(status) && !is_json(&response) => {
             let (slug, title) = slug_and_title(status);
             PendingProblem {
                 slug,
@@ -162,11 +162,17 @@ fn is_error(status: StatusCode) -> bool {
     status.is_client_error() || status.is_server_error()
 }
 
-fn is_problem(response: &Response) -> bool {
+/// Whether an error response already speaks JSON: a problem, or a
+/// deliberate JSON body such as `/health`'s 503. Anything else (empty,
+/// plain text, HTML) is turned into a problem.
+fn is_json(response: &Response) -> bool {
     response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()))
+        .is_some_and(|v| {
+            let v = v.as_bytes();
+            v.starts_with(PROBLEM_JSON.as_bytes()) || v.starts_with(b"application/json")
+        })
 }
 
 /// The fallback for unknown routes: a problem, not an empty 404.

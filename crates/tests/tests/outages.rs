@@ -1,0 +1,174 @@
+//! Dependency outages: NATS or PostgreSQL cut off while writes flow. The
+//! process answers 503 fast, recovers by itself when the dependency
+//! returns, and loses no acknowledged write.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::Value;
+use tests::{Sandbox, TestApp, agent_body, eventually, header, header_u64};
+use ymera::Role;
+
+/// Creates an agent; `Some((id, seq))` when it was acknowledged.
+async fn write(app: &TestApp, token: &str, name: &str) -> (u16, Option<(String, u64)>, Duration) {
+    let started = Instant::now();
+    let r = app.create_agent(token, agent_body(name)).await;
+    let elapsed = started.elapsed();
+    let status = r.status().as_u16();
+    if status == 201 {
+        let seq = header_u64(&r, "x-event-seq");
+        let id = r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (status, Some((id, seq)), elapsed)
+    } else {
+        assert_eq!(
+            header(&r, "content-type").as_deref(),
+            Some("application/problem+json")
+        );
+        (status, None, elapsed)
+    }
+}
+
+/// Every acknowledged agent is in the read model once it has caught up.
+async fn all_visible(app: &TestApp, token: &str, acked: &[(String, u64)]) {
+    let last = acked.iter().map(|(_, s)| *s).max().unwrap();
+    for (id, _) in acked {
+        let r = app
+            .request(Method::GET, &format!("/api/v1/agents/{id}"), Some(token))
+            .header("x-min-event-seq", last.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "acknowledged agent {id} is readable");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_gives_fast_503s_and_recovers_without_a_restart() {
+    let (sandbox, nats, _pg) = Sandbox::new().await.behind_proxies().await;
+    let app = sandbox.start(Role::All).await;
+    let token = app.admin_token().await;
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let (status, ok, _) = write(&app, &token, &format!("before {i}")).await;
+        assert_eq!(status, 201);
+        acked.extend(ok);
+    }
+
+    nats.down();
+    for i in 0..5 {
+        let (status, ok, elapsed) = write(&app, &token, &format!("during {i}")).await;
+        assert!(ok.is_none(), "no write is acknowledged while NATS is away");
+        assert_eq!(status, 503);
+        assert!(
+            elapsed < Duration::from_millis(1500),
+            "503 within a second or so, took {elapsed:?}"
+        );
+    }
+    let r = app
+        .request(Method::GET, "/health", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let health: Value = r.json().await.unwrap();
+    assert_eq!(health["status"], "unavailable");
+    assert_eq!(health["checks"]["nats"]["status"], "down");
+    // Reads keep working from the read models.
+    let r = app
+        .request(Method::GET, "/api/v1/agents", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    nats.up();
+    let first = eventually(
+        Duration::from_secs(30),
+        "writes to succeed again",
+        || async {
+            let (status, ok, _) = write(&app, &token, "after").await;
+            ok.filter(|_| status == 201)
+        },
+    )
+    .await;
+    acked.push(first);
+    for i in 0..10 {
+        let (status, ok, _) = write(&app, &token, &format!("after {i}")).await;
+        assert_eq!(status, 201);
+        acked.extend(ok);
+    }
+    all_visible(&app, &token, &acked).await;
+    let r = app
+        .request(Method::GET, "/health", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_gives_fast_503s_on_reads_and_the_projection_catches_up() {
+    let (sandbox, _nats, pg) = Sandbox::new().await.behind_proxies().await;
+    let app = sandbox.start(Role::All).await;
+    let token = app.admin_token().await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        acked.extend(write(&app, &token, &format!("before {i}")).await.1);
+    }
+
+    pg.down();
+    // Writes go to the log, which is up: they are acknowledged.
+    for i in 0..20 {
+        let (status, ok, _) = write(&app, &token, &format!("during {i}")).await;
+        assert_eq!(status, 201, "writes do not need PostgreSQL");
+        acked.extend(ok);
+    }
+    // Reads need PostgreSQL: a fast 503.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = app
+            .request(Method::GET, "/api/v1/agents", Some(&token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert!(header(&r, "retry-after").is_some());
+        assert!(
+            started.elapsed() < Duration::from_millis(2500),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    let r = app
+        .request(Method::GET, "/health", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let health: Value = r.json().await.unwrap();
+    assert_eq!(health["checks"]["postgres"]["status"], "down");
+
+    pg.up();
+    // The projector resumes from its checkpoint by itself; every
+    // acknowledged write shows up.
+    eventually(Duration::from_secs(30), "reads to work again", || async {
+        let r = app
+            .request(Method::GET, "/api/v1/agents", Some(&token))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    all_visible(&app, &token, &acked).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&app.deps.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows as usize, acked.len(), "each acknowledged agent once");
+}
