@@ -406,6 +406,18 @@ impl EventStore {
         Ok(info.state)
     }
 
+    /// One stored message by stream sequence, as it is: subject and
+    /// payload, whether or not it is a valid event.
+    pub async fn get_raw(&self, seq: u64) -> Result<(String, Vec<u8>), StoreError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(unavailable)?;
+        let message = stream.direct_get(seq).await.map_err(unavailable)?;
+        Ok((message.subject.to_string(), message.payload.to_vec()))
+    }
+
     /// One stored event by stream sequence.
     pub async fn get(&self, seq: u64) -> Result<StoredEvent, StoreError> {
         let stream = self

@@ -144,6 +144,10 @@ fn describe() {
         "Open live-feed connections (WebSocket and SSE)"
     );
     describe_gauge!("ymera_uptime_seconds", "Seconds since the process started");
+    describe_gauge!(
+        "ymera_projector_parked_events",
+        "Events the projector could not apply, parked for `ymera parked retry`"
+    );
 }
 
 /// Drains histogram samples every few seconds, so memory stays bounded
@@ -501,6 +505,9 @@ fn set_gauges(s: &Snapshot) {
 /// The Prometheus text exposition, with the scrape-time gauges fresh.
 pub async fn render(pool: &PgPool, store: &EventStore) -> String {
     snapshot(pool, store).await;
+    if let Some(parked) = bounded(crate::projection::parked(pool)).await {
+        metrics::gauge!("ymera_projector_parked_events").set(parked as f64);
+    }
     let r = install();
     r.handle.run_upkeep();
     r.handle.render()

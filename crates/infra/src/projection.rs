@@ -30,6 +30,14 @@ pub async fn checkpoint(pool: &PgPool) -> Result<u64, sqlx::Error> {
     Ok(seq.unwrap_or(0).max(0) as u64)
 }
 
+/// How many events the projector has parked as impossible to apply.
+pub async fn parked(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events")
+        .fetch_one(pool)
+        .await?;
+    Ok(n.max(0) as u64)
+}
+
 /// The latest checkpoint this process has seen, kept current by a
 /// `LISTEN` task.
 #[derive(Debug, Clone)]

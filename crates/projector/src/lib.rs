@@ -11,6 +11,7 @@
 //! a crash at any instant neither loses nor doubles an event.
 
 mod apply;
+pub mod parked;
 pub mod rebuild;
 
 use std::time::Duration;

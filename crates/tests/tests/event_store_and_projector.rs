@@ -229,4 +229,42 @@ async fn an_event_that_cannot_be_applied_is_parked_and_the_rest_applied() {
         .await
         .unwrap();
     assert_eq!(rows, 1);
+
+    // Health and metrics count it.
+    let health: serde_json::Value = app
+        .request(reqwest::Method::GET, "/health", None)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["checks"]["projector"]["parked_events"], 1);
+
+    // A retry cannot apply what is still not understood...
+    let retried = projector::parked::retry(&app.deps.store, &app.deps.pool)
+        .await
+        .unwrap();
+    assert_eq!((retried.applied, retried.still_parked), (0, 1));
+    // ...but applies what now is: here, an event an older version had
+    // parked (its row removed, as if it had never been applied).
+    sqlx::query("DELETE FROM agents WHERE name = 'after'")
+        .execute(&app.deps.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO parked_events (seq, subject, payload, error) VALUES ($1, 'old', '', 'unknown then')")
+        .bind(last as i64)
+        .execute(&app.deps.pool)
+        .await
+        .unwrap();
+    let retried = projector::parked::retry(&app.deps.store, &app.deps.pool)
+        .await
+        .unwrap();
+    assert_eq!((retried.applied, retried.still_parked), (1, 1));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM agents WHERE name = 'after'")
+        .fetch_one(&app.deps.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "the retried event was applied");
 }

@@ -80,9 +80,29 @@ enum Command {
         #[command(flatten)]
         db: DbConfig,
     },
+    /// Events the projector could not apply.
+    #[command(subcommand)]
+    Parked(ParkedCommand),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ParkedCommand {
+    /// List parked events with the reason each was parked.
+    List {
+        #[command(flatten)]
+        db: DbConfig,
+    },
+    /// Try to apply every parked event again (after an upgrade that
+    /// understands them); those that still fail stay parked.
+    Retry {
+        #[command(flatten)]
+        nats: NatsConfig,
+        #[command(flatten)]
+        db: DbConfig,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +188,29 @@ async fn main() -> anyhow::Result<()> {
                 projector::rebuild::replay(&deps.store, &db, &deps.pool, &into_schema, until)
                     .await?;
             println!("replayed events 1..={last} into schema {into_schema}");
+            Ok(())
+        }
+        Command::Parked(ParkedCommand::List { db }) => {
+            let pool = infra::db::pool(&db)?;
+            let parked = projector::parked::list(&pool).await?;
+            if parked.is_empty() {
+                println!("no parked events");
+            }
+            for p in parked {
+                println!(
+                    "{:>10}  {}  {}  {}",
+                    p.seq,
+                    p.parked_at.to_rfc3339(),
+                    p.subject,
+                    p.error
+                );
+            }
+            Ok(())
+        }
+        Command::Parked(ParkedCommand::Retry { nats, db }) => {
+            let deps = ymera::connect(&nats, &db).await?;
+            let r = projector::parked::retry(&deps.store, &deps.pool).await?;
+            println!("{} applied, {} still parked", r.applied, r.still_parked);
             Ok(())
         }
         Command::User(UserCommand::Add {

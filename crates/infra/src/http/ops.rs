@@ -51,6 +51,10 @@ pub struct Check {
     pub last_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_events: Option<u64>,
+    /// Projector only: events it could not apply, waiting for
+    /// `ymera parked retry`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parked_events: Option<u64>,
 }
 
 impl Check {
@@ -62,6 +66,7 @@ impl Check {
             checkpoint_seq: None,
             last_seq: None,
             lag_events: None,
+            parked_events: None,
         }
     }
 
@@ -73,6 +78,7 @@ impl Check {
             checkpoint_seq: None,
             last_seq: None,
             lag_events: None,
+            parked_events: None,
         }
     }
 }
@@ -102,16 +108,19 @@ async fn probe<T, E: std::fmt::Display>(
 impl Ops {
     /// Probes NATS and PostgreSQL concurrently, each bounded by a second.
     pub async fn health(&self) -> Health {
-        let ((nats, nats_t), (pg, pg_t)) = tokio::join!(
+        let ((nats, nats_t), (pg, pg_t), (parked, _)) = tokio::join!(
             probe(self.store.last_seq()),
             probe(projection::checkpoint(&self.pool)),
+            probe(projection::parked(&self.pool)),
         );
         let mut checks = BTreeMap::new();
         let mut status = "ok";
         let projector = match (&nats, &pg) {
             (Ok(last), Ok(checkpoint)) => {
                 let lag = last.saturating_sub(*checkpoint);
-                let degraded = lag > self.degraded_lag_events;
+                let parked = parked.unwrap_or(0);
+                // Parked events need an operator: degraded until retried.
+                let degraded = lag > self.degraded_lag_events || parked > 0;
                 if degraded {
                     status = "degraded";
                 }
@@ -120,6 +129,7 @@ impl Ops {
                     checkpoint_seq: Some(*checkpoint),
                     last_seq: Some(*last),
                     lag_events: Some(lag),
+                    parked_events: Some(parked),
                     ..Check::up(Duration::ZERO)
                 }
             }
