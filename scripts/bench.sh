@@ -18,7 +18,7 @@ export YMERA_NATS_URL YMERA_DATABASE_URL
 if [ "$#" -eq 0 ]; then
     set -- all
 fi
-# Build the harness and the ymera binary it runs together: one feature set,
-# one build.
+# Build the harness and the ymera binary it runs together (one feature set,
+# one build), so the harness need not build the binary itself.
 cargo build --release -p bench -p ymera
-exec cargo run --release -p bench -- "$@"
+BENCH_NO_BUILD=1 exec cargo run --release -p bench -- "$@"
