@@ -131,6 +131,9 @@ impl Commands {
         self.require_project(project).await?;
         let id = Uuid::now_v7();
         tracing::Span::current().record("agent_id", tracing::field::display(id));
+        // A fresh UUID v7 has no events: nothing to load. The append still
+        // expects an empty subject, so a collision would be a conflict.
+        self.agents.remember(id, AgentState::Absent, 0).await;
         let written = self
             .agents
             .execute(id, ctx, None, |_| Ok(AgentCommand::Create(created.clone())))
@@ -286,6 +289,7 @@ impl Commands {
         created: ProjectCreated,
     ) -> Result<Committed<ProjectState>, ApiError> {
         let id = Uuid::now_v7();
+        self.projects.remember(id, ProjectState::Absent, 0).await;
         self.projects
             .execute(id, ctx, None, |_| {
                 Ok(ProjectCommand::Create(created.clone()))

@@ -91,6 +91,14 @@ pub fn init(cfg: &TelemetryConfig) -> anyhow::Result<Telemetry> {
     Ok(Telemetry { provider })
 }
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether traces are exported: code that would make a span per item (the
+/// projector, per event) only does so then.
+pub fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Installs the global subscriber: an env filter (`RUST_LOG` overrides the
 /// default), the log lines, and an OpenTelemetry layer when `provider` is
 /// given. Calling it again is harmless (the first wins), which tests rely
@@ -107,6 +115,9 @@ pub fn install(format: LogFormat, provider: Option<SdkTracerProvider>) {
             .with_target(false)
             .boxed(),
     };
+    if provider.is_some() {
+        ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let otel = provider.map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("ymera")));
     let _ = tracing_subscriber::registry()
         .with(filter)

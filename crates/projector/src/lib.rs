@@ -22,7 +22,6 @@ use infra::db::Tx;
 use infra::{EventStore, projection};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use apply::ApplyError;
 
@@ -267,9 +266,8 @@ impl Projector {
         }
         let mut checkpoint = self.checkpoint;
         let mut finished = false;
-        let mut applied = 0;
         let mut pending = 0;
-        let mut occurred = Vec::with_capacity(batch.len());
+        let mut incoming = Vec::with_capacity(batch.len());
         for message in batch {
             let info = message
                 .info()
@@ -283,22 +281,24 @@ impl Projector {
                 finished = true;
                 break;
             }
-            // Each event's span continues the trace of the request that
-            // wrote it.
-            let span = tracing::info_span!("projector.apply", otel.kind = "consumer", seq, subject = %message.subject);
-            let traceparent = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(infra::event_store::TRACEPARENT))
-                .map(|v| v.as_str());
-            infra::telemetry::continue_trace(&span, traceparent);
-            let at = apply::apply_message(&mut tx, seq, &message.subject, &message.payload)
-                .instrument(span)
-                .await?;
-            occurred.extend(at);
-            applied += 1;
+            incoming.push(apply::Incoming {
+                seq,
+                subject: message.subject.as_str(),
+                payload: &message.payload,
+                traceparent: message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(infra::event_store::TRACEPARENT))
+                    .map(|v| v.as_str()),
+            });
             checkpoint = seq;
         }
+        let applied = incoming.len();
+        let occurred: Vec<_> = apply::apply_all(&mut tx, &incoming)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
         if checkpoint > self.checkpoint {
             sqlx::query(
                 "UPDATE projector_checkpoint SET last_seq = $2, updated_at = now() WHERE name = $1",
