@@ -1,0 +1,172 @@
+//! The projector killed with SIGKILL at random points while 10,000 writes
+//! flow, restarted each time: afterwards the read models equal a fresh
+//! replay of the log, row for row. The projector runs as a real `ymera
+//! projector` child process (built by `scripts/test.sh` before the tests).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use projector::rebuild::{self, Until};
+use reqwest::Method;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+use tests::{Sandbox, agent_body, eventually};
+use tokio::process::{Child, Command};
+use ymera::Role;
+
+/// The `ymera` binary: `YMERA_BIN`, or the debug build in the target dir.
+fn ymera_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("YMERA_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let bin = target.join("debug/ymera");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p ymera` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn spawn_projector(sandbox: &Sandbox) -> Child {
+    let s = &sandbox.settings;
+    Command::new(ymera_bin())
+        .arg("projector")
+        .env("YMERA_NATS_URL", &s.nats.nats_url)
+        .env("YMERA_STREAM", &s.nats.stream)
+        .env("YMERA_SUBJECT_PREFIX", &s.nats.subject_prefix)
+        .env("YMERA_DATABASE_URL", &s.db.database_url)
+        .env("YMERA_BIND", "127.0.0.1:0")
+        .env(
+            "YMERA_JWT_SECRET",
+            s.auth.jwt_secret.as_ref().unwrap().expose_secret(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ymera projector")
+}
+
+/// Cheap pseudo-random pauses, different every run.
+fn pause(i: u64) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    Duration::from_millis(50 + (nanos ^ (i * 7919)) % 300)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_projector_leaves_read_models_equal_to_a_fresh_replay() {
+    let sandbox = Sandbox::new().await;
+    let app = sandbox.start(Role::Command).await;
+    let token = app.admin_token().await;
+
+    let done = tokio_util::sync::CancellationToken::new();
+    let killer = {
+        let (sandbox, done) = (sandbox.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut kills = 0u64;
+            let mut child = spawn_projector(&sandbox);
+            while !done.is_cancelled() {
+                tokio::time::sleep(pause(kills)).await;
+                child.start_kill().unwrap(); // SIGKILL: no chance to clean up
+                child.wait().await.unwrap();
+                kills += 1;
+                child = spawn_projector(&sandbox);
+            }
+            (kills, child)
+        })
+    };
+
+    // 10,000 events: bulk creates, single creates, updates and deletes.
+    let mut ids = Vec::new();
+    for round in 0..8 {
+        let agents: Vec<Value> = (0..1000)
+            .map(|i| json!({"name": format!("b{round}-{i}"), "type": "bulk"}))
+            .collect();
+        let r = app
+            .request(Method::POST, "/api/v1/agents/bulk", Some(&token))
+            .json(&json!({"agents": agents}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().await.unwrap();
+        ids.extend(
+            body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .take(125)
+                .map(|a| a["id"].as_str().unwrap().to_owned()),
+        );
+    }
+    for i in 0..1000 {
+        let r = app
+            .create_agent(&token, agent_body(&format!("single {i}")))
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let path = format!("/api/v1/agents/{id}");
+        let r = if i % 2 == 0 {
+            app.request(Method::PUT, &path, Some(&token))
+                .json(&json!({"status": "paused", "description": format!("d{i}")}))
+                .send()
+                .await
+                .unwrap()
+        } else {
+            app.request(Method::DELETE, &path, Some(&token))
+                .send()
+                .await
+                .unwrap()
+        };
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let last = app.last_seq().await;
+    assert_eq!(last, 10_000);
+
+    done.cancel();
+    let (kills, mut child) = killer.await.unwrap();
+    assert!(kills >= 3, "the projector was killed {kills} times");
+    // The last projector, left running, catches up.
+    eventually(
+        Duration::from_secs(60),
+        "the projection to catch up",
+        || async {
+            let cp = infra::projection::checkpoint(&app.deps.pool).await.ok()?;
+            (cp == last).then_some(())
+        },
+    )
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+
+    rebuild::replay(
+        &app.deps.store,
+        &sandbox.settings.db,
+        &app.deps.pool,
+        "fresh_replay",
+        Until::End,
+    )
+    .await
+    .unwrap();
+    let mut conn = app.deps.pool.acquire().await.unwrap();
+    let live = rebuild::checksums(&mut conn, "ymera_read").await.unwrap();
+    let fresh = rebuild::checksums(&mut conn, "fresh_replay").await.unwrap();
+    assert_eq!(
+        live, fresh,
+        "read models after {kills} kills equal a fresh replay"
+    );
+    let agents = live.iter().find(|t| t.table == "agents").unwrap();
+    assert_eq!(agents.rows, 8000 + 1000 - 500);
+}
