@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import datetime
 import io
 import json
 import os
@@ -114,6 +115,10 @@ def last_seq() -> int:
 
 class Bad(Exception):
     """A response that breaks the contract; the message says how."""
+
+
+def parse_time(s: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
 def etag(version: int) -> str:
@@ -361,8 +366,10 @@ class Reader(YmeraUser):
                 for k in ("status", "type"):
                     if k in params and item[k] != params[k]:
                         raise Bad(self.describe(r, f"filter {k}={params[k]} returned {item[k]}"))
-            stamps = [i["created_at"] for i in page["items"]]
-            if stamps != sorted(stamps, reverse=True):
+            # Newest first: keyset order (created_at, id) descending. Compare
+            # times, not strings: the fraction of a second varies in length.
+            keys = [(parse_time(i["created_at"]), i["id"]) for i in page["items"]]
+            if keys != sorted(keys, reverse=True):
                 raise Bad(self.describe(r, "list is not newest first"))
             return page
 
