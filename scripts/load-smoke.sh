@@ -65,6 +65,7 @@ YMERA_LOG="$WORK/ymera.log"
 OUT="$ROOT/load-results/smoke-$(date -u +%Y%m%dT%H%M%SZ)"
 
 YMERA_PID=""
+LOAD_PID=""
 DB_CREATED=0
 
 # Deletes this run's JetStream stream with a raw NATS request
@@ -117,6 +118,10 @@ stop_ymera() {
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ -n "$LOAD_PID" ]; then
+        kill -TERM -- "-$LOAD_PID" 2>/dev/null || true
+        wait "$LOAD_PID" 2>/dev/null || true
+    fi
     stop_ymera || true
     if [ "$DB_CREATED" = 1 ]; then
         "$PSQL" -X -w -q -d "$ADMIN_URL" -c "DROP DATABASE IF EXISTS \"$DB_NAME\" WITH (FORCE)" \
@@ -166,11 +171,41 @@ if [ "$ready" != 1 ]; then
 fi
 log "ready after $((SECONDS - started)) s"
 
+# Warm the PostgreSQL pool before the users log in. The pool opens its
+# connections lazily and gives up on one after YMERA_DB_ACQUIRE_TIMEOUT_MS
+# (1 s); on a fresh debug-build process a burst of logins (Argon2 on every
+# core) starves the opening of new connections, and some logins get 503 "the
+# database is unavailable". A running system has its pool open already; the
+# smoke measures that, not the cold start.
+pool="$("$PY" - "$HOST" <<'EOF' 2>/dev/null || true
+import re, sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def get(path):
+    try:
+        with opener.open(sys.argv[1] + path, timeout=10) as r:
+            return r.read().decode()
+    except Exception:
+        return ""
+for _ in range(3):
+    with ThreadPoolExecutor(32) as ex:
+        list(ex.map(get, ["/health"] * 32))
+m = re.search(r"^ymera_db_pool_connections (\S+)", get("/metrics"), re.M)
+print(int(float(m.group(1))) if m else "?")
+EOF
+)"
+log "database pool warmed: ${pool:-?} connections open"
+
 # ------------------------------------------------------------------- load
+# In its own process group, waited for in the background, so that a signal
+# to this script stops Locust and cleans up at once.
 set +e
 YMERA_LOAD_HOST="$HOST" YMERA_LOAD_USER=admin YMERA_LOAD_PASSWORD="$YMERA_ADMIN_PASSWORD" \
-    YMERA_LOAD_OUT="$OUT" ./scripts/load.sh "$USERS" "$SPAWN_RATE" "$DURATION"
+    YMERA_LOAD_OUT="$OUT" setsid ./scripts/load.sh "$USERS" "$SPAWN_RATE" "$DURATION" &
+LOAD_PID=$!
+wait "$LOAD_PID"
 load_rc=$?
+LOAD_PID=""
 set -e
 
 stop_rc=0
