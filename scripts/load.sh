@@ -11,6 +11,7 @@
 #   YMERA_LOAD_USER / YMERA_LOAD_PASSWORD   login (default admin /
 #                          $YMERA_ADMIN_PASSWORD); writers need editor or admin
 #   YMERA_LOAD_OUT         report folder (default load-results/<UTC timestamp>)
+#   YMERA_LOAD_LOGIN_PATIENCE  seconds a user waits out login 429s (default 180)
 #
 # Installs Locust (pinned in tests/load/requirements.txt) into .data/venv when
 # missing. Writes Locust's CSV files (stats, history, failures, exceptions) and
