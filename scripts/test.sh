@@ -31,6 +31,14 @@ else
     echo "test: warning: psql not found; leftover ymera_test_* databases not dropped" >&2
 fi
 
+# The ymera binary: the projector crash test runs it as a child process,
+# and the load smoke runs the whole system from it.
+cargo build -p ymera
+
+# A short headless Locust run (20 users, 20 s) against `ymera all`: any
+# failed request fails the test command.
+./scripts/load-smoke.sh
+
 if cargo nextest --version >/dev/null 2>&1; then
     exec cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use infra::auth::{self, Admin, Role};
 use infra::config::AuthConfig;
-use infra::http::ratelimit;
 use infra::http::{ApiError, ApiJson, ApiPath, Problem};
 use infra::views::Page;
 use secrecy::{ExposeSecret, SecretString};
@@ -58,9 +57,21 @@ pub struct UserView {
 }
 
 /// Runs a CPU-heavy password operation off the async workers.
+/// At most one password hash per core at a time: Argon2 is built to be
+/// expensive, and a burst of logins must queue rather than starve the rest
+/// of the process (database connections included) of CPU.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
+    static HASHING: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let permits = HASHING.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores.max(1))
+    });
+    let _permit = permits
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("password queue closed: {e}")))?;
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("password task failed: {e}")))
@@ -78,11 +89,12 @@ async fn blocking<T: Send + 'static>(
 pub async fn login(
     State(state): State<CommandState>,
     extensions: axum::http::Extensions,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
     // Attempts are limited per username and per client address, so
     // passwords cannot be guessed at speed.
-    let client = ratelimit::client_address(&extensions);
+    let client = state.limits.client_address(&extensions, &headers);
     if let Some(d) = state.limits.login_attempt(&body.username, &client)
         && !d.allowed
     {

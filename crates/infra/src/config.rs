@@ -168,6 +168,10 @@ pub struct HttpConfig {
     /// Login attempts per minute, per username and per client address.
     #[arg(long, env = "YMERA_LOGIN_ATTEMPTS_PER_MINUTE", default_value_t = 60)]
     pub login_attempts_per_minute: u32,
+    /// Take the client address for per-address limits from
+    /// `X-Forwarded-For`: only behind a reverse proxy that sets it.
+    #[arg(long, env = "YMERA_TRUST_FORWARDED_FOR", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub trust_forwarded_for: bool,
 }
 
 impl HttpConfig {
@@ -185,6 +189,7 @@ impl HttpConfig {
             rate_limit_per_token: 1_000,
             rate_limit_per_ip: 100,
             login_attempts_per_minute: 60,
+            trust_forwarded_for: false,
         }
     }
 

@@ -37,7 +37,9 @@ pub fn pool_reading(cfg: &DbConfig, read_schema: &str) -> Result<PgPool, sqlx::E
         .options([("search_path", format!("{read_schema},{CORE_SCHEMA},public"))]);
     Ok(PgPoolOptions::new()
         .max_connections(cfg.db_max_connections)
-        .min_connections(0)
+        // A couple kept open: the first requests after start (or after an
+        // outage) need not all wait to connect.
+        .min_connections(2.min(cfg.db_max_connections))
         .acquire_timeout(Duration::from_millis(cfg.db_acquire_timeout_ms))
         .connect_lazy_with(options))
 }

@@ -124,6 +124,7 @@ pub struct Limits {
     per_token: Option<RateLimiter>,
     per_ip: Option<RateLimiter>,
     login: Option<RateLimiter>,
+    trust_forwarded_for: bool,
 }
 
 impl Limits {
@@ -140,6 +141,7 @@ impl Limits {
                 2.0 * f64::from(cfg.rate_limit_per_ip),
             ),
             login: RateLimiter::new(per_min / 60.0, per_min),
+            trust_forwarded_for: cfg.trust_forwarded_for,
         }
     }
 
@@ -157,11 +159,29 @@ impl Limits {
     }
 }
 
-/// The client's address as the server saw it.
-pub fn client_address(req_extensions: &axum::http::Extensions) -> String {
-    req_extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string())
+impl Limits {
+    /// The client's address: the peer's, or behind a trusted reverse proxy
+    /// (`YMERA_TRUST_FORWARDED_FOR`), the last address of
+    /// `X-Forwarded-For`: the one that proxy saw (earlier entries are the
+    /// client's own say and can be forged).
+    pub fn client_address(
+        &self,
+        extensions: &axum::http::Extensions,
+        headers: &HeaderMap,
+    ) -> String {
+        if self.trust_forwarded_for
+            && let Some(ip) = headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok())
+        {
+            return ip.to_string();
+        }
+        extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string())
+    }
 }
 
 /// Middleware: limits each token (or, without a valid one, each address).
@@ -179,10 +199,12 @@ pub async fn rate_limit(State(limits): State<Arc<Limits>>, req: Request, next: N
             .per_token
             .as_ref()
             .map(|l| l.check(&format!("sub:{sub}"))),
-        None => limits
-            .per_ip
-            .as_ref()
-            .map(|l| l.check(&format!("ip:{}", client_address(req.extensions())))),
+        None => limits.per_ip.as_ref().map(|l| {
+            l.check(&format!(
+                "ip:{}",
+                limits.client_address(req.extensions(), req.headers())
+            ))
+        }),
     };
     match decision {
         None => next.run(req).await,
