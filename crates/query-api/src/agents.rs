@@ -86,6 +86,16 @@ pub(crate) async fn await_min_seq(
     query: &QueryPairs,
 ) -> Result<(), ApiError> {
     if let Some(seq) = min_seq(headers, query)? {
+        if seq > state.watch.current() {
+            // A sequence past the end of the log can never be reached:
+            // say so at once instead of waiting out the timeout.
+            let end = state.store.last_seq().await?;
+            if seq > end {
+                return Err(ApiError::BadRequest(format!(
+                    "min_seq {seq} is beyond the end of the log ({end})"
+                )));
+            }
+        }
         state.watch.wait_for(seq, state.http.min_seq_wait()).await?;
     }
     Ok(())

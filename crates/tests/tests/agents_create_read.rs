@@ -150,23 +150,44 @@ async fn a_read_beyond_the_projection_is_503_after_the_bounded_wait() {
     let sandbox = tests::Sandbox::new().await;
     let mut settings = sandbox.settings.clone();
     settings.http.min_seq_wait_ms = 300;
-    let app = sandbox.start_with(ymera::Role::All, &settings).await;
-    let token = app.admin_token().await;
+    // A writer, and a reader with no projector behind it: the projection
+    // never reaches the write.
+    let writer = sandbox.start_with(ymera::Role::Command, &settings).await;
+    let reader = sandbox.start_with(ymera::Role::Query, &settings).await;
+    let token = writer.admin_token().await;
+    let r = writer.create_agent(&token, agent_body("unseen")).await;
+    let seq = header_u64(&r, "x-event-seq");
+
     let started = std::time::Instant::now();
-    let r = app
+    let r = reader
         .request(Method::GET, "/api/v1/agents", Some(&token))
-        .header("x-min-event-seq", "1000000")
+        .header("x-min-event-seq", seq.to_string())
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
     assert!(header(&r, "retry-after").is_some());
     assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "it waited"
+    );
+    assert!(
         started.elapsed() < std::time::Duration::from_secs(3),
         "503 comes after the bounded wait"
     );
 
-    let r = app
+    // A sequence past the end of the log can never be reached: 400 at once.
+    let started = std::time::Instant::now();
+    let r = reader
+        .request(Method::GET, "/api/v1/agents", Some(&token))
+        .header("x-min-event-seq", (seq + 1000).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(started.elapsed() < std::time::Duration::from_millis(300));
+
+    let r = reader
         .request(Method::GET, "/api/v1/agents", Some(&token))
         .header("x-min-event-seq", "soon")
         .send()

@@ -161,6 +161,8 @@ pub fn app(
     let (api, spec) = OpenApiRouter::with_openapi(base_spec())
         .nest("/api/v1", api)
         .split_for_parts();
+    let mut spec = spec;
+    document_common_errors(&mut spec);
     let spec = Arc::new(spec);
     let root_ops: Router = ops::router(ops_state).into();
     let scrape = deps.clone();
@@ -189,6 +191,75 @@ async fn prometheus(deps: Deps) -> impl axum::response::IntoResponse {
         )],
         text,
     )
+}
+
+/// Adds the error answers every endpoint can give (from the shared
+/// middleware and extractors) to each operation that does not list them
+/// itself, so the spec says every status a client can see.
+fn document_common_errors(spec: &mut OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let problem = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build(),
+        )
+    };
+    for item in spec.paths.paths.values_mut() {
+        let ops = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+        ];
+        for op in ops.into_iter().flatten() {
+            let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+            let operational = op
+                .tags
+                .as_ref()
+                .is_some_and(|t| t.iter().any(|t| t == "ops"));
+            let has_body = op.request_body.is_some();
+            let responses = &mut op.responses.responses;
+            let mut add = |code: &str, description: &str| {
+                responses
+                    .entry(code.to_owned())
+                    .or_insert_with(|| problem(description));
+            };
+            add(
+                "400",
+                "Malformed request: a bad query parameter, path segment or header",
+            );
+            add("431", "Request headers too large");
+            add(
+                "503",
+                "A dependency is unreachable, or the projection has not caught up in time",
+            );
+            if secured {
+                add("401", "Missing, malformed or expired token");
+                add("403", "The token's role may not do this");
+            }
+            if !operational {
+                add(
+                    "429",
+                    "Rate limited; see Retry-After and the RateLimit headers",
+                );
+            }
+            if has_body {
+                add("413", "Body too large");
+                add("415", "Body is not JSON");
+                add(
+                    "422",
+                    "Well-formed but invalid; `errors` names each bad field",
+                );
+            }
+        }
+    }
 }
 
 fn base_spec() -> OpenApi {
