@@ -65,6 +65,9 @@ impl Default for Settings {
     }
 }
 
+/// How long a batch waits for more events once it has one.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// The advisory lock that a live projector's batch holds shared and a
 /// rebuild's swap takes exclusive, so the swap happens between batches.
 pub const SWAP_LOCK: i64 = 0x796d_6572_615f_7377; // "ymera_sw"
@@ -217,11 +220,21 @@ impl Projector {
             Ok(Some(Ok(m))) => m,
         };
         let mut batch = vec![first];
+        // Gather what follows within a moment: when the log is ahead (a
+        // catch-up, a burst) batches fill and commits are few; when it is
+        // quiet, an event waits at most LINGER longer to be visible.
         while batch.len() < self.settings.batch_size {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
-                Some(Some(Err(e))) => return Err(ProjectorError::Nats(e.to_string())),
-                Some(None) | None => break,
+            let next = match messages.next().now_or_never() {
+                Some(next) => next,
+                None => match tokio::time::timeout(LINGER, messages.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+            };
+            match next {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => return Err(ProjectorError::Nats(e.to_string())),
+                None => break,
             }
         }
         let count = batch.len();
