@@ -354,6 +354,12 @@ impl EventStore {
 
     /// Every event of one aggregate, oldest first, with the subject's last
     /// sequence (0 when there is none): the `expected` of the next append.
+    ///
+    /// Most aggregates have a few events: those are read with direct gets,
+    /// one request each, leaving no state on the server. Past
+    /// [`DIRECT_LOAD_LIMIT`] events the rest streams through an ordered
+    /// consumer, whose setup costs more than a handful of gets but whose
+    /// reads do not.
     #[tracing::instrument(skip_all, fields(subject, events), err)]
     pub async fn load(&self, subject: &str) -> Result<(Vec<StoredEvent>, u64), StoreError> {
         tracing::Span::current().record("subject", subject);
@@ -363,17 +369,51 @@ impl EventStore {
             .get_stream_no_info(&self.stream)
             .await
             .map_err(unavailable)?;
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            if out.len() >= DIRECT_LOAD_LIMIT {
+                self.load_rest(&stream, subject, from, &mut out).await?;
+                break;
+            }
+            match stream
+                .direct_get_next_for_subject(subject, Some(from))
+                .await
+            {
+                Ok(message) => {
+                    from = message.sequence + 1;
+                    out.push(decode(message.sequence, &message.payload)?);
+                }
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        tracing::Span::current().record("events", out.len());
+        let last = out.last().map_or(0, |e| e.seq);
+        Ok((out, last))
+    }
+
+    /// The events of `subject` from sequence `from` on, through an ordered
+    /// consumer.
+    async fn load_rest(
+        &self,
+        stream: &jetstream::stream::Stream<()>,
+        subject: &str,
+        from: u64,
+        out: &mut Vec<StoredEvent>,
+    ) -> Result<(), StoreError> {
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: subject.to_owned(),
-                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
                 ..Default::default()
             })
             .await
             .map_err(unavailable)?;
-        let mut out = Vec::new();
         if consumer.cached_info().num_pending == 0 {
-            return Ok((out, 0));
+            return Ok(());
         }
         let mut messages = consumer.messages().await.map_err(unavailable)?;
         while let Some(message) = messages.next().await {
@@ -385,9 +425,7 @@ impl EventStore {
                 break;
             }
         }
-        tracing::Span::current().record("events", out.len());
-        let last = out.last().map_or(0, |e| e.seq);
-        Ok((out, last))
+        Ok(())
     }
 
     /// The sequence of the last event in the stream (0 when empty).
@@ -429,6 +467,10 @@ impl EventStore {
         decode(seq, &message.payload)
     }
 }
+
+/// How many events of an aggregate are read by direct gets before the rest
+/// streams through a consumer.
+pub const DIRECT_LOAD_LIMIT: usize = 16;
 
 /// The most events one atomic batch may hold (a JetStream limit).
 pub const MAX_BATCH: usize = 1_000;
