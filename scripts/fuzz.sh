@@ -53,6 +53,9 @@ EOF
     seed=()
     [ -n "${YMERA_FUZZ_SEED:-}" ] && seed=(--seed "$YMERA_FUZZ_SEED")
     set +e
+    # Run from the report folder: Schemathesis keeps its cache (.schemathesis)
+    # in the working directory, and it belongs with the reports, not in the tree.
+    cd "$YMERA_FUZZ_OUT"
     # Loopback only: keep any proxy settings of the environment out of the way.
     env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy NO_PROXY='*' no_proxy='*' \
         PYTHONPATH="$ROOT/tests/fuzz${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks \
@@ -90,6 +93,7 @@ fi
 started=$SECONDS
 export YMERA_FUZZ_OUT="${YMERA_FUZZ_OUT:-$ROOT/fuzz-results/$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$YMERA_FUZZ_OUT"
+YMERA_FUZZ_OUT="$(cd "$YMERA_FUZZ_OUT" && pwd -P)"
 set +e
 if [ -n "${YMERA_FUZZ_HOST:-}" ]; then
     YMERA_HOST="${YMERA_FUZZ_HOST%/}" "$0" --inside
