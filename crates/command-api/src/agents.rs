@@ -25,21 +25,27 @@ use crate::service::{AgentWrite, WriteContext};
 #[serde(deny_unknown_fields)]
 pub struct CreateAgentRequest {
     /// 1..=200 characters after trimming. Required.
+    #[schema(schema_with = infra::http::schema::name, required = true)]
     pub name: Option<String>,
     /// 1..=64 characters of `[a-z0-9_-]`. Required.
     #[serde(rename = "type")]
+    #[schema(schema_with = infra::http::schema::agent_type, required = true)]
     pub agent_type: Option<String>,
     /// At most 4,000 characters; default "".
+    #[schema(schema_with = infra::http::schema::description)]
     pub description: Option<String>,
     /// `active` (default), `inactive`, `paused` or `error`.
+    #[schema(value_type = infra::http::schema::AgentStatusName, required = false)]
     pub status: Option<String>,
     /// At most 64 strings of 1..=100 characters.
+    #[schema(schema_with = infra::http::schema::capabilities)]
     pub capabilities: Option<Vec<String>>,
     /// A JSON object of at most 64 KiB.
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = infra::http::schema::config)]
     pub config: Option<serde_json::Value>,
     /// At most 32 entries; keys 1..=64 characters without ':', values at
     /// most 256 characters.
+    #[schema(schema_with = infra::http::schema::tags)]
     pub tags: Option<BTreeMap<String, String>>,
     /// An existing project, or null.
     pub project_id: Option<Uuid>,
@@ -235,15 +241,22 @@ pub async fn create_agent(
 /// send back what it read; any other unknown field is a 422.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct UpdateAgentRequest {
+    #[schema(schema_with = infra::http::schema::name)]
     pub name: Option<String>,
     #[serde(rename = "type")]
+    #[schema(schema_with = infra::http::schema::agent_type)]
     pub agent_type: Option<String>,
+    #[schema(schema_with = infra::http::schema::description)]
     pub description: Option<String>,
+    #[schema(value_type = infra::http::schema::AgentStatusName, required = false)]
     pub status: Option<String>,
+    #[schema(schema_with = infra::http::schema::capabilities)]
     pub capabilities: Option<Vec<String>>,
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = infra::http::schema::config)]
     pub config: Option<serde_json::Value>,
+    #[schema(schema_with = infra::http::schema::tags)]
     pub tags: Option<BTreeMap<String, String>>,
     /// An existing project, or null to leave the current one.
     #[serde(default, with = "events::agent::double_option")]
@@ -295,7 +308,7 @@ impl UpdateAgentRequest {
 
 /// Update an agent.
 #[utoipa::path(put, path = "/agents/{id}", tag = "agents",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "412 unless the agent is at this version")),
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#, description = "412 unless the agent is at this version")),
     request_body = UpdateAgentRequest,
     security(("bearer" = [])),
     responses(
@@ -326,7 +339,7 @@ pub async fn update_agent(
 
 /// Delete an agent.
 #[utoipa::path(delete, path = "/agents/{id}", tag = "agents",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted", headers(("X-Event-Seq" = u64))),
@@ -351,7 +364,7 @@ pub async fn delete_agent(
 #[serde(deny_unknown_fields)]
 pub struct BulkCreateRequest {
     /// 1..=1,000 create bodies.
-    #[schema(value_type = Vec<CreateAgentRequest>)]
+    #[schema(value_type = Vec<CreateAgentRequest>, min_items = 1, max_items = 1000)]
     pub agents: Vec<serde_json::Value>,
 }
 

@@ -23,8 +23,10 @@ use crate::service::Committed;
 #[serde(deny_unknown_fields)]
 pub struct CreateProjectRequest {
     /// 1..=200 characters after trimming. Required.
+    #[schema(schema_with = infra::http::schema::name, required = true)]
     pub name: Option<String>,
     /// At most 4,000 characters; default "".
+    #[schema(schema_with = infra::http::schema::description)]
     pub description: Option<String>,
 }
 
@@ -32,8 +34,11 @@ pub struct CreateProjectRequest {
 /// read-only fields of a project are accepted and ignored.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct UpdateProjectRequest {
+    #[schema(schema_with = infra::http::schema::name)]
     pub name: Option<String>,
+    #[schema(schema_with = infra::http::schema::description)]
     pub description: Option<String>,
     #[serde(default)]
     #[schema(ignore)]
@@ -119,7 +124,7 @@ pub async fn create_project(
 
 /// Update a project.
 #[utoipa::path(put, path = "/projects/{id}", tag = "projects",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)),
     request_body = UpdateProjectRequest,
     security(("bearer" = [])),
     responses(
@@ -162,7 +167,7 @@ pub async fn update_project(
 /// Delete a project. Its agents live on, detached (`project_id: null`):
 /// each gets an `agent.updated` event, so the log tells the whole story.
 #[utoipa::path(delete, path = "/projects/{id}", tag = "projects",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted; its agents detached", headers(("X-Event-Seq" = u64))),

@@ -41,9 +41,10 @@ pub struct TokenResponse {
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
     /// 1..=64 characters of `[A-Za-z0-9_.@-]`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     pub username: String,
     /// 8..=1024 characters.
-    #[schema(value_type = String, format = Password)]
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 1024)]
     pub password: SecretString,
     pub role: Role,
 }
@@ -51,6 +52,7 @@ pub struct CreateUserRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct UserView {
     pub username: String,
+    #[schema(value_type = Role)]
     pub role: String,
     pub created_at: DateTime<Utc>,
     pub created_by: String,
@@ -100,11 +102,17 @@ pub async fn login(
     {
         return Ok(d.refusal());
     }
-    let row: Option<(String, String)> =
+    // A name with NUL cannot be looked up (PostgreSQL text cannot hold it)
+    // and no user has one: it is an unknown user, with the same answer and
+    // the same password hashing time as any other.
+    let row: Option<(String, String)> = if !body.username.contains('\0') {
         sqlx::query_as("SELECT password_hash, role FROM users WHERE username = $1")
             .bind(&body.username)
             .fetch_optional(&state.pool)
-            .await?;
+            .await?
+    } else {
+        None
+    };
     let (hash, role) = row.map_or((None, None), |(h, r)| (Some(h), Some(r)));
     let password = body.password;
     let ok = blocking(move || auth::verify_password(&password, hash.as_deref())).await?;
@@ -124,15 +132,17 @@ pub async fn login(
     .into_response())
 }
 
+/// 1..=64 characters of `[A-Za-z0-9_.@-]`.
+fn valid_username(u: &str) -> bool {
+    !u.is_empty()
+        && u.len() <= 64
+        && u.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+}
+
 fn validate_user(body: &CreateUserRequest) -> Result<(), ApiError> {
     let mut errors = Vec::new();
-    let u = &body.username;
-    if u.is_empty()
-        || u.len() > 64
-        || !u
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
-    {
+    if !valid_username(&body.username) {
         errors.push(infra::http::ProblemItem {
             field: Some("username".into()),
             index: None,
@@ -208,7 +218,7 @@ pub async fn list_users(
 
 /// Delete a user (admins only). The last admin cannot be deleted (409).
 #[utoipa::path(delete, path = "/users/{username}", tag = "users",
-    params(("username" = String, Path)),
+    params(("username" = String, Path, pattern = "^[A-Za-z0-9_.@-]{1,64}$")),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),

@@ -19,6 +19,7 @@ pub struct AgentView {
     pub agent_type: String,
     pub description: String,
     /// `active`, `inactive`, `paused` or `error`.
+    #[schema(value_type = crate::http::schema::AgentStatusName)]
     pub status: String,
     pub capabilities: Vec<String>,
     #[schema(value_type = Object)]
@@ -86,5 +87,22 @@ impl ProjectView {
             updated_at: p.updated_at,
             created_by: p.created_by.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod json_number_tests {
+    /// PostgreSQL's jsonb prints numbers in plain decimal: a `config` that
+    /// held 1.7976931348623157e308 (f64::MAX) comes back as 309 digits. Without
+    /// serde_json's `float_roundtrip`, those digits parse as infinity ("number
+    /// out of range") and every read of that agent was a 500.
+    #[test]
+    fn plain_decimals_from_postgres_parse_back() {
+        let max = format!("179769313486231570{}", "0".repeat(291));
+        let v: serde_json::Value = serde_json::from_str(&max).unwrap();
+        assert_eq!(v.as_f64(), Some(f64::MAX));
+        let tiny = format!("0.{}49406564584124654", "0".repeat(323));
+        let v: serde_json::Value = serde_json::from_str(&tiny).unwrap();
+        assert_eq!(v.as_f64(), Some(5e-324));
     }
 }

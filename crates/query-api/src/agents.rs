@@ -118,10 +118,10 @@ pub(crate) fn with_projection_seq(mut response: Response, seq: u64) -> Response 
 #[utoipa::path(get, path = "/agents/{id}", tag = "agents",
     params(
         ("id" = Uuid, Path),
-        ("as_of" = Option<String>, Query, description = "RFC 3339 time: the agent as it was then, rebuilt from its events"),
+        ("as_of" = Option<String>, Query, format = DateTime, description = "RFC 3339 time: the agent as it was then, rebuilt from its events"),
         ("min_seq" = Option<u64>, Query, description = "Answer only once the projection has applied this event"),
-        ("X-Min-Event-Seq" = Option<u64>, Header, description = "Same as min_seq"),
-        ("If-None-Match" = Option<String>, Header, description = "304 when the ETag matches"),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false, description = "Same as min_seq"),
+        ("If-None-Match" = Option<String>, Header, nullable = false, description = "304 when the ETag matches"),
     ),
     security(("bearer" = [])),
     responses(
@@ -314,14 +314,14 @@ pub fn parse_limit(q: &QueryPairs) -> Result<i64, ApiError> {
 /// List agents, newest first.
 #[utoipa::path(get, path = "/agents", tag = "agents",
     params(
-        ("status" = Option<String>, Query, description = "active, inactive, paused or error"),
-        ("type" = Option<String>, Query),
+        ("status" = inline(Option<infra::http::schema::AgentStatusName>), Query),
+        ("type" = Option<String>, Query, pattern = "^[a-z0-9_-]{1,64}$"),
         ("project_id" = Option<Uuid>, Query),
-        ("tag" = Option<String>, Query, description = "key:value; repeat for several (all must match)"),
-        ("limit" = Option<i64>, Query, description = "1..=500, default 50"),
+        ("tag" = inline(Option<Vec<infra::http::schema::TagFilter>>), Query, description = "key:value; repeat for several (all must match)"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
         ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
     ),
     security(("bearer" = [])),
     responses(

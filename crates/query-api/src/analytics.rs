@@ -13,7 +13,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 use infra::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use serde::Serialize;
@@ -120,6 +120,18 @@ struct Request {
     as_of: Option<DateTime<Utc>>,
 }
 
+/// `t` rounded down to a whole `width` since the Unix epoch (UTC-aligned
+/// buckets), for any time chrono can hold. (chrono's `duration_trunc` counts
+/// in nanoseconds and so gives up outside 1677..2262.)
+fn truncate(t: DateTime<Utc>, width: Duration) -> Option<DateTime<Utc>> {
+    let width = width.num_seconds();
+    if width <= 0 {
+        return None;
+    }
+    let secs = t.timestamp();
+    DateTime::from_timestamp(secs - secs.rem_euclid(width), 0)
+}
+
 impl Request {
     fn parse(query: &QueryPairs) -> Result<Request, ApiError> {
         query.only(&["from", "to", "bucket", "project_id", "as_of", "min_seq"])?;
@@ -138,9 +150,8 @@ impl Request {
         }
         let bucket = Bucket::parse(query.one("bucket")?)?;
         let width = bucket.width();
-        let origin = from
-            .duration_trunc(width)
-            .map_err(|_| ApiError::BadRequest("from is out of range".into()))?;
+        let origin = truncate(from, width)
+            .ok_or_else(|| ApiError::BadRequest("from is out of range".into()))?;
         let span = (to - origin).num_microseconds().ok_or_else(|| {
             ApiError::BadRequest("the range between from and to is too long".into())
         })?;
@@ -291,13 +302,13 @@ async fn events_over_time(
 /// capabilities as they stood at that time, folded from the event log.
 #[utoipa::path(get, path = "/analytics", tag = "analytics",
     params(
-        ("from" = Option<String>, Query, description = "RFC 3339; default to - 24 h"),
-        ("to" = Option<String>, Query, description = "RFC 3339; default now"),
-        ("bucket" = Option<String>, Query, description = "minute, hour (default) or day"),
+        ("from" = Option<String>, Query, format = DateTime, description = "RFC 3339; default to - 24 h"),
+        ("to" = Option<String>, Query, format = DateTime, description = "RFC 3339; default now"),
+        ("bucket" = inline(Option<infra::http::schema::BucketName>), Query, description = "minute, hour (default) or day"),
         ("project_id" = Option<Uuid>, Query),
-        ("as_of" = Option<String>, Query, description = "RFC 3339: totals as they stood then, from the event log"),
+        ("as_of" = Option<String>, Query, format = DateTime, description = "RFC 3339: totals as they stood then, from the event log"),
         ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
     ),
     security(("bearer" = [])),
     responses(
@@ -345,4 +356,40 @@ pub async fn analytics(
         bucket: req.bucket.name(),
     };
     Ok(with_projection_seq(Json(body).into_response(), checkpoint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn truncate_aligns_to_utc_also_far_from_the_epoch() {
+        let hour = Duration::hours(1);
+        let day = Duration::days(1);
+        assert_eq!(
+            truncate(t("2026-01-31T12:34:56.789Z"), hour),
+            Some(t("2026-01-31T12:00:00Z"))
+        );
+        assert_eq!(
+            truncate(t("2026-01-31T12:34:56+02:00"), day),
+            Some(t("2026-01-31T00:00:00Z"))
+        );
+        // Outside 1677..2262, where chrono's nanosecond `duration_trunc` fails.
+        assert_eq!(
+            truncate(t("1033-10-09T18:58:05.371+09:02"), hour),
+            Some(t("1033-10-09T09:00:00Z"))
+        );
+        assert_eq!(
+            truncate(t("0001-01-01T00:00:01Z"), Duration::minutes(1)),
+            Some(t("0001-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            truncate(t("9999-12-31T23:59:59Z"), day),
+            Some(t("9999-12-31T00:00:00Z"))
+        );
+    }
 }

@@ -245,13 +245,13 @@ async fn open(
 /// agent objects.
 #[utoipa::path(get, path = "/agents/export", tag = "agents",
     params(
-        ("format" = Option<String>, Query, description = "csv (default), ndjson or json"),
-        ("status" = Option<String>, Query),
-        ("type" = Option<String>, Query),
+        ("format" = inline(Option<infra::http::schema::ExportFormat>), Query, description = "csv (default), ndjson or json"),
+        ("status" = inline(Option<infra::http::schema::AgentStatusName>), Query),
+        ("type" = Option<String>, Query, pattern = "^[a-z0-9_-]{1,64}$"),
         ("project_id" = Option<uuid::Uuid>, Query),
-        ("tag" = Option<String>, Query, description = "key:value; repeat for several (all must match)"),
+        ("tag" = inline(Option<Vec<infra::http::schema::TagFilter>>), Query, description = "key:value; repeat for several (all must match)"),
         ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
     ),
     security(("bearer" = [])),
     responses(

@@ -120,10 +120,10 @@ fn decode_seq_cursor(s: &str) -> Result<u64, ApiError> {
 #[utoipa::path(get, path = "/agents/{id}/history", tag = "agents",
     params(
         ("id" = Uuid, Path),
-        ("limit" = Option<i64>, Query, description = "1..=500, default 50"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
         ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
     ),
     security(("bearer" = [])),
     responses(

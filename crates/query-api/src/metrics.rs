@@ -26,7 +26,7 @@ use crate::agents::{await_min_seq, with_projection_seq};
 #[utoipa::path(get, path = "/metrics", tag = "ops",
     params(
         ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
     ),
     security(("bearer" = [])),
     responses(

@@ -47,8 +47,8 @@ fn project_of(row: &PgRow) -> Result<Option<ProjectView>, sqlx::Error> {
     params(
         ("id" = Uuid, Path),
         ("min_seq" = Option<u64>, Query, description = "Answer only once the projection has applied this event"),
-        ("X-Min-Event-Seq" = Option<u64>, Header, description = "Same as min_seq"),
-        ("If-None-Match" = Option<String>, Header, description = "304 when the ETag matches"),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false, description = "Same as min_seq"),
+        ("If-None-Match" = Option<String>, Header, nullable = false, description = "304 when the ETag matches"),
     ),
     security(("bearer" = [])),
     responses(
@@ -89,10 +89,10 @@ pub async fn get_project(
 /// List projects, newest first.
 #[utoipa::path(get, path = "/projects", tag = "projects",
     params(
-        ("limit" = Option<i64>, Query, description = "1..=500, default 50"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
         ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
     ),
     security(("bearer" = [])),
     responses(

@@ -208,15 +208,15 @@ impl Search {
 /// the data stands still.
 #[utoipa::path(get, path = "/agents/search", tag = "agents",
     params(
-        ("q" = String, Query, description = "What to look for: 1..=200 characters"),
-        ("status" = Option<String>, Query),
-        ("type" = Option<String>, Query),
+        ("q" = String, Query, min_length = 1, max_length = 200, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$", description = "What to look for: 1..=200 characters"),
+        ("status" = inline(Option<infra::http::schema::AgentStatusName>), Query),
+        ("type" = Option<String>, Query, pattern = "^[a-z0-9_-]{1,64}$"),
         ("project_id" = Option<Uuid>, Query),
-        ("tag" = Option<String>, Query, description = "key:value; repeat for several (all must match)"),
-        ("limit" = Option<i64>, Query, description = "1..=500, default 50"),
+        ("tag" = inline(Option<Vec<infra::http::schema::TagFilter>>), Query, description = "key:value; repeat for several (all must match)"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
         ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header),
+        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
     ),
     security(("bearer" = [])),
     responses(

@@ -248,6 +248,12 @@ async fn login_and_user_management() {
     let wrong: Value = wrong.json().await.unwrap();
     assert_eq!(unknown["detail"], wrong["detail"]);
     assert_eq!(unknown["status"], 401);
+    // A name PostgreSQL cannot even hold (NUL) is an unknown user too, not a
+    // 500 (found by scripts/fuzz.sh).
+    let nul = attempt("ad\u{0}min", "whatever-password").await.unwrap();
+    assert_eq!(nul.status(), 401);
+    let nul: Value = nul.json().await.unwrap();
+    assert_eq!(nul["detail"], wrong["detail"]);
 
     let r = app
         .request(Method::POST, "/api/v1/auth/login", None)

@@ -282,6 +282,10 @@ fn base_spec() -> OpenApi {
                 .build(),
         ),
     );
+    components.schemas.insert(
+        "ConfigValue".into(),
+        infra::http::schema::config_value().into(),
+    );
     spec
 }
 

@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod ops;
 pub mod ratelimit;
+pub mod schema;
 
 pub use context::{RequestId, request_context};
 pub use error::{ApiError, ApiResult, Problem, ProblemItem};
