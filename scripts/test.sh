@@ -39,6 +39,10 @@ cargo build -p ymera
 # failed request fails the test command.
 ./scripts/load-smoke.sh
 
+# Schemathesis against the served OpenAPI spec: no 5xx, no response that
+# breaks the spec, no valid request refused.
+./scripts/fuzz.sh
+
 if cargo nextest --version >/dev/null 2>&1; then
     exec cargo nextest run --workspace --no-fail-fast "$@"
 else
