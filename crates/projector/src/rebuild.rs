@@ -21,6 +21,9 @@ use sqlx::PgPool;
 
 use crate::{MIGRATIONS, Projector, SWAP_LOCK, Settings};
 
+/// The gap (events) a rebuild closes while holding the live projector.
+const SWAP_GAP: u64 = 1_000;
+
 /// What a rebuild did.
 #[derive(Debug, Clone)]
 pub struct RebuildReport {
@@ -220,42 +223,46 @@ async fn rebuild_into(
     started: Instant,
     force: bool,
 ) -> Result<RebuildReport, RebuildError> {
-    let target = store.last_seq().await?;
-    let mut progress = Progress::new(target);
+    // The new models must match the live ones at one sequence, so the
+    // rebuild follows the live checkpoint and never runs past it (a live
+    // projector that is behind, or not running, is caught up with later,
+    // by itself, on the swapped-in models).
+    let mut live_at = infra::projection::checkpoint(live).await?;
+    let mut progress = Progress::new(live_at);
     let mut projector = Projector::new(
         store.clone(),
         pool.clone(),
-        bounded(consumer.to_owned(), None, None),
+        bounded(consumer.to_owned(), Some(live_at), None),
     );
 
-    // Catch up with the log as it was at the start, at full speed, while
-    // the live models keep serving.
-    while projector.checkpoint() < target {
-        projector.process_next_batch(Duration::from_secs(2)).await?;
-        progress.show(projector.checkpoint(), false);
+    // Catch up at full speed while the live models keep serving, until
+    // the gap is small enough to close with the live projector held.
+    loop {
+        while projector.checkpoint() < live_at {
+            projector.process_next_batch(Duration::from_secs(2)).await?;
+            progress.show(projector.checkpoint(), false);
+        }
+        live_at = infra::projection::checkpoint(live).await?;
+        progress.total = progress.total.max(live_at);
+        if live_at.saturating_sub(projector.checkpoint()) <= SWAP_GAP {
+            break;
+        }
+        projector.settings.stop_at = Some(live_at);
     }
 
     // Swap, between two live batches: with the live projector held, bring
-    // the new models to exactly its checkpoint. Should the rebuild be ahead
-    // of a lagging live projector, let go and let it catch up first.
-    let (mut tx, live_at) = loop {
-        let mut tx = live.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(SWAP_LOCK)
-            .execute(&mut *tx)
-            .await?;
-        let live_at: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT coalesce((SELECT last_seq FROM {READ_SCHEMA}.projector_checkpoint WHERE name = 'main'), 0)"
-        )))
-        .fetch_one(&mut *tx)
+    // the new models to exactly its checkpoint.
+    let mut tx = live.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SWAP_LOCK)
+        .execute(&mut *tx)
         .await?;
-        let live_at = live_at as u64;
-        if projector.checkpoint() <= live_at {
-            break (tx, live_at);
-        }
-        tx.rollback().await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let live_at: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT coalesce((SELECT last_seq FROM {READ_SCHEMA}.projector_checkpoint WHERE name = 'main'), 0)"
+    )))
+    .fetch_one(&mut *tx)
+    .await?;
+    let live_at = live_at as u64;
     projector.settings.stop_at = Some(live_at);
     while projector.checkpoint() < live_at {
         projector.process_next_batch(Duration::from_secs(2)).await?;

@@ -422,3 +422,46 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
         Err(RebuildError::Invalid(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_with_no_live_projector_running_swaps_at_the_live_checkpoint() {
+    let sandbox = tests::Sandbox::new().await;
+    // Writes only: no live projector runs.
+    let app = sandbox.start(ymera::Role::Command).await;
+    let token = app.admin_token().await;
+    for i in 0..10 {
+        app.create_agent(&token, agent_body(&format!("a{i}"))).await;
+    }
+    // The live models got as far as event 6 before their projector stopped.
+    let mut live = projector::Projector::new(
+        app.deps.store.clone(),
+        app.deps.pool.clone(),
+        projector::Settings {
+            stop_at: Some(6),
+            ..projector::Settings::default()
+        },
+    );
+    while live.checkpoint() < 6 {
+        live.process_next_batch(std::time::Duration::from_secs(2))
+            .await
+            .unwrap();
+    }
+    drop(live);
+
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        rebuild::rebuild(&app.deps.store, &sandbox.settings.db, &app.deps.pool, false),
+    )
+    .await
+    .expect("the rebuild does not wait for a projector that is not there")
+    .unwrap();
+    assert_eq!(
+        report.checkpoint, 6,
+        "swapped at the live checkpoint, not past it"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&app.deps.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 6);
+}
