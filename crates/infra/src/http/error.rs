@@ -226,7 +226,16 @@ impl From<StoreError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        if crate::db::is_unavailable(&e) {
+        if matches!(e, sqlx::Error::PoolTimedOut) {
+            // Every connection busy (overload) or none can be opened (an
+            // outage): the pool cannot tell which. Same 503 either way.
+            tracing::warn!("no database connection could be had in time");
+            ApiError::Unavailable(
+                "no database connection could be had in time (the server is busy or the \
+                 database is down); retry shortly"
+                    .into(),
+            )
+        } else if crate::db::is_unavailable(&e) {
             tracing::warn!(error = %e, "database unavailable");
             ApiError::Unavailable("the database is unavailable; retry shortly".into())
         } else {
