@@ -366,23 +366,31 @@ pub async fn list_agents(
         .push_bind(limit + 1);
     qb.push(") a ON true");
     let rows = qb.build().fetch_all(&state.pool).await?;
+    keyset_page(&rows, limit, agent_of, |a| Cursor {
+        created_at: a.created_at,
+        id: a.id,
+    })
+}
 
+/// A newest-first page from rows fetched with `LIMIT limit + 1` and joined
+/// to the checkpoint: the items, the cursor after the last one when there
+/// is more, and `X-Projection-Seq`.
+pub(crate) fn keyset_page<T: serde::Serialize>(
+    rows: &[PgRow],
+    limit: i64,
+    item_of: impl Fn(&PgRow) -> Result<Option<T>, sqlx::Error>,
+    cursor_of: impl Fn(&T) -> Cursor,
+) -> Result<Response, ApiError> {
     let seq = rows.first().map(projection_seq).transpose()?.unwrap_or(0);
     let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if let Some(agent) = agent_of(row)? {
-            items.push(agent);
+    for row in rows {
+        if let Some(item) = item_of(row)? {
+            items.push(item);
         }
     }
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
-        items.last().map(|a| {
-            Cursor {
-                created_at: a.created_at,
-                id: a.id,
-            }
-            .encode()
-        })
+        items.last().map(|item| cursor_of(item).encode())
     } else {
         None
     };

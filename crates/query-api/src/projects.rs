@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use infra::auth::Viewer;
 use infra::http::{ApiError, ApiPath, Problem, QueryPairs, etag};
@@ -17,8 +17,7 @@ use uuid::Uuid;
 
 use crate::QueryState;
 use crate::agents::{
-    CHECKPOINT, Cursor, await_min_seq, conditional, parse_limit, projection_seq,
-    with_projection_seq,
+    CHECKPOINT, Cursor, await_min_seq, conditional, keyset_page, parse_limit, projection_seq,
 };
 
 const PROJECT_COLUMNS: &str = "p.id, p.name, p.description, p.version, p.created_at, \
@@ -127,30 +126,10 @@ pub async fn list_projects(
         .push_bind(limit + 1)
         .push(") p ON true ORDER BY p.created_at DESC, p.id DESC");
     let rows = qb.build().fetch_all(&state.pool).await?;
-
-    let seq = rows.first().map(projection_seq).transpose()?.unwrap_or(0);
-    let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if let Some(p) = project_of(row)? {
-            items.push(p);
-        }
-    }
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|p| {
-            Cursor {
-                created_at: p.created_at,
-                id: p.id,
-            }
-            .encode()
-        })
-    } else {
-        None
-    };
-    Ok(with_projection_seq(
-        Json(Page { items, next_cursor }).into_response(),
-        seq,
-    ))
+    keyset_page(&rows, limit, project_of, |p| Cursor {
+        created_at: p.created_at,
+        id: p.id,
+    })
 }
 
 pub fn router() -> OpenApiRouter<QueryState> {
