@@ -38,6 +38,11 @@ use crate::agents::{
     with_projection_seq,
 };
 
+/// How many matches of each kind (words, trigrams) a search scores at
+/// most. Enough that precise queries are ranked in full; a very common word
+/// is ranked among its first matches rather than across the whole table.
+pub const SEARCH_CANDIDATES: i64 = 2_000;
+
 /// Longest `q`, in characters.
 pub const MAX_Q_CHARS: usize = 200;
 /// Most words of `q` that go into the full-text query.
@@ -167,23 +172,36 @@ impl Search {
             .push_bind(self.text.clone())
             .push(", search_text)::float8 + similarity(")
             .push_bind(self.text.clone())
-            .push(", lower(name))::float8) AS score FROM agents WHERE (");
+            .push(", lower(name))::float8) AS score FROM ");
         match &self.tsquery {
+            // Candidates first, each way of matching bounded by its index:
+            // ranking every match of a common word in a large table (a
+            // third of it, say) would cost seconds. At most
+            // SEARCH_CANDIDATES matches of each kind are scored.
             Some(tsq) => {
-                qb.push("search_doc @@ to_tsquery('simple', ")
+                qb.push("((SELECT id FROM agents WHERE search_doc @@ to_tsquery('simple', ")
                     .push_bind(tsq.clone())
-                    .push(") OR ")
+                    .push(")");
+                self.filters.push_where(&mut qb);
+                qb.push(" LIMIT ")
+                    .push_bind(SEARCH_CANDIDATES)
+                    .push(") UNION (SELECT id FROM agents WHERE ")
                     .push_bind(self.text.clone())
-                    .push(" <% search_text)");
+                    .push(" <% search_text");
+                self.filters.push_where(&mut qb);
+                qb.push(" LIMIT ")
+                    .push_bind(SEARCH_CANDIDATES)
+                    // Each candidate fetched by primary key (LATERAL), never a
+                    // scan of the table joined against the candidates.
+                    .push(")) candidates, LATERAL (SELECT * FROM agents a0 WHERE a0.id = candidates.id LIMIT 1) agents");
             }
             // Without a letter or digit there is no word to match and no
             // trigram either (pg_trgm ignores everything else): nothing
             // can match, and the plan says so without reading a row.
             None => {
-                qb.push("false)");
+                qb.push("agents WHERE false");
             }
         }
-        self.filters.push_where(&mut qb);
         qb.push(") m WHERE true");
         if let Some(c) = self.cursor {
             qb.push(" AND (m.score, m.id) < (")
