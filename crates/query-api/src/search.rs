@@ -226,7 +226,7 @@ impl Search {
 /// the data stands still.
 #[utoipa::path(get, path = "/agents/search", tag = "agents",
     params(
-        ("q" = String, Query, min_length = 1, max_length = 200, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$", description = "What to look for: 1..=200 characters"),
+        ("q" = String, Query, min_length = 1, max_length = 200, pattern = "^[^\\u0000]*[^\\s\\u0000\\u0085][^\\u0000]*$", description = "What to look for: 1..=200 characters"),
         ("status" = inline(Option<infra::http::schema::AgentStatusName>), Query),
         ("type" = Option<String>, Query, pattern = "^[a-z0-9_-]{1,64}$"),
         ("project_id" = Option<Uuid>, Query),

@@ -11,8 +11,10 @@ use utoipa::{PartialSchema, ToSchema};
 
 /// No NUL anywhere (PostgreSQL text and jsonb cannot hold it).
 pub const NO_NUL: &str = "^[^\\u0000]*$";
-/// A name: at least one non-whitespace character, no NUL.
-pub const NAME: &str = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$";
+/// A name: at least one character that is not whitespace, no NUL. U+0085
+/// is whitespace to the server's trim (Unicode White_Space) but not to the
+/// ECMAScript `\s` a client validates with, so it is named explicitly.
+pub const NAME: &str = "^[^\\u0000]*[^\\s\\u0000\\u0085][^\\u0000]*$";
 /// An agent type.
 pub const AGENT_TYPE: &str = "^[a-z0-9_-]{1,64}$";
 /// A username.
