@@ -280,16 +280,16 @@ pub struct Cursor {
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        let raw = format!("{}:{}", self.created_at.timestamp_micros(), self.id);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        opaque_encode(&format!(
+            "{}:{}",
+            self.created_at.timestamp_micros(),
+            self.id
+        ))
     }
 
     pub fn decode(s: &str) -> Result<Cursor, ApiError> {
-        let bad = || ApiError::BadRequest("the cursor is not valid".into());
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|_| bad())?;
-        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let bad = bad_cursor;
+        let raw = opaque_decode(s)?;
         let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
         let created_at =
             DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
@@ -298,6 +298,24 @@ impl Cursor {
             id: id.parse().map_err(|_| bad())?,
         })
     }
+}
+
+/// A cursor's 400.
+pub(crate) fn bad_cursor() -> ApiError {
+    ApiError::BadRequest("the cursor is not valid".into())
+}
+
+/// Cursors are opaque to clients: their text, base64url-encoded.
+pub(crate) fn opaque_encode(raw: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// The text inside an opaque cursor; 400 when it is not one of ours.
+pub(crate) fn opaque_decode(s: &str) -> Result<String, ApiError> {
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| bad_cursor())?;
+    String::from_utf8(raw).map_err(|_| bad_cursor())
 }
 
 /// `limit`: 1..=500, default 50.

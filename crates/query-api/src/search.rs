@@ -23,7 +23,6 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use infra::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::{AgentView, Page};
@@ -79,16 +78,12 @@ pub struct SearchCursor {
 
 impl SearchCursor {
     pub fn encode(&self) -> String {
-        let raw = format!("s:{:016x}:{}", self.score.to_bits(), self.id);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        crate::agents::opaque_encode(&format!("s:{:016x}:{}", self.score.to_bits(), self.id))
     }
 
     pub fn decode(s: &str) -> Result<SearchCursor, ApiError> {
-        let bad = || ApiError::BadRequest("the cursor is not valid".into());
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|_| bad())?;
-        let raw = String::from_utf8(raw).map_err(|_| bad())?;
+        let bad = crate::agents::bad_cursor;
+        let raw = crate::agents::opaque_decode(s)?;
         let mut parts = raw.splitn(3, ':');
         let (Some("s"), Some(bits), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
