@@ -194,6 +194,33 @@ pub fn csv_row(out: &mut String, a: &AgentCreated, e: &Event, seq: u64) {
     let _ = writeln!(out, ",,1,{ts},{ts},{ACTOR},{seq}");
 }
 
+/// The `events` columns, in the order [`csv_event_row`] writes them.
+pub const EVENT_COLUMNS: &str = "seq, event_id, event_type, schema_version, aggregate_type, \
+     aggregate_id, aggregate_version, occurred_at, actor, request_id, data";
+
+/// One `events` row as the projector writes it for `e` at stream sequence
+/// `seq`, as a line of `COPY … (FORMAT csv)`.
+pub fn csv_event_row(out: &mut String, e: &Event, seq: u64) {
+    let env = &e.envelope;
+    let _ = write!(
+        out,
+        "{seq},{},{},{},{},{},{},{},",
+        env.event_id,
+        env.event_type,
+        env.schema_version,
+        env.aggregate_type.as_str(),
+        env.aggregate_id,
+        env.aggregate_version,
+        env.occurred_at.to_rfc3339(),
+    );
+    csv_field(out, &env.actor);
+    out.push(',');
+    csv_field(out, &env.request_id);
+    out.push(',');
+    csv_field(out, &env.data.to_string());
+    out.push('\n');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

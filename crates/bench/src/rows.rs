@@ -414,7 +414,51 @@ pub async fn projection_catchup(ctx: &mut Ctx) -> anyhow::Result<Row> {
         .context("filling the stream")?;
         r.published = target;
     }
-    // Ours: the projector's own step function, from an empty read model.
+    // Raw first, into the very tables the projector writes (same indexes,
+    // same triggers): the same rows of agents and events, 1,000 per
+    // transaction with a checkpoint update, as COPY.
+    empty_read_model(&r.pool).await?;
+    let started = Instant::now();
+    let mut conn = r.pool.acquire().await?;
+    let mut seq = 0;
+    while seq < target {
+        let n = (target - seq).min(1_000);
+        let mut agents = String::with_capacity(n as usize * 400);
+        let mut events = String::with_capacity(n as usize * 700);
+        for i in seq..seq + n {
+            let a = data::agent(i);
+            let e = data::event(&a);
+            data::csv_row(&mut agents, &a, &e, i + 1);
+            data::csv_event_row(&mut events, &e, i + 1);
+        }
+        let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
+        for (table, columns, csv) in [
+            ("agents", data::AGENT_COLUMNS, &agents),
+            ("events", data::EVENT_COLUMNS, &events),
+        ] {
+            let mut copy = tx
+                .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN (FORMAT csv)"))
+                .await?;
+            copy.send(csv.as_bytes()).await?;
+            copy.finish().await?;
+        }
+        sqlx::query(
+            "INSERT INTO projector_checkpoint (name, last_seq) VALUES ('main', $1) \
+             ON CONFLICT (name) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()",
+        )
+        .bind((seq + n) as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        seq += n;
+    }
+    drop(conn);
+    let raw_secs = started.elapsed().as_secs_f64();
+
+    // Ours: the projector's own step function, from an empty read model;
+    // it leaves the read model the live projection of the stream, which
+    // the rebuild row starts from.
+    empty_read_model(&r.pool).await?;
     let mut projector = projector::Projector::new(
         r.store.clone(),
         r.pool.clone(),
@@ -437,42 +481,6 @@ pub async fn projection_catchup(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let ours_secs = started.elapsed().as_secs_f64();
     let applied = projector.checkpoint();
     drop(projector);
-
-    // Raw: the same number of rows, 1,000 per COPY, each batch in one
-    // transaction with a checkpoint update, into the same (emptied) table.
-    sqlx::query("TRUNCATE agents").execute(&r.pool).await?;
-    sqlx::query(
-        "INSERT INTO projector_checkpoint (name) VALUES ('bench_raw') ON CONFLICT DO NOTHING",
-    )
-    .execute(&r.pool)
-    .await?;
-    let started = Instant::now();
-    let mut conn = r.pool.acquire().await?;
-    let mut seq = 0;
-    while seq < applied {
-        let n = (applied - seq).min(1_000);
-        let mut csv = String::with_capacity(n as usize * 400);
-        for i in seq..seq + n {
-            let a = data::agent(i);
-            data::csv_row(&mut csv, &a, &data::event(&a), i + 1);
-        }
-        let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
-        let mut copy = tx
-            .copy_in_raw(&format!(
-                "COPY agents ({}) FROM STDIN (FORMAT csv)",
-                data::AGENT_COLUMNS
-            ))
-            .await?;
-        copy.send(csv.as_bytes()).await?;
-        copy.finish().await?;
-        sqlx::query("UPDATE projector_checkpoint SET last_seq = $1, updated_at = now() WHERE name = 'bench_raw'")
-            .bind((seq + n) as i64)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        seq += n;
-    }
-    let raw_secs = started.elapsed().as_secs_f64();
     Ok(Row::ratio(
         "projection catch-up",
         CATCHUP_TARGET,
@@ -483,9 +491,22 @@ pub async fn projection_catchup(ctx: &mut Ctx) -> anyhow::Result<Row> {
         format!(
             "{applied} agent.created events already in the stream, applied by \
              projector::Projector::process_next_batch (batches of 1,000) into an empty read \
-             model; raw = COPY of the same rows, 1,000 per transaction with a checkpoint update"
+             model; raw = COPY of the same agents and events rows into the same tables, 1,000 \
+             per transaction with a checkpoint update"
         ),
     ))
+}
+
+/// Empties the replay sandbox's read model and sets its checkpoint back to
+/// the start of the stream.
+async fn empty_read_model(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query("TRUNCATE agents, events, search_words, parked_events")
+        .execute(pool)
+        .await?;
+    sqlx::query("DELETE FROM projector_checkpoint")
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -802,17 +823,6 @@ const SEARCH_TERMS: [&str; 6] = [
     "review",
 ];
 
-/// The raw search: trigram similarity over the searched fields, best 50.
-/// `BENCH_SEARCH_SQL` replaces it ($1 = q, $2 = limit) to run the
-/// endpoint's own statement.
-const SEARCH_SQL: &str = "SELECT a.id, a.name, a.type, a.description, a.status, a.capabilities, \
-     a.config, a.tags, a.project_id, a.version, a.created_at, a.updated_at, a.created_by, \
-     word_similarity($1, a.name || ' ' || a.description || ' ' || a.type || ' ' || \
-     array_to_string(a.capabilities, ' ') || ' ' || a.tags::text) AS score FROM agents a \
-     WHERE $1 <% (a.name || ' ' || a.description || ' ' || a.type || ' ' || \
-     array_to_string(a.capabilities, ' ') || ' ' || a.tags::text) \
-     ORDER BY score DESC, a.id LIMIT $2";
-
 pub async fn search(ctx: &mut Ctx) -> anyhow::Result<Row> {
     ctx.settle().await?;
     let plan = ctx.plan.clone();
@@ -822,10 +832,6 @@ pub async fn search(ctx: &mut Ctx) -> anyhow::Result<Row> {
         return Ok(Row::not_built("search", SEARCH_TARGET, why));
     }
     seed(main, plan.seed_agents).await?;
-    let capture = tokio::spawn(capture_statement(
-        main.pool.clone(),
-        plan.warmup + plan.measure,
-    ));
     let client = main.server.client.clone();
     let url = main.server.url(path);
     let token = main.server.token.clone();
@@ -841,26 +847,18 @@ pub async fn search(ctx: &mut Ctx) -> anyhow::Result<Row> {
     })
     .await;
     ours.check("ours")?;
-    let endpoint_sql = capture.await.unwrap_or_default();
-    let sql: &'static str = match std::env::var("BENCH_SEARCH_SQL") {
-        Ok(s) => Box::leak(s.into_boxed_str()),
-        Err(_) => SEARCH_SQL,
-    };
-    if sql == SEARCH_SQL {
-        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-            .execute(&main.pool)
-            .await?;
-    }
     let pool = main.pool.clone();
     let raw = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
         let q = SEARCH_TERMS[n as usize % SEARCH_TERMS.len()];
         let pool = pool.clone();
         async move {
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(q)
-                .bind(50i64)
-                .fetch_all(&pool)
-                .await?;
+            // The endpoint's own statements: the dictionary lookup, then
+            // the search itself.
+            let pairs = infra::http::QueryPairs(vec![("q".to_owned(), q.to_owned())]);
+            let mut search =
+                query_api::search::Search::parse(&pairs).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            search.expand(&pool).await?;
+            search.build("").build().fetch_all(&pool).await?;
             Ok(1)
         }
     })
@@ -875,43 +873,12 @@ pub async fn search(ctx: &mut Ctx) -> anyhow::Result<Row> {
         true,
         format!(
             "{} agents seeded straight into the read model with INSERT … SELECT generate_series \
-             (not through the API); {} clients cycling q over {SEARCH_TERMS:?}; raw = {} through \
-             sqlx, same concurrency; the endpoint ran: {}",
-            plan.seed_agents,
-            plan.clients,
-            if std::env::var("BENCH_SEARCH_SQL").is_ok() {
-                "BENCH_SEARCH_SQL"
-            } else {
-                "a pg_trgm word_similarity query over the searched fields (set BENCH_SEARCH_SQL \
-                 to the endpoint's statement to compare like for like)"
-            },
-            endpoint_sql.as_deref().unwrap_or("(not caught)")
+             (not through the API); {} clients cycling q over {SEARCH_TERMS:?}; raw = the \
+             endpoint's own two statements (query_api::search: the dictionary lookup for typos, \
+             then the ranked full-text query) through sqlx, same concurrency, 50 per page",
+            plan.seed_agents, plan.clients,
         ),
     ))
-}
-
-/// The statement `ymera` runs most often on the agents table during
-/// `window`, sampled from `pg_stat_activity`: what the endpoint really asks
-/// PostgreSQL, for the row's note.
-async fn capture_statement(pool: PgPool, window: Duration) -> Option<String> {
-    let mut counts: std::collections::HashMap<String, u32> = Default::default();
-    let until = Instant::now() + window;
-    while Instant::now() < until {
-        let found: Vec<String> = sqlx::query_scalar(
-            "SELECT query FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name = 'ymera' AND state = 'active' AND query ILIKE '%agents%'",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap_or_default();
-        for q in found {
-            *counts
-                .entry(q.split_whitespace().collect::<Vec<_>>().join(" "))
-                .or_default() += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    counts.into_iter().max_by_key(|c| c.1).map(|c| c.0)
 }
 
 pub const EXPORT_TARGET: &str = ">= 0.5 rows/s, RSS growth < 50 MiB";
@@ -1022,6 +989,25 @@ pub async fn rebuild(ctx: &mut Ctx) -> anyhow::Result<Row> {
             .await
             .context("filling the stream")?;
             r.published = events;
+        }
+        // `ymera rebuild` follows the live projection (it swaps at the live
+        // checkpoint): bring that to the end of the stream first.
+        let mut live = projector::Projector::new(
+            r.store.clone(),
+            r.pool.clone(),
+            projector::Settings::default(),
+        );
+        let started = Instant::now();
+        while live.checkpoint() < r.published {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "the live projection reached {} of {} events in 600 s",
+                live.checkpoint(),
+                r.published
+            );
+            live.process_next_batch(Duration::from_secs(5))
+                .await
+                .context("live projection")?;
         }
         (r.stream.clone(), r.prefix.clone(), r.db_url.clone())
     };

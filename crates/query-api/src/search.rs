@@ -1,23 +1,30 @@
 //! `GET /agents/search`: relevance-ranked search over name, type,
 //! capabilities, tags and description.
 //!
-//! Two index-backed ways to match, OR-ed (PostgreSQL combines the two GIN
-//! indexes in a bitmap):
-//! * full text: every word of `q` as a prefix (`'summ':*`) against the
-//!   weighted `search_doc` tsvector (name A, type and capabilities B, tags C,
-//!   description D), with the `simple` configuration (no stemming, any
-//!   script);
-//! * fuzzy: trigram word similarity of `q` against `search_text`
-//!   (`q <% search_text`, pg_trgm's default threshold 0.6), which forgives a
-//!   typo or two in words of five letters or more.
+//! Every match goes through one index, the weighted `search_doc` tsvector
+//! (name A, type and capabilities B, tags C, description D; the `simple`
+//! configuration: no stemming, any script):
+//! * every word of `q` is a prefix (`'summ':*`);
+//! * a word of four or more letters may also be misspelt: it is looked up
+//!   first in `search_words`, the dictionary of the words agents contain
+//!   (trigram-indexed, one row per distinct word), and its closest words
+//!   there (trigram similarity >= 0.5, at most four) join it as
+//!   alternatives: `sumarizer` becomes `('sumarizer':* | 'summarizer')`.
+//!
+//! Looking typos up in a small dictionary, rather than comparing `q` with
+//! every agent's text, keeps both sides cheap: an insert indexes its words
+//! once, and a search reads one GIN index.
 //!
 //! `q` never reaches SQL as text to parse: it is split into words of letters
-//! and digits in Rust, so tsquery operators (`&|!():*<>'\`) cannot appear in
-//! the tsquery, and both the tsquery and `q` itself are bound parameters.
+//! and digits in Rust, dictionary words are taken only when they are letters
+//! and digits too, so tsquery operators (`&|!():*<>'\`) cannot appear in the
+//! tsquery, and the tsquery and `q` are bound parameters.
 //!
-//! The score is `ts_rank` + word similarity + similarity of `q` to the name,
-//! so a name match outranks a description match. Pages are a keyset on
-//! `(score, id)`, both descending; the cursor carries the exact score.
+//! The score is `ts_rank` of the query with its alternatives, plus
+//! `ts_rank` of `q`'s words as typed (a word spelt as asked outranks a
+//! correction), plus the similarity of `q` to the name (a name match
+//! outranks a description match). Pages are a keyset on `(score, id)`,
+//! both descending; the cursor carries the exact score.
 
 use axum::Json;
 use axum::extract::State;
@@ -59,11 +66,14 @@ pub struct SearchHit {
 /// A parsed search request.
 #[derive(Debug)]
 pub struct Search {
-    /// `q`, trimmed and lowercased: the fuzzy match's input.
+    /// `q`, trimmed and lowercased: compared with the name for the score.
     pub text: String,
-    /// `q`'s words as a tsquery of prefixes, e.g. `'summ':* & 'bot':*`;
-    /// `None` when `q` has no letters or digits.
-    pub tsquery: Option<String>,
+    /// `q`'s words (letters and digits only), lowercased, at most
+    /// [`MAX_WORDS`]; empty when `q` has no letter or digit.
+    pub words: Vec<String>,
+    /// For each of `words`, the close dictionary words that also match it
+    /// (filled by [`Search::expand`]).
+    pub alternatives: Vec<Vec<String>>,
     pub filters: Filters,
     pub cursor: Option<SearchCursor>,
     pub limit: i64,
@@ -99,17 +109,52 @@ impl SearchCursor {
     }
 }
 
-/// The words of `q` as a tsquery of prefixes: only letters and digits, so
-/// nothing in it is a tsquery operator or quote.
-pub fn prefix_tsquery(q: &str) -> Option<String> {
-    let words: Vec<String> = q
-        .split(|c: char| !c.is_alphanumeric())
+/// The words of `q`: runs of letters and digits, lowercased, at most
+/// [`MAX_WORDS`]. Nothing in them is a tsquery operator or quote.
+pub fn query_words(q: &str) -> Vec<String> {
+    q.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
         .take(MAX_WORDS)
-        .map(|w| format!("'{}':*", w.to_lowercase()))
-        .collect();
-    (!words.is_empty()).then(|| words.join(" & "))
+        .map(str::to_lowercase)
+        .collect()
 }
+
+/// Whether a word is worth a dictionary lookup for typos: four characters
+/// or more (shorter ones have too few trigrams to compare) and not a
+/// number (a different number is not a typo).
+fn fuzzy_candidate(word: &str) -> bool {
+    word.chars().count() >= 4 && !word.chars().all(|c| c.is_ascii_digit())
+}
+
+/// A tsquery of `words`, each a prefix, AND-ed; with `alternatives`, each
+/// word OR-ed with its close dictionary words (whole words).
+fn tsquery(words: &[String], alternatives: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    for (i, word) in words.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" & ");
+        }
+        let alts = alternatives.get(i).map_or(&[][..], Vec::as_slice);
+        if alts.is_empty() {
+            out.push_str(&format!("'{word}':*"));
+        } else {
+            out.push_str(&format!("('{word}':*"));
+            for alt in alts {
+                out.push_str(&format!(" | '{alt}'"));
+            }
+            out.push(')');
+        }
+    }
+    out
+}
+
+/// Close words in the dictionary for each word worth a lookup: trigram
+/// similarity at least 0.5 (the `%` operator's index scan finds those above
+/// pg_trgm's 0.3 first), best four, the word itself excluded.
+const ALTERNATIVES_SQL: &str = "SELECT q.i, d.word FROM unnest($1::text[]) WITH ORDINALITY AS q(word, i), \
+     LATERAL (SELECT word FROM search_words WHERE word % q.word AND word <> q.word \
+       AND similarity(word, q.word) >= 0.5 \
+       ORDER BY similarity(word, q.word) DESC, word LIMIT 4) d";
 
 impl Search {
     pub const PARAMS: [&'static str; 8] = [
@@ -142,13 +187,51 @@ impl Search {
                 "query parameter \"q\" must not contain NUL".into(),
             ));
         }
+        let words = query_words(q);
         Ok(Search {
             text: q.to_lowercase(),
-            tsquery: prefix_tsquery(q),
+            alternatives: vec![Vec::new(); words.len()],
+            words,
             filters: Filters::parse(query)?,
             cursor: query.one("cursor")?.map(SearchCursor::decode).transpose()?,
             limit: parse_limit(query)?,
         })
+    }
+
+    /// Looks the words of `q` that may be misspelt up in the dictionary
+    /// and keeps their close words as alternatives. Only words of letters
+    /// and digits are kept, so none can break out of the tsquery.
+    pub async fn expand(&mut self, pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+        let looked_up: Vec<String> = self
+            .words
+            .iter()
+            .map(|w| {
+                if fuzzy_candidate(w) {
+                    w.clone()
+                } else {
+                    String::new()
+                }
+            })
+            .collect();
+        if looked_up.iter().all(String::is_empty) {
+            return Ok(());
+        }
+        let found: Vec<(i64, String)> = sqlx::query_as(ALTERNATIVES_SQL)
+            .bind(&looked_up)
+            .fetch_all(pool)
+            .await?;
+        for (i, word) in found {
+            let Some(alts) = usize::try_from(i - 1)
+                .ok()
+                .and_then(|i| self.alternatives.get_mut(i))
+            else {
+                continue;
+            };
+            if word.chars().all(char::is_alphanumeric) {
+                alts.push(word);
+            }
+        }
+        Ok(())
     }
 
     /// The statement the handler runs, behind `prefix` (tests put
@@ -158,44 +241,32 @@ impl Search {
             "{prefix}SELECT c.seq AS projection_seq, {AGENT_COLUMNS}, a.score FROM {CHECKPOINT} \
              LEFT JOIN LATERAL (SELECT * FROM (SELECT agents.*, ("
         ));
-        if let Some(tsq) = &self.tsquery {
-            qb.push("ts_rank(search_doc, to_tsquery('simple', ")
-                .push_bind(tsq.clone())
-                .push("))::float8 + ");
-        }
-        qb.push("word_similarity(")
-            .push_bind(self.text.clone())
-            .push(", search_text)::float8 + similarity(")
-            .push_bind(self.text.clone())
-            .push(", lower(name))::float8) AS score FROM ");
-        match &self.tsquery {
-            // Candidates first, each way of matching bounded by its index:
-            // ranking every match of a common word in a large table (a
-            // third of it, say) would cost seconds. At most
-            // SEARCH_CANDIDATES matches of each kind are scored.
-            Some(tsq) => {
-                qb.push("((SELECT id FROM agents WHERE search_doc @@ to_tsquery('simple', ")
-                    .push_bind(tsq.clone())
-                    .push(")");
-                self.filters.push_where(&mut qb);
-                qb.push(" LIMIT ")
-                    .push_bind(SEARCH_CANDIDATES)
-                    .push(") UNION (SELECT id FROM agents WHERE ")
-                    .push_bind(self.text.clone())
-                    .push(" <% search_text");
-                self.filters.push_where(&mut qb);
-                qb.push(" LIMIT ")
-                    .push_bind(SEARCH_CANDIDATES)
-                    // Each candidate fetched by primary key (LATERAL), never a
-                    // scan of the table joined against the candidates.
-                    .push(")) candidates, LATERAL (SELECT * FROM agents a0 WHERE a0.id = candidates.id LIMIT 1) agents");
-            }
-            // Without a letter or digit there is no word to match and no
-            // trigram either (pg_trgm ignores everything else): nothing
+        if self.words.is_empty() {
+            // Without a letter or digit there is no word to match: nothing
             // can match, and the plan says so without reading a row.
-            None => {
-                qb.push("agents WHERE false");
-            }
+            qb.push("0::float8) AS score FROM agents WHERE false");
+        } else {
+            let expanded = tsquery(&self.words, &self.alternatives);
+            let typed = tsquery(&self.words, &[]);
+            qb.push("ts_rank(search_doc, to_tsquery('simple', ")
+                .push_bind(expanded.clone())
+                .push("))::float8 + ts_rank(search_doc, to_tsquery('simple', ")
+                .push_bind(typed)
+                .push("))::float8 + similarity(")
+                .push_bind(self.text.clone())
+                .push(", lower(name))::float8) AS score FROM ")
+                // Candidates first, bounded: ranking every match of a
+                // common word in a large table (a third of it, say) would
+                // cost seconds. At most SEARCH_CANDIDATES matches are
+                // scored, each fetched by primary key (LATERAL), never a
+                // scan of the table joined against the candidates.
+                .push("(SELECT id FROM agents WHERE search_doc @@ to_tsquery('simple', ")
+                .push_bind(expanded)
+                .push(")");
+            self.filters.push_where(&mut qb);
+            qb.push(" LIMIT ")
+                .push_bind(SEARCH_CANDIDATES)
+                .push(") candidates, LATERAL (SELECT * FROM agents a0 WHERE a0.id = candidates.id LIMIT 1) agents");
         }
         qb.push(") m WHERE true");
         if let Some(c) = self.cursor {
@@ -244,8 +315,9 @@ pub async fn search_agents(
     query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let search = Search::parse(&query)?;
+    let mut search = Search::parse(&query)?;
     await_min_seq(&state, &headers, &query).await?;
+    search.expand(&state.pool).await?;
     let rows = search.build("").build().fetch_all(&state.pool).await?;
 
     let seq = rows.first().map(projection_seq).transpose()?.unwrap_or(0);
@@ -283,15 +355,27 @@ mod tests {
 
     #[test]
     fn hostile_text_never_reaches_the_tsquery_as_syntax() {
+        let words = query_words("a&b|!(c):*'d\\");
+        assert_eq!(tsquery(&words, &[]), "'a':* & 'b':* & 'c':* & 'd':*");
+        assert!(query_words("&|!():*%_'\\").is_empty());
+        let words = query_words("Ünïcode 日本");
+        assert_eq!(tsquery(&words, &[]), "'ünïcode':* & '日本':*");
+    }
+
+    #[test]
+    fn alternatives_are_or_ed_with_the_word_they_correct() {
+        let words = query_words("sumarizer bot");
+        let alts = vec![
+            vec!["summarizer".to_owned(), "summarize".to_owned()],
+            vec![],
+        ];
         assert_eq!(
-            prefix_tsquery("a&b|!(c):*'d\\").as_deref(),
-            Some("'a':* & 'b':* & 'c':* & 'd':*")
+            tsquery(&words, &alts),
+            "('sumarizer':* | 'summarizer' | 'summarize') & 'bot':*"
         );
-        assert_eq!(prefix_tsquery("&|!():*%_'\\"), None);
-        assert_eq!(
-            prefix_tsquery("Ünïcode 日本").as_deref(),
-            Some("'ünïcode':* & '日本':*")
-        );
+        assert!(fuzzy_candidate("sumarizer"));
+        assert!(!fuzzy_candidate("bot"));
+        assert!(!fuzzy_candidate("20261127"));
     }
 
     #[test]
