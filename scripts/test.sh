@@ -44,6 +44,13 @@ cargo build -p ymera
 # command repeatable; run ./scripts/fuzz.sh alone (random seed) to explore.
 YMERA_FUZZ_SEED="${YMERA_FUZZ_SEED:-153299784098794556798863464346300330567}" ./scripts/fuzz.sh
 
+# The benchmark harness, reduced (--quick, debug build, under a minute): a
+# smoke test that fails only when a row errors, never on a ratio (the
+# machine is noisy and a debug build is slow). The figures that count come
+# from ./scripts/bench.sh (release).
+cargo build -p bench
+BENCH_NO_BUILD=1 cargo run -q -p bench -- --quick
+
 if cargo nextest --version >/dev/null 2>&1; then
     exec cargo nextest run --workspace --no-fail-fast "$@"
 else
