@@ -4,10 +4,11 @@
 //! The whole export reads one snapshot: a `REPEATABLE READ READ ONLY`
 //! transaction on a connection of its own, the checkpoint read first (it is
 //! the `X-Projection-Seq` of the response), then a server-side cursor
-//! fetched a chunk at a time. Each chunk is encoded and handed to the
-//! socket before the next is fetched, so memory stays constant whatever the
-//! row count, and a slow client only slows the export down. The route is
-//! mounted outside the request timeout.
+//! fetched a chunk at a time. A task of its own fetches the chunks, at most
+//! [`CHUNKS_AHEAD`] ahead of the response, which encodes and sends them: the
+//! database reads the next chunk while this one is encoded and written, yet
+//! memory stays constant whatever the row count, and a slow client only
+//! slows the export down. The route is mounted outside the request timeout.
 //!
 //! Should the database fail mid-stream, the response is cut off (the
 //! chunked body never ends properly), which every HTTP client reports as an
@@ -22,14 +23,20 @@ use futures::stream;
 use infra::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::AgentView;
+use sqlx::postgres::PgRow;
 use sqlx::{FromRow, Postgres, QueryBuilder, Transaction};
+use tokio::sync::mpsc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
 use crate::agents::{AgentRow, Filters, await_min_seq, with_projection_seq};
 
 /// Rows fetched from the cursor at a time.
-const CHUNK_ROWS: usize = 500;
+const CHUNK_ROWS: usize = 1_000;
+/// Chunks fetched ahead of the one being sent: enough to keep the database
+/// busy while the response encodes, few enough to bound memory (a chunk of
+/// 1,000 agents is about half a megabyte).
+const CHUNKS_AHEAD: usize = 2;
 
 /// The export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,9 +146,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-/// Where the export stands.
+/// How far the response has got.
 struct Export {
-    tx: Option<Transaction<'static, Postgres>>,
     format: Format,
     rows_sent: u64,
 }
@@ -158,18 +164,19 @@ impl Export {
         out
     }
 
-    fn encode(&mut self, agents: &[AgentView]) -> Result<Vec<u8>, serde_json::Error> {
-        let mut out = Vec::with_capacity(agents.len() * 512);
-        for a in agents {
+    fn encode(&mut self, rows: &[PgRow]) -> Result<Vec<u8>, anyhow::Error> {
+        let mut out = Vec::with_capacity(rows.len() * 512);
+        for row in rows {
+            let a = AgentView::from(AgentRow::from_row(row)?);
             match self.format {
-                Format::Csv => csv_agent(&mut out, a),
+                Format::Csv => csv_agent(&mut out, &a),
                 Format::Ndjson => {
-                    serde_json::to_writer(&mut out, a)?;
+                    serde_json::to_writer(&mut out, &a)?;
                     out.push(b'\n');
                 }
                 Format::Json => {
                     out.extend_from_slice(if self.rows_sent == 0 { b"\n" } else { b",\n" });
-                    serde_json::to_writer(&mut out, a)?;
+                    serde_json::to_writer(&mut out, &a)?;
                 }
             }
             self.rows_sent += 1;
@@ -183,28 +190,38 @@ impl Export {
             _ => b"",
         }
     }
+}
 
-    /// The next chunk of the body, or `None` once the trailer is out.
-    async fn next_chunk(&mut self) -> Result<Option<Bytes>, anyhow::Error> {
-        let Some(tx) = self.tx.as_mut() else {
-            return Ok(None);
-        };
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+/// Fetches the cursor chunk by chunk into `chunks` until it is exhausted
+/// (then commits, and ends with an empty chunk) or fails (then sends the
+/// error). Stops as soon as the response is gone: the transaction is
+/// dropped, which rolls it back and returns the connection.
+async fn fetch_chunks(
+    mut tx: Transaction<'static, Postgres>,
+    chunks: mpsc::Sender<Result<Vec<PgRow>, anyhow::Error>>,
+) {
+    loop {
+        let fetched = sqlx::query(sqlx::AssertSqlSafe(format!(
             "FETCH FORWARD {CHUNK_ROWS} FROM agents_export"
         )))
-        .fetch_all(&mut **tx)
-        .await?;
-        if rows.is_empty() {
-            if let Some(tx) = self.tx.take() {
-                tx.commit().await?;
+        .fetch_all(&mut *tx)
+        .await;
+        match fetched {
+            Ok(rows) if rows.is_empty() => {
+                let end = tx.commit().await.map(|()| rows).map_err(Into::into);
+                let _ = chunks.send(end).await;
+                return;
             }
-            return Ok(Some(Bytes::from_static(self.trailer())));
+            Ok(rows) => {
+                if chunks.send(Ok(rows)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = chunks.send(Err(e.into())).await;
+                return;
+            }
         }
-        let agents = rows
-            .iter()
-            .map(|r| AgentRow::from_row(r).map(AgentView::from))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Some(Bytes::from(self.encode(&agents)?)))
     }
 }
 
@@ -274,15 +291,31 @@ pub async fn export_agents(
     await_min_seq(&state, &headers, &query).await?;
     let (tx, seq) = open(&state, &filters).await?;
 
+    let (sender, chunks) = mpsc::channel(CHUNKS_AHEAD);
+    tokio::spawn(fetch_chunks(tx, sender));
     let export = Export {
-        tx: Some(tx),
         format,
         rows_sent: 0,
     };
     let preamble = Bytes::from(export.preamble());
-    let rows = stream::try_unfold(export, |mut export| async move {
-        Ok::<_, anyhow::Error>(export.next_chunk().await?.map(|chunk| (chunk, export)))
-    });
+    let rows = stream::try_unfold(
+        (export, chunks, false),
+        |(mut export, mut chunks, done)| async move {
+            if done {
+                return Ok(None);
+            }
+            let rows = chunks
+                .recv()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("the export's fetch task ended early"))??;
+            if rows.is_empty() {
+                let trailer = Bytes::from_static(export.trailer());
+                return Ok(Some((trailer, (export, chunks, true))));
+            }
+            let chunk = Bytes::from(export.encode(&rows)?);
+            Ok::<_, anyhow::Error>(Some((chunk, (export, chunks, false))))
+        },
+    );
     let body = futures::StreamExt::chain(stream::once(async { Ok(preamble) }), rows);
     let body = futures::TryStreamExt::map_err(body, |e: anyhow::Error| {
         tracing::error!(error = %e, "export failed mid-stream; cutting the response off");

@@ -411,3 +411,58 @@ async fn csv_quotes_commas_quotes_and_newlines_and_formats_agree() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// A client that hangs up mid-export ends the export's transaction and
+/// gives its connection back: forty abandoned exports in a row (more than
+/// the pool holds) leave every read working and no transaction open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_exports_give_their_connections_back() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    sqlx::query(
+        "INSERT INTO agents (id, name, type, description, status, capabilities, config, tags, \
+           project_id, version, created_at, updated_at, created_by, last_seq) \
+         SELECT gen_random_uuid(), 'agent ' || i, 'llm', repeat('x', 200), 'active', \
+           ARRAY['all'], '{}'::jsonb, '{}'::jsonb, NULL, 1, now(), now(), 'seed', 0 \
+         FROM generate_series(1, 20000) AS i",
+    )
+    .execute(&app.deps.pool)
+    .await
+    .unwrap();
+
+    for _ in 0..40 {
+        let mut r = app
+            .request(Method::GET, "/api/v1/agents/export", Some(&token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(!r.chunk().await.unwrap().unwrap().is_empty());
+        drop(r); // hang up after the first chunk
+    }
+
+    let open_transactions = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&app.deps.pool)
+        .await
+        .unwrap()
+    };
+    let started = std::time::Instant::now();
+    while open_transactions().await > 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "abandoned exports still hold {} transactions",
+            open_transactions().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = app
+        .request(Method::GET, "/api/v1/agents?limit=1", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
