@@ -720,6 +720,7 @@ pub async fn get_by_id(ctx: &mut Ctx) -> anyhow::Result<Row> {
     })
     .await;
     raw.check("raw")?;
+    let floor = http_floor(&main.server, &plan).await?;
     Ok(Row::ratio(
         "get by id",
         GET_TARGET,
@@ -729,12 +730,36 @@ pub async fn get_by_id(ctx: &mut Ctx) -> anyhow::Result<Row> {
         true,
         format!(
             "{} clients over {} agents; raw = the endpoint's SELECT through sqlx, {} concurrent \
-             on a pool of 16 connections (the server's default)",
+             on a pool of 16 connections (the server's default); HTTP floor: GET /livez (no \
+             token, no database) from the same client answers {:.0} ops/s, a ceiling for any \
+             endpoint on this machine ({:.2} of raw)",
             plan.clients,
             ids_len(&main.pool).await,
-            plan.clients
+            plan.clients,
+            floor,
+            ratio(floor, raw.rate()),
         ),
     ))
+}
+
+/// What the HTTP layer alone costs on this machine: `GET /livez` (no
+/// token, no database, a few bytes) from the same client at the same
+/// concurrency, in ops/s. No endpoint can be faster than this.
+async fn http_floor(server: &Server, plan: &Plan) -> anyhow::Result<f64> {
+    let client = server.client.clone();
+    let url = server.url("/livez");
+    let run = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, _| {
+        let req = client.get(&url);
+        async move {
+            let r = req.send().await?;
+            expect(r.status(), StatusCode::OK, "GET /livez")?;
+            r.bytes().await?;
+            Ok(1)
+        }
+    })
+    .await;
+    run.check("HTTP floor")?;
+    Ok(run.rate())
 }
 
 async fn ids_len(pool: &PgPool) -> i64 {

@@ -41,8 +41,27 @@ pub fn pool_reading(cfg: &DbConfig, read_schema: &str) -> Result<PgPool, sqlx::E
         // outage) need not all wait to connect.
         .min_connections(2.min(cfg.db_max_connections))
         .acquire_timeout(Duration::from_millis(cfg.db_acquire_timeout_ms))
+        // sqlx pings every connection it hands out by default: a second
+        // round trip for every query, which under load cost as much as the
+        // query itself. A connection that was busy a moment ago is alive;
+        // one idle for longer (say, across an outage) is still checked
+        // before use. A connection that breaks mid-burst fails its query
+        // (a 503) and is discarded.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options))
 }
+
+/// How long a pooled connection may sit idle before it is pinged on its
+/// way out of the pool.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Waits until PostgreSQL answers, logging while it does not.
 pub async fn wait_ready(pool: &PgPool, deadline: Duration) -> Result<(), sqlx::Error> {

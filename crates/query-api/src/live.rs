@@ -8,6 +8,11 @@
 //! fan-out *before* the replay starts and drops what the replay already
 //! sent, so the hand-over has neither a gap nor a duplicate.
 //!
+//! The reader runs only while someone listens: the first client starts it
+//! at the stream's end, and it stops once no client has been connected for
+//! [`IDLE_STOP`], so a process nobody watches does not read (and NATS does
+//! not deliver) every event twice.
+//!
 //! Memory is bounded whatever clients do: the ring holds at most
 //! `YMERA_LIVE_BUFFER` events, and a client that falls further behind is
 //! disconnected with a reason that says where to resume.
@@ -73,7 +78,15 @@ pub struct LiveHub {
     buffer: usize,
     ping: Duration,
     shutdown: CancellationToken,
+    /// Whether the reader runs. Taken to start it, and by the reader to stop
+    /// only while no client is subscribed, so a client never waits on a
+    /// reader that has just decided to stop.
+    following: tokio::sync::Mutex<bool>,
 }
+
+/// How long the reader goes on after the last client left (and how often it
+/// checks): a client that reconnects at once finds it still running.
+const IDLE_STOP: Duration = Duration::from_secs(30);
 
 /// Holds one of the hub's connection slots while a client is connected.
 #[derive(Debug)]
@@ -113,10 +126,10 @@ impl Filter {
 }
 
 impl LiveHub {
-    /// Starts following the stream from its current end.
+    /// The hub of a process; its reader starts with the first client.
     pub fn spawn(store: EventStore, cfg: &HttpConfig, shutdown: CancellationToken) -> Arc<LiveHub> {
         let (tx, _) = broadcast::channel(cfg.live_buffer.max(1));
-        let hub = Arc::new(LiveHub {
+        Arc::new(LiveHub {
             store,
             tx,
             last: AtomicU64::new(0),
@@ -125,9 +138,22 @@ impl LiveHub {
             buffer: cfg.live_buffer.max(1),
             ping: Duration::from_secs(cfg.live_ping_secs.max(1)),
             shutdown,
-        });
-        tokio::spawn(hub.clone().follow());
-        hub
+            following: tokio::sync::Mutex::new(false),
+        })
+    }
+
+    /// Starts the reader at the stream's current end unless it runs;
+    /// returns once its start is fixed (`last`), so a client that has
+    /// subscribed gets every event after `last` from the ring.
+    async fn ensure_following(self: &Arc<Self>) -> Result<(), String> {
+        let mut running = self.following.lock().await;
+        if !*running {
+            let end = self.store.last_seq().await.map_err(|e| e.to_string())?;
+            self.last.store(end, Ordering::SeqCst);
+            *running = true;
+            tokio::spawn(self.clone().follow());
+        }
+        Ok(())
     }
 
     /// Clients connected now.
@@ -149,7 +175,7 @@ impl LiveHub {
         Ok(slot)
     }
 
-    /// Follows the stream for the life of the process, reconnecting after
+    /// Follows the stream while clients listen, reconnecting after
     /// outages from where it left off.
     async fn follow(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
@@ -157,10 +183,9 @@ impl LiveHub {
             let run = self.follow_once();
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                result = run => {
-                    if let Err(e) = result {
-                        tracing::warn!(error = %e, "live feed lost the stream; reconnecting");
-                    }
+                result = run => match result {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(error = %e, "live feed lost the stream; reconnecting"),
                 }
             }
             tokio::select! {
@@ -171,29 +196,43 @@ impl LiveHub {
         }
     }
 
+    /// Broadcasts events after `last` until the stream fails (an error) or
+    /// no client has listened for a while (`Ok`, with `following` cleared).
     async fn follow_once(&self) -> Result<(), String> {
-        if self.last.load(Ordering::SeqCst) == 0 {
-            let end = self.store.last_seq().await.map_err(|e| e.to_string())?;
-            self.last.store(end, Ordering::SeqCst);
-        }
         let start = self.last.load(Ordering::SeqCst) + 1;
         let mut messages = self
             .ordered(events::all_subjects(self.store.prefix()), start)
             .await?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
-            if let Some(event) = LiveEvent::parse(seq, &message.payload) {
-                // Update `last` before sending: a client that reads `last`
-                // after subscribing then gets every later event from the
-                // ring (and drops those its replay already had).
-                self.last.store(seq, Ordering::SeqCst);
-                let _ = self.tx.send(Arc::new(event));
-            } else {
-                self.last.store(seq, Ordering::SeqCst);
+        let mut idle_check = tokio::time::interval(IDLE_STOP);
+        idle_check.tick().await;
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        return Err("the stream ended".into());
+                    };
+                    let message = message.map_err(|e| e.to_string())?;
+                    let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
+                    // Update `last` before sending: a client that reads
+                    // `last` after subscribing then gets every later event
+                    // from the ring (and drops those its replay already had).
+                    let event = LiveEvent::parse(seq, &message.payload);
+                    self.last.store(seq, Ordering::SeqCst);
+                    if let Some(event) = event {
+                        let _ = self.tx.send(Arc::new(event));
+                    }
+                }
+                _ = idle_check.tick() => {
+                    if self.tx.receiver_count() == 0 {
+                        let mut running = self.following.lock().await;
+                        if self.tx.receiver_count() == 0 {
+                            *running = false;
+                            return Ok(());
+                        }
+                    }
+                }
             }
         }
-        Err("the stream ended".into())
     }
 
     async fn ordered(
@@ -223,22 +262,43 @@ impl LiveHub {
     /// A client's feed: history after `since` (if asked) from the log, then
     /// live events, filtered. Ends on shutdown, on a client that is too
     /// slow, or when the receiver is dropped.
-    fn feed(self: &Arc<Self>, filter: Filter, since: Option<u64>) -> mpsc::Receiver<Item> {
+    ///
+    /// The feed is in effect when this returns (before the response or the
+    /// upgrade): every event appended afterwards reaches the client. 503
+    /// when the stream cannot be followed (NATS down).
+    async fn feed(
+        self: &Arc<Self>,
+        filter: Filter,
+        since: Option<u64>,
+    ) -> Result<mpsc::Receiver<Item>, ApiError> {
+        // Subscribed first, so the reader cannot stop for lack of clients
+        // once it is known to run.
+        let live = self.tx.subscribe();
+        self.ensure_following().await.map_err(|e| {
+            tracing::warn!(error = %e, "live feed cannot follow the stream");
+            ApiError::Unavailable("the event stream cannot be followed right now".into())
+        })?;
+        let sent = self.last.load(Ordering::SeqCst);
         let (out, rx) = mpsc::channel(64);
         let hub = self.clone();
         tokio::spawn(async move {
-            let work = hub.clone().pump(filter, since, out);
+            let work = hub.clone().pump(filter, since, out, live, sent);
             tokio::select! {
                 _ = hub.shutdown.cancelled() => {}
                 _ = work => {}
             }
         });
-        rx
+        Ok(rx)
     }
 
-    async fn pump(self: Arc<Self>, filter: Filter, since: Option<u64>, out: mpsc::Sender<Item>) {
-        let mut live = self.tx.subscribe();
-        let mut sent = self.last.load(Ordering::SeqCst);
+    async fn pump(
+        self: Arc<Self>,
+        filter: Filter,
+        since: Option<u64>,
+        out: mpsc::Sender<Item>,
+        mut live: broadcast::Receiver<Arc<LiveEvent>>,
+        mut sent: u64,
+    ) {
         if let Some(since) = since {
             sent = since;
             match self.replay(&filter, since, &out).await {
@@ -399,6 +459,7 @@ pub async fn websocket(
     let upgrade = upgrade
         .map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {}", e.body_text())))?;
     let slot = state.live.admit()?;
+    let feed = state.live.feed(filter, since).await?;
     let upgrade = if via_protocol {
         upgrade.protocols(["bearer"])
     } else {
@@ -406,19 +467,17 @@ pub async fn websocket(
     };
     let hub = state.live.clone();
     Ok(upgrade
-        .on_upgrade(move |socket| ws_session(socket, hub, filter, since, slot))
+        .on_upgrade(move |socket| ws_session(socket, hub, feed, slot))
         .into_response())
 }
 
 async fn ws_session(
     socket: WebSocket,
     hub: Arc<LiveHub>,
-    filter: Filter,
-    since: Option<u64>,
+    mut feed: mpsc::Receiver<Item>,
     _slot: Slot,
 ) {
     let (mut sink, mut incoming) = socket.split();
-    let mut feed = hub.feed(filter, since);
     let mut ping = tokio::time::interval(hub.ping);
     ping.tick().await;
     let mut unanswered = 0u32;
@@ -505,7 +564,7 @@ pub async fn event_stream(
     let slot = state.live.admit()?;
     let buffer = state.live.buffer;
     let ping = state.live.ping;
-    let feed = state.live.feed(filter, last_event_id.or(since));
+    let feed = state.live.feed(filter, last_event_id.or(since)).await?;
     let stream = futures::stream::unfold((feed, Some(slot)), move |(mut feed, slot)| async move {
         let slot = slot?;
         match feed.recv().await {

@@ -392,3 +392,52 @@ async fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
     })
     .await;
 }
+
+/// The process reads the stream for the live feed only while a client
+/// listens: with none connected, the projector's is the only consumer on
+/// the stream; the first client adds the feed's reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_reads_the_stream_only_while_a_client_listens() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let consumers = || async {
+        app.deps
+            .store
+            .jetstream()
+            .get_stream(app.deps.store.stream_name())
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .consumer_count
+    };
+    let wait_for = |want: usize| async move {
+        let started = std::time::Instant::now();
+        loop {
+            let n = consumers().await;
+            if n == want {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{n} consumers on the stream, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // A write goes through the projector: its consumer exists.
+    let r = app.create_agent(&token, agent_body("before")).await;
+    assert_eq!(r.status(), 201);
+    wait_for(1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(consumers().await, 1, "no client, yet the feed reads the stream");
+
+    let mut ws = ws_connect(&app, "", Some(&token)).await.unwrap();
+    wait_for(2).await;
+    let r = app.create_agent(&token, agent_body("after")).await;
+    let seq = header_u64(&r, "x-event-seq");
+    let e = next_event(&mut ws, Duration::from_secs(2)).await;
+    assert_eq!(e["seq"], seq, "the first event after connecting is the write");
+}
