@@ -515,21 +515,9 @@ async fn empty_read_model(pool: &PgPool) -> anyhow::Result<()> {
 
 pub const VISIBLE_TARGET: &str = "p99 < 50 ms";
 
-pub async fn write_to_visible(ctx: &mut Ctx) -> anyhow::Result<Row> {
-    let plan = ctx.plan.clone();
-    if ctx.create_rate.is_none() {
-        // The load is half the single-create rate: measure that first.
-        let mut quick = plan.clone();
-        quick.measure = Duration::from_secs(2);
-        let saved = std::mem::replace(&mut ctx.plan, quick);
-        let r = single_create(ctx).await;
-        ctx.plan = saved;
-        r?;
-    }
-    let rate = (ctx.create_rate.unwrap_or(100.0) / 2.0).max(1.0);
-    ctx.settle().await?;
-    let main = ctx.main().await?;
-
+/// Writes at `rate` per second for `secs`, open loop, and measures each
+/// write's time from its 201 to the projector's commit of it.
+async fn visible_at(main: &Main, rate: f64, secs: Duration) -> anyhow::Result<Run> {
     // The projector commits each batch with `NOTIFY ymera_projection,
     // '<checkpoint>'`: the moment a row becomes readable.
     let mut listener = sqlx::postgres::PgListener::connect_with(&main.pool).await?;
@@ -552,7 +540,7 @@ pub async fn write_to_visible(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let started = Instant::now();
     let mut tasks = vec![];
     let mut n = 10_000_000u64;
-    while started.elapsed() < plan.visible_secs {
+    while started.elapsed() < secs {
         ticker.tick().await;
         n += 1;
         let body = serde_json::to_vec(&data::body(&data::agent(n)))?;
@@ -621,10 +609,35 @@ pub async fn write_to_visible(ctx: &mut Ctx) -> anyhow::Result<Row> {
         first_error: first_error.lock().await.clone().or_else(|| {
             (invisible > 0).then(|| format!("{invisible} writes never became visible within 10 s"))
         }),
-        secs: plan.visible_secs.as_secs_f64(),
+        secs: secs.as_secs_f64(),
         latencies_us: lat,
     };
+    Ok(run)
+}
+
+pub async fn write_to_visible(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let plan = ctx.plan.clone();
+    if ctx.create_rate.is_none() {
+        // The load is half the single-create rate: measure that first.
+        let mut quick = plan.clone();
+        quick.measure = Duration::from_secs(2);
+        let saved = std::mem::replace(&mut ctx.plan, quick);
+        let r = single_create(ctx).await;
+        ctx.plan = saved;
+        r?;
+    }
+    let rate = (ctx.create_rate.unwrap_or(100.0) / 2.0).max(1.0);
+    ctx.settle().await?;
+    let main = ctx.main().await?;
+    let run = visible_at(main, rate, plan.visible_secs).await?;
     run.check("write-to-visible")?;
+    // The same at a quarter of the rate: where the curve bends, for the
+    // note (the target is judged at half).
+    ctx.settle().await?;
+    let main = ctx.main().await?;
+    let quarter = visible_at(main, rate / 2.0, plan.visible_secs / 2).await?;
+    quarter.check("write-to-visible at a quarter")?;
+
     let p99 = run.quantile_ms(0.99);
     let mut row = Row::ratio(
         "write-to-visible",
@@ -643,8 +656,13 @@ pub async fn write_to_visible(ctx: &mut Ctx) -> anyhow::Result<Row> {
         format!(
             "{} writes at {rate:.0}/s (half the single-create rate), open loop; visible = the \
              projector's NOTIFY of a checkpoint >= the write's X-Event-Seq (same transaction as \
-             the row), measured from the 201",
-            run.ops
+             the row), measured from the 201; at a quarter of the single-create rate ({:.0}/s, \
+             {} writes): p50 {:.1} / p99 {:.1} ms",
+            run.ops,
+            rate / 2.0,
+            quarter.ops,
+            quarter.quantile_ms(0.5),
+            quarter.quantile_ms(0.99),
         ),
     );
     row.raw = None;

@@ -65,7 +65,7 @@ impl Default for Settings {
     }
 }
 
-/// How long a batch waits for more events once it has one.
+/// How long a batch waits for more events once it has its first.
 const LINGER: Duration = Duration::from_millis(2);
 
 /// The advisory lock that a live projector's batch holds shared and a
@@ -220,13 +220,18 @@ impl Projector {
             Ok(Some(Ok(m))) => m,
         };
         let mut batch = vec![first];
-        // Gather what follows within a moment: when the log is ahead (a
-        // catch-up, a burst) batches fill and commits are few; when it is
-        // quiet, an event waits at most LINGER longer to be visible.
+        // Gather what follows within a moment of the first: when the log is
+        // ahead (a catch-up, a burst) everything is at hand, batches fill
+        // and commits are few; under a steady stream of writes, the first
+        // event of a batch waits at most LINGER to be applied. (The moment
+        // counts from the first event, not from the last one: a stream
+        // with an event every millisecond would otherwise fill all
+        // `batch_size` before applying any.)
+        let deadline = tokio::time::Instant::now() + LINGER;
         while batch.len() < self.settings.batch_size {
             let next = match messages.next().now_or_never() {
                 Some(next) => next,
-                None => match tokio::time::timeout(LINGER, messages.next()).await {
+                None => match tokio::time::timeout_at(deadline, messages.next()).await {
                     Ok(next) => next,
                     Err(_) => break,
                 },

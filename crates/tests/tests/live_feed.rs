@@ -432,12 +432,19 @@ async fn the_feed_reads_the_stream_only_while_a_client_listens() {
     assert_eq!(r.status(), 201);
     wait_for(1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(consumers().await, 1, "no client, yet the feed reads the stream");
+    assert_eq!(
+        consumers().await,
+        1,
+        "no client, yet the feed reads the stream"
+    );
 
     let mut ws = ws_connect(&app, "", Some(&token)).await.unwrap();
     wait_for(2).await;
     let r = app.create_agent(&token, agent_body("after")).await;
     let seq = header_u64(&r, "x-event-seq");
     let e = next_event(&mut ws, Duration::from_secs(2)).await;
-    assert_eq!(e["seq"], seq, "the first event after connecting is the write");
+    assert_eq!(
+        e["seq"], seq,
+        "the first event after connecting is the write"
+    );
 }
