@@ -102,6 +102,7 @@ async fn run(cli: &Cli, selected: &[&str]) -> anyhow::Result<Vec<Row>> {
         env,
         ymera,
         main: None,
+        writer: None,
         raw: None,
         replay: None,
         create_rate: None,
@@ -114,6 +115,7 @@ async fn run(cli: &Cli, selected: &[&str]) -> anyhow::Result<Vec<Row>> {
     };
     // Stop the server before dropping its database.
     ctx.main = None;
+    ctx.writer = None;
     ctx.replay = None;
     ctx.env.cleanup().await;
     let rows = outcome?;

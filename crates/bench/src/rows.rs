@@ -102,6 +102,9 @@ pub struct Ctx {
     pub env: Env,
     pub ymera: std::path::PathBuf,
     pub main: Option<Main>,
+    /// `ymera command-api` alone, on a database and stream of its own: the
+    /// write path without a projector sharing the machine.
+    pub writer: Option<Server>,
     pub raw: Option<(String, String)>,
     pub replay: Option<Replay>,
     /// ours ops/s of single create, for write-to-visible's load.
@@ -116,7 +119,7 @@ impl Ctx {
             let db_url = self.env.database("").await?;
             let (stream, prefix) = self.env.stream_names("");
             let vars = ymera_env(&self.env, &stream, &prefix, &db_url);
-            let server = Server::start(&self.ymera, &vars).await?;
+            let server = Server::start(&self.ymera, "all", &vars).await?;
             let pool = self.env.pool(&db_url, 16)?;
             // Idle: started, logged in, nothing else, after a breath.
             tokio::time::sleep(if self.plan.quick {
@@ -166,6 +169,17 @@ impl Ctx {
             );
         }
         Ok(())
+    }
+
+    /// Starts the write-only server (first use), for the write rows.
+    async fn writer(&mut self) -> anyhow::Result<&Server> {
+        if self.writer.is_none() {
+            let db_url = self.env.database("_w").await?;
+            let (stream, prefix) = self.env.stream_names("_W");
+            let vars = ymera_env(&self.env, &stream, &prefix, &db_url);
+            self.writer = Some(Server::start(&self.ymera, "command-api", &vars).await?);
+        }
+        self.writer.as_ref().context("writer")
     }
 
     async fn raw_stream(&mut self) -> anyhow::Result<(String, String)> {
@@ -251,15 +265,12 @@ async fn publish_pipelined(
 
 pub const SINGLE_TARGET: &str = ">= 0.5 ops/s, p99 <= 3x raw";
 
-pub async fn single_create(ctx: &mut Ctx) -> anyhow::Result<Row> {
-    let plan = ctx.plan.clone();
-    let (_, raw_prefix) = ctx.raw_stream().await?;
-    let main = ctx.main().await?;
-    let client = main.server.client.clone();
-    let url = main.server.url("/api/v1/agents");
-    let token = main.server.token.clone();
-    let sampler = RssSampler::start(main.server.pid);
-    let ours = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
+/// `POST /agents` from `plan.clients` clients in a closed loop.
+async fn creates(server: &Server, plan: &Plan) -> Run {
+    let client = server.client.clone();
+    let url = server.url("/api/v1/agents");
+    let token = server.token.clone();
+    closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
         let body = serde_json::to_vec(&data::body(&data::agent(n)));
         let req = client
             .post(&url)
@@ -272,12 +283,29 @@ pub async fn single_create(ctx: &mut Ctx) -> anyhow::Result<Row> {
             Ok(1)
         }
     })
-    .await;
+    .await
+}
+
+pub async fn single_create(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let plan = ctx.plan.clone();
+    let (_, raw_prefix) = ctx.raw_stream().await?;
+    // The whole system in one process (`ymera all`): its projector applies
+    // every create while they come, on the same two cores. This rate sets
+    // write-to-visible's load, and its memory is the loaded figure.
+    let main = ctx.main().await?;
+    let sampler = RssSampler::start(main.server.pid);
+    let all = creates(&main.server, &plan).await;
     let peak = sampler.finish().await;
     let (_, hwm) = main.server.memory()?;
     ctx.loaded_rss = Some(peak.max(hwm));
-    ours.check("ours")?;
-    ctx.create_rate = Some(ours.rate());
+    all.check("ours (ymera all)")?;
+    ctx.create_rate = Some(all.rate());
+
+    // The write path alone, as the raw limit is the append alone: `ymera
+    // command-api` with no projector on its stream.
+    let writer = ctx.writer().await?;
+    let ours = creates(writer, &plan).await;
+    ours.check("ours (ymera command-api)")?;
 
     let js = ctx.env.js.clone();
     let raw = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
@@ -303,11 +331,18 @@ pub async fn single_create(ctx: &mut Ctx) -> anyhow::Result<Row> {
         0.5,
         p99_ok,
         format!(
-            "{} clients; raw = JetStream publish of the same envelope bytes with Nats-Msg-Id and \
-             Nats-Expected-Last-Subject-Sequence 0 on a fresh subject, each awaiting its ack; \
-             p99 ratio {:.1}x (target <= 3x)",
+            "{} clients against `ymera command-api` (the write path: HTTP, token, validation, \
+             decision, append, 201; no projector on its stream); raw = JetStream publish of the \
+             same envelope bytes with Nats-Msg-Id and Nats-Expected-Last-Subject-Sequence 0 on a \
+             fresh subject, each awaiting its ack; p99 ratio {:.1}x (target <= 3x); the whole \
+             system in one process (`ymera all`, its projector applying every create on the same \
+             cores): {:.0} ops/s (p50 {:.1} / p99 {:.1} ms), {:.2} of raw",
             plan.clients,
-            ratio(ours.quantile_ms(0.99), raw.quantile_ms(0.99))
+            ratio(ours.quantile_ms(0.99), raw.quantile_ms(0.99)),
+            all.rate(),
+            all.quantile_ms(0.5),
+            all.quantile_ms(0.99),
+            ratio(all.rate(), raw.rate()),
         ),
     ))
 }

@@ -251,7 +251,7 @@ pub fn ymera_env(env: &Env, stream: &str, prefix: &str, db_url: &str) -> Vec<(St
     .collect()
 }
 
-/// `ymera all` running as a child process, and an HTTP client for it.
+/// `ymera <role>` running as a child process, and an HTTP client for it.
 #[derive(Debug)]
 pub struct Server {
     child: Child,
@@ -262,9 +262,13 @@ pub struct Server {
 }
 
 impl Server {
-    pub async fn start(bin: &Path, vars: &[(String, String)]) -> anyhow::Result<Server> {
+    pub async fn start(
+        bin: &Path,
+        role: &str,
+        vars: &[(String, String)],
+    ) -> anyhow::Result<Server> {
         let mut child = Command::new(bin)
-            .arg("all")
+            .arg(role)
             .envs(vars.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -273,7 +277,7 @@ impl Server {
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
         let stdout = child.stdout.take().context("child stdout")?;
-        // `ymera` prints "ymera all listening on http://<addr>" once it
+        // `ymera` prints "ymera <role> listening on http://<addr>" once it
         // serves; the rest of its output is drained and dropped.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
