@@ -362,13 +362,14 @@ pub async fn bulk_ingest(ctx: &mut Ctx) -> anyhow::Result<Row> {
     ctx.settle().await?;
     let plan = ctx.plan.clone();
     let (_, raw_prefix) = ctx.raw_stream().await?;
-    let main = ctx.main().await?;
+    // The write path alone, like single create: `ymera command-api`.
+    let writer = ctx.writer().await?;
     let agents: Vec<_> = (0..BULK_SIZE).map(data::agent).collect();
     let body = serde_json::json!({ "agents": agents.iter().map(data::body).collect::<Vec<_>>() });
     let body = Bytes::from(serde_json::to_vec(&body)?);
-    let client = main.server.client.clone();
-    let url = main.server.url("/api/v1/agents/bulk");
-    let token = main.server.token.clone();
+    let client = writer.client.clone();
+    let url = writer.url("/api/v1/agents/bulk");
+    let token = writer.token.clone();
     let ours = closed_loop(plan.bulk_clients, plan.warmup, plan.measure, move |_, _| {
         let req = client
             .post(&url)
@@ -418,7 +419,8 @@ pub async fn bulk_ingest(ctx: &mut Ctx) -> anyhow::Result<Row> {
         0.7,
         true,
         format!(
-            "{} concurrent requests of {BULK_SIZE} agents (ours: one atomic batch each); raw = the \
+            "{} concurrent requests of {BULK_SIZE} agents to `ymera command-api` (ours: one atomic \
+             batch each); raw = the \
              same events published pipelined, {BULK_SIZE} in flight per client, each guarded by \
              expected subject sequence 0; latencies are per request of {BULK_SIZE}",
             plan.bulk_clients
