@@ -210,10 +210,20 @@ fn bearer(parts: &Parts) -> Option<&str> {
 }
 
 /// Verified claims of the request's bearer token.
+/// Claims already verified from this request's bearer token, left in the
+/// request's extensions by a middleware that needed them first (the rate
+/// limiter keys on the token's subject), so the role extractors do not
+/// verify the signature a second time. Only server code sets extensions.
+#[derive(Debug, Clone)]
+pub struct VerifiedClaims(pub Claims);
+
 pub async fn claims_from_parts<S>(parts: &Parts, state: &S) -> Result<Claims, ApiError>
 where
     Arc<Auth>: FromRef<S>,
 {
+    if let Some(VerifiedClaims(claims)) = parts.extensions.get::<VerifiedClaims>() {
+        return Ok(claims.clone());
+    }
     let token =
         bearer(parts).ok_or_else(|| ApiError::Unauthorized("a bearer token is required".into()))?;
     Arc::<Auth>::from_ref(state).verify(token)

@@ -185,15 +185,27 @@ impl Limits {
 }
 
 /// Middleware: limits each token (or, without a valid one, each address).
-pub async fn rate_limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
-    let subject = req
+pub async fn rate_limit(
+    State(limits): State<Arc<Limits>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if limits.per_token.is_none() && limits.per_ip.is_none() {
+        return next.run(req).await;
+    }
+    let claims = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .and_then(|(_, token)| limits.auth.verify(token.trim()).ok())
-        .map(|claims| claims.sub);
+        .and_then(|(_, token)| limits.auth.verify(token.trim()).ok());
+    let subject = claims.as_ref().map(|c| c.sub.clone());
+    if let Some(claims) = claims {
+        // Verified once: the handler's role extractor takes it from here.
+        req.extensions_mut()
+            .insert(crate::auth::VerifiedClaims(claims));
+    }
     let decision = match subject {
         Some(sub) => limits
             .per_token
