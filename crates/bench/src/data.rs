@@ -221,6 +221,20 @@ pub fn csv_event_row(out: &mut String, e: &Event, seq: u64) {
     out.push('\n');
 }
 
+/// The `agents` and `events` rows of agents `from..from + n` (stream
+/// sequences `from + 1..`), as `COPY … (FORMAT csv)` input for each table.
+pub fn csv_rows(from: u64, n: u64) -> (String, String) {
+    let mut agents = String::with_capacity(n as usize * 400);
+    let mut events = String::with_capacity(n as usize * 700);
+    for i in from..from + n {
+        let a = agent(i);
+        let e = event(&a);
+        csv_row(&mut agents, &a, &e, i + 1);
+        csv_event_row(&mut events, &e, i + 1);
+    }
+    (agents, events)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -460,25 +460,8 @@ pub async fn projection_catchup(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let mut seq = 0;
     while seq < target {
         let n = (target - seq).min(1_000);
-        let mut agents = String::with_capacity(n as usize * 400);
-        let mut events = String::with_capacity(n as usize * 700);
-        for i in seq..seq + n {
-            let a = data::agent(i);
-            let e = data::event(&a);
-            data::csv_row(&mut agents, &a, &e, i + 1);
-            data::csv_event_row(&mut events, &e, i + 1);
-        }
         let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
-        for (table, columns, csv) in [
-            ("agents", data::AGENT_COLUMNS, &agents),
-            ("events", data::EVENT_COLUMNS, &events),
-        ] {
-            let mut copy = tx
-                .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN (FORMAT csv)"))
-                .await?;
-            copy.send(csv.as_bytes()).await?;
-            copy.finish().await?;
-        }
+        copy_rows(&mut tx, "", seq, n).await?;
         sqlx::query(
             "INSERT INTO projector_checkpoint (name, last_seq) VALUES ('main', $1) \
              ON CONFLICT (name) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()",
@@ -532,6 +515,30 @@ pub async fn projection_catchup(ctx: &mut Ctx) -> anyhow::Result<Row> {
              per transaction with a checkpoint update"
         ),
     ))
+}
+
+/// COPYs the `agents` and `events` rows of agents `from..from + n` into
+/// `{schema}agents` and `{schema}events`.
+async fn copy_rows(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+    from: u64,
+    n: u64,
+) -> anyhow::Result<()> {
+    let (agents, events) = data::csv_rows(from, n);
+    for (table, columns, csv) in [
+        ("agents", data::AGENT_COLUMNS, &agents),
+        ("events", data::EVENT_COLUMNS, &events),
+    ] {
+        let mut copy = conn
+            .copy_in_raw(&format!(
+                "COPY {schema}{table} ({columns}) FROM STDIN (FORMAT csv)"
+            ))
+            .await?;
+        copy.send(csv.as_bytes()).await?;
+        copy.finish().await?;
+    }
+    Ok(())
 }
 
 /// Empties the replay sandbox's read model and sets its checkpoint back to
@@ -1138,26 +1145,7 @@ pub async fn rebuild(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let mut i = 0;
     while i < stored {
         let n = (stored - i).min(5_000);
-        let mut agents = String::with_capacity(n as usize * 400);
-        let mut events = String::with_capacity(n as usize * 700);
-        for k in i..i + n {
-            let a = data::agent(k);
-            let e = data::event(&a);
-            data::csv_row(&mut agents, &a, &e, k + 1);
-            data::csv_event_row(&mut events, &e, k + 1);
-        }
-        for (table, columns, csv) in [
-            ("agents", data::AGENT_COLUMNS, &agents),
-            ("events", data::EVENT_COLUMNS, &events),
-        ] {
-            let mut copy = conn
-                .copy_in_raw(&format!(
-                    "COPY bench_raw.{table} ({columns}) FROM STDIN (FORMAT csv)"
-                ))
-                .await?;
-            copy.send(csv.as_bytes()).await?;
-            copy.finish().await?;
-        }
+        copy_rows(&mut conn, "bench_raw.", i, n).await?;
         i += n;
     }
     let copy_secs = started.elapsed().as_secs_f64();
