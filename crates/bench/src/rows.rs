@@ -95,6 +95,34 @@ pub struct Replay {
     pub published: u64,
 }
 
+impl Replay {
+    /// Runs the live projection of the sandbox (the projector's own step
+    /// function, from its checkpoint) until it has applied every event
+    /// published; returns its checkpoint.
+    async fn project_to_end(&self) -> anyhow::Result<u64> {
+        let mut projector = projector::Projector::new(
+            self.store.clone(),
+            self.pool.clone(),
+            projector::Settings::default(),
+        );
+        let started = Instant::now();
+        let deadline = Duration::from_secs(600);
+        while projector.checkpoint() < self.published {
+            anyhow::ensure!(
+                started.elapsed() < deadline,
+                "the projector applied {} of {} events in {deadline:?}",
+                projector.checkpoint(),
+                self.published
+            );
+            projector
+                .process_next_batch(Duration::from_secs(5))
+                .await
+                .context("projector step")?;
+        }
+        Ok(projector.checkpoint())
+    }
+}
+
 /// What the rows share within one run.
 #[derive(Debug)]
 pub struct Ctx {
@@ -189,6 +217,26 @@ impl Ctx {
         self.raw.clone().context("raw stream")
     }
 
+    /// The projector's sandbox with at least `events` events in its stream.
+    async fn replay_filled(&mut self, events: u64) -> anyhow::Result<&mut Replay> {
+        let js = self.env.js.clone();
+        let r = self.replay().await?;
+        if r.published < events {
+            publish_pipelined(
+                &js,
+                &r.prefix,
+                r.published,
+                events - r.published,
+                2_000,
+                true,
+            )
+            .await
+            .context("filling the stream")?;
+            r.published = events;
+        }
+        Ok(r)
+    }
+
     async fn replay(&mut self) -> anyhow::Result<&mut Replay> {
         if self.replay.is_none() {
             let db_url = self.env.database("_p").await?;
@@ -265,24 +313,52 @@ async fn publish_pipelined(
 
 pub const SINGLE_TARGET: &str = ">= 0.5 ops/s, p99 <= 3x raw";
 
-/// `POST /agents` from `plan.clients` clients in a closed loop.
-async fn creates(server: &Server, plan: &Plan) -> Run {
+/// `clients` clients in a closed loop, each operation the request
+/// `request(client, n)` builds, which must answer `want`; each counts
+/// `units` (events in a bulk request, else 1).
+async fn http_loop<F>(
+    server: &Server,
+    plan: &Plan,
+    clients: usize,
+    want: StatusCode,
+    units: u64,
+    what: &'static str,
+    request: F,
+) -> Run
+where
+    F: Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
     let client = server.client.clone();
-    let url = server.url("/api/v1/agents");
-    let token = server.token.clone();
-    closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
-        let body = serde_json::to_vec(&data::body(&data::agent(n)));
-        let req = client
-            .post(&url)
-            .bearer_auth(&token)
-            .header("content-type", "application/json");
+    closed_loop(clients, plan.warmup, plan.measure, move |_, n| {
+        let req = request(&client, n);
         async move {
-            let r = req.body(body?).send().await?;
-            expect(r.status(), StatusCode::CREATED, "POST /agents")?;
+            let r = req.send().await?;
+            expect(r.status(), want, what)?;
             r.bytes().await?;
-            Ok(1)
+            Ok(units)
         }
     })
+    .await
+}
+
+/// `POST /agents` from `plan.clients` clients in a closed loop.
+async fn creates(server: &Server, plan: &Plan) -> Run {
+    let url = server.url("/api/v1/agents");
+    let token = server.token.clone();
+    http_loop(
+        server,
+        plan,
+        plan.clients,
+        StatusCode::CREATED,
+        1,
+        "POST /agents",
+        move |client, n| {
+            client
+                .post(&url)
+                .bearer_auth(&token)
+                .json(&data::body(&data::agent(n)))
+        },
+    )
     .await
 }
 
@@ -367,22 +443,23 @@ pub async fn bulk_ingest(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let agents: Vec<_> = (0..BULK_SIZE).map(data::agent).collect();
     let body = serde_json::json!({ "agents": agents.iter().map(data::body).collect::<Vec<_>>() });
     let body = Bytes::from(serde_json::to_vec(&body)?);
-    let client = writer.client.clone();
     let url = writer.url("/api/v1/agents/bulk");
     let token = writer.token.clone();
-    let ours = closed_loop(plan.bulk_clients, plan.warmup, plan.measure, move |_, _| {
-        let req = client
-            .post(&url)
-            .bearer_auth(&token)
-            .header("content-type", "application/json")
-            .body(body.clone());
-        async move {
-            let r = req.send().await?;
-            expect(r.status(), StatusCode::CREATED, "POST /agents/bulk")?;
-            r.bytes().await?;
-            Ok(BULK_SIZE)
-        }
-    })
+    let ours = http_loop(
+        writer,
+        &plan,
+        plan.bulk_clients,
+        StatusCode::CREATED,
+        BULK_SIZE,
+        "POST /agents/bulk",
+        move |client, _| {
+            client
+                .post(&url)
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body(body.clone())
+        },
+    )
     .await;
     ours.check("ours")?;
 
@@ -436,21 +513,7 @@ pub const CATCHUP_TARGET: &str = ">= 0.5 events/s";
 
 pub async fn projection_catchup(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let target = ctx.plan.catchup_events;
-    let js = ctx.env.js.clone();
-    let r = ctx.replay().await?;
-    if r.published < target {
-        publish_pipelined(
-            &js,
-            &r.prefix,
-            r.published,
-            target - r.published,
-            2_000,
-            true,
-        )
-        .await
-        .context("filling the stream")?;
-        r.published = target;
-    }
+    let r = ctx.replay_filled(target).await?;
     // Raw first, into the very tables the projector writes (same indexes,
     // same triggers): the same rows of agents and events, 1,000 per
     // transaction with a checkpoint update, as COPY.
@@ -479,28 +542,9 @@ pub async fn projection_catchup(ctx: &mut Ctx) -> anyhow::Result<Row> {
     // it leaves the read model the live projection of the stream, which
     // the rebuild row starts from.
     empty_read_model(&r.pool).await?;
-    let mut projector = projector::Projector::new(
-        r.store.clone(),
-        r.pool.clone(),
-        projector::Settings::default(),
-    );
     let started = Instant::now();
-    let deadline = Duration::from_secs(600);
-    while projector.checkpoint() < target {
-        if started.elapsed() > deadline {
-            bail!(
-                "the projector applied {} of {target} events in {deadline:?}",
-                projector.checkpoint()
-            );
-        }
-        projector
-            .process_next_batch(Duration::from_secs(5))
-            .await
-            .context("projector step")?;
-    }
+    let applied = r.project_to_end().await?;
     let ours_secs = started.elapsed().as_secs_f64();
-    let applied = projector.checkpoint();
-    drop(projector);
     Ok(Row::ratio(
         "projection catch-up",
         CATCHUP_TARGET,
@@ -754,20 +798,21 @@ pub async fn get_by_id(ctx: &mut Ctx) -> anyhow::Result<Row> {
     }
     anyhow::ensure!(!ids.is_empty(), "no agents to read");
     let ids = Arc::new(ids);
-    let client = main.server.client.clone();
     let base = main.server.url("/api/v1/agents/");
     let token = main.server.token.clone();
     let ids_ours = ids.clone();
-    let ours = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
-        let id = ids_ours[(n as usize * 7919) % ids_ours.len()];
-        let req = client.get(format!("{base}{id}")).bearer_auth(&token);
-        async move {
-            let r = req.send().await?;
-            expect(r.status(), StatusCode::OK, "GET /agents/{id}")?;
-            r.bytes().await?;
-            Ok(1)
-        }
-    })
+    let ours = http_loop(
+        &main.server,
+        &plan,
+        plan.clients,
+        StatusCode::OK,
+        1,
+        "GET /agents/{id}",
+        move |client, n| {
+            let id = ids_ours[(n as usize * 7919) % ids_ours.len()];
+            client.get(format!("{base}{id}")).bearer_auth(&token)
+        },
+    )
     .await;
     ours.check("ours")?;
     let pool = main.pool.clone();
@@ -808,17 +853,16 @@ pub async fn get_by_id(ctx: &mut Ctx) -> anyhow::Result<Row> {
 /// token, no database, a few bytes) from the same client at the same
 /// concurrency, in ops/s. No endpoint can be faster than this.
 async fn http_floor(server: &Server, plan: &Plan) -> anyhow::Result<f64> {
-    let client = server.client.clone();
     let url = server.url("/livez");
-    let run = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, _| {
-        let req = client.get(&url);
-        async move {
-            let r = req.send().await?;
-            expect(r.status(), StatusCode::OK, "GET /livez")?;
-            r.bytes().await?;
-            Ok(1)
-        }
-    })
+    let run = http_loop(
+        server,
+        plan,
+        plan.clients,
+        StatusCode::OK,
+        1,
+        "GET /livez",
+        move |client, _| client.get(&url),
+    )
     .await;
     run.check("HTTP floor")?;
     Ok(run.rate())
@@ -919,19 +963,20 @@ pub async fn search(ctx: &mut Ctx) -> anyhow::Result<Row> {
         return Ok(Row::not_built("search", SEARCH_TARGET, why));
     }
     seed(main, plan.seed_agents).await?;
-    let client = main.server.client.clone();
     let url = main.server.url(path);
     let token = main.server.token.clone();
-    let ours = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
-        let q = SEARCH_TERMS[n as usize % SEARCH_TERMS.len()];
-        let req = client.get(&url).query(&[("q", q)]).bearer_auth(&token);
-        async move {
-            let r = req.send().await?;
-            expect(r.status(), StatusCode::OK, "GET /agents/search")?;
-            r.bytes().await?;
-            Ok(1)
-        }
-    })
+    let ours = http_loop(
+        &main.server,
+        &plan,
+        plan.clients,
+        StatusCode::OK,
+        1,
+        "GET /agents/search",
+        move |client, n| {
+            let q = SEARCH_TERMS[n as usize % SEARCH_TERMS.len()];
+            client.get(&url).query(&[("q", q)]).bearer_auth(&token)
+        },
+    )
     .await;
     ours.check("ours")?;
     let pool = main.pool.clone();
@@ -1061,41 +1106,11 @@ pub async fn rebuild(ctx: &mut Ctx) -> anyhow::Result<Row> {
         ));
     }
     let events = ctx.plan.rebuild_events;
-    let js = ctx.env.js.clone();
     let vars = {
-        let r = ctx.replay().await?;
-        if r.published < events {
-            publish_pipelined(
-                &js,
-                &r.prefix,
-                r.published,
-                events - r.published,
-                2_000,
-                true,
-            )
-            .await
-            .context("filling the stream")?;
-            r.published = events;
-        }
+        let r = ctx.replay_filled(events).await?;
         // `ymera rebuild` follows the live projection (it swaps at the live
         // checkpoint): bring that to the end of the stream first.
-        let mut live = projector::Projector::new(
-            r.store.clone(),
-            r.pool.clone(),
-            projector::Settings::default(),
-        );
-        let started = Instant::now();
-        while live.checkpoint() < r.published {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "the live projection reached {} of {} events in 600 s",
-                live.checkpoint(),
-                r.published
-            );
-            live.process_next_batch(Duration::from_secs(5))
-                .await
-                .context("live projection")?;
-        }
+        r.project_to_end().await.context("live projection")?;
         (r.stream.clone(), r.prefix.clone(), r.db_url.clone())
     };
     let vars = ymera_env(&ctx.env, &vars.0, &vars.1, &vars.2);
@@ -1103,6 +1118,7 @@ pub async fn rebuild(ctx: &mut Ctx) -> anyhow::Result<Row> {
     cmd.arg("rebuild").envs(vars);
     let (status, tail, took) = run_with_deadline(cmd, Duration::from_secs(600)).await?;
     anyhow::ensure!(status.success(), "ymera rebuild failed ({status}): {tail}");
+    let js = ctx.env.js.clone();
     let r = ctx.replay().await?;
     let stored = r.store.stream_state().await?.messages;
 

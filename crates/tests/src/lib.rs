@@ -261,6 +261,35 @@ impl TestApp {
             .expect("POST /agents")
     }
 
+    /// `POST /agents/bulk` of `agents`, which must succeed (201); the
+    /// created ids, in order.
+    pub async fn bulk_create(&self, token: &str, agents: Vec<Value>) -> Vec<String> {
+        let r = self
+            .request(Method::POST, "/api/v1/agents/bulk", Some(token))
+            .json(&json!({ "agents": agents }))
+            .send()
+            .await
+            .expect("POST /agents/bulk");
+        assert_eq!(r.status(), 201, "bulk create");
+        let body: Value = r.json().await.expect("bulk body");
+        body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|a| a["id"].as_str().expect("id").to_owned())
+            .collect()
+    }
+
+    /// `GET path` once the projection has reached `min_seq`
+    /// (`X-Min-Event-Seq`).
+    pub async fn read_at(&self, path: &str, token: &str, min_seq: u64) -> Response {
+        self.request(Method::GET, path, Some(token))
+            .header("x-min-event-seq", min_seq.to_string())
+            .send()
+            .await
+            .expect("GET at a sequence")
+    }
+
     /// The stream's last sequence, straight from JetStream.
     pub async fn last_seq(&self) -> u64 {
         self.deps.store.last_seq().await.expect("stream state")

@@ -49,12 +49,7 @@ async fn create_then_read_your_write() {
     assert_eq!(created["project_id"], Value::Null);
 
     // Read it back, asking for the projection to have applied our write.
-    let r = app
-        .request(Method::GET, &location, Some(&token))
-        .header("x-min-event-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = app.read_at(&location, &token, seq).await;
     assert_eq!(r.status(), 200);
     assert!(header_u64(&r, "x-projection-seq") >= seq);
     assert_eq!(header(&r, "etag").as_deref(), Some("\"1\""));
@@ -159,12 +154,7 @@ async fn a_read_beyond_the_projection_is_503_after_the_bounded_wait() {
     let seq = header_u64(&r, "x-event-seq");
 
     let started = std::time::Instant::now();
-    let r = reader
-        .request(Method::GET, "/api/v1/agents", Some(&token))
-        .header("x-min-event-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = reader.read_at("/api/v1/agents", &token, seq).await;
     assert_eq!(r.status(), 503);
     assert!(header(&r, "retry-after").is_some());
     assert!(

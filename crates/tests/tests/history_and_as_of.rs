@@ -14,11 +14,7 @@ fn ts(t: DateTime<Utc>) -> String {
 }
 
 async fn get(app: &TestApp, token: &str, path: &str, min_seq: u64) -> reqwest::Response {
-    app.request(Method::GET, path, Some(token))
-        .header("x-min-event-seq", min_seq.to_string())
-        .send()
-        .await
-        .unwrap()
+    app.read_at(path, token, min_seq).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

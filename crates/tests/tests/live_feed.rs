@@ -332,12 +332,7 @@ async fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
         assert_eq!(bulk(100 + round).await.unwrap().status(), 201);
     }
     let warmed = app.last_seq().await;
-    let r = app
-        .request(Method::GET, "/api/v1/agents?limit=1", Some(&token))
-        .header("x-min-event-seq", warmed.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = app.read_at("/api/v1/agents?limit=1", &token, warmed).await;
     assert_eq!(r.status(), 200);
 
     let mut stalled = ws_connect(&app, "", Some(&token)).await.unwrap();

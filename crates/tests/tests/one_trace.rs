@@ -43,12 +43,7 @@ async fn a_write_is_one_trace_from_http_through_append_to_projection() {
     assert_eq!(r.status(), 201);
     let seq = header_u64(&r, "x-event-seq");
     // Once this read succeeds, the projector has committed the event.
-    let r = app
-        .request(Method::GET, "/api/v1/agents", Some(&token))
-        .header("x-min-event-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = app.read_at("/api/v1/agents", &token, seq).await;
     assert_eq!(r.status(), 200);
     provider.force_flush().unwrap();
 
@@ -88,11 +83,7 @@ async fn a_write_is_one_trace_from_http_through_append_to_projection() {
     // and the projection still joins it.
     let r = app.create_agent(&token, agent_body("fresh")).await;
     let seq = header_u64(&r, "x-event-seq");
-    app.request(Method::GET, "/api/v1/agents", Some(&token))
-        .header("x-min-event-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
+    app.read_at("/api/v1/agents", &token, seq).await;
     provider.force_flush().unwrap();
     let spans = exporter.get_finished_spans().unwrap();
     let posts: Vec<&SpanData> = spans

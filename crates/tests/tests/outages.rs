@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::Value;
+use tests::proxy::Proxy;
 use tests::{Sandbox, TestApp, agent_body, eventually, header, header_u64};
 use ymera::Role;
 
@@ -33,31 +34,41 @@ async fn write(app: &TestApp, token: &str, name: &str) -> (u16, Option<(String, 
     }
 }
 
+/// `ymera all` reaching NATS and PostgreSQL through proxies the test can
+/// cut, and an admin token.
+async fn started_behind_proxies() -> (TestApp, String, Proxy, Proxy) {
+    let (sandbox, nats, pg) = Sandbox::new().await.behind_proxies().await;
+    let app = sandbox.start(Role::All).await;
+    let token = app.admin_token().await;
+    (app, token, nats, pg)
+}
+
+/// `n` agents written while everything is up: each acknowledged.
+async fn written_before(app: &TestApp, token: &str, n: usize) -> Vec<(String, u64)> {
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let (status, ok, _) = write(app, token, &format!("before {i}")).await;
+        assert_eq!(status, 201);
+        acked.extend(ok);
+    }
+    acked
+}
+
 /// Every acknowledged agent is in the read model once it has caught up.
 async fn all_visible(app: &TestApp, token: &str, acked: &[(String, u64)]) {
     let last = acked.iter().map(|(_, s)| *s).max().unwrap();
     for (id, _) in acked {
         let r = app
-            .request(Method::GET, &format!("/api/v1/agents/{id}"), Some(token))
-            .header("x-min-event-seq", last.to_string())
-            .send()
-            .await
-            .unwrap();
+            .read_at(&format!("/api/v1/agents/{id}"), token, last)
+            .await;
         assert_eq!(r.status(), 200, "acknowledged agent {id} is readable");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_outage_gives_fast_503s_and_recovers_without_a_restart() {
-    let (sandbox, nats, _pg) = Sandbox::new().await.behind_proxies().await;
-    let app = sandbox.start(Role::All).await;
-    let token = app.admin_token().await;
-    let mut acked = Vec::new();
-    for i in 0..10 {
-        let (status, ok, _) = write(&app, &token, &format!("before {i}")).await;
-        assert_eq!(status, 201);
-        acked.extend(ok);
-    }
+    let (app, token, nats, _pg) = started_behind_proxies().await;
+    let mut acked = written_before(&app, &token, 10).await;
 
     nats.down();
     for i in 0..5 {
@@ -113,13 +124,8 @@ async fn nats_outage_gives_fast_503s_and_recovers_without_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_gives_fast_503s_on_reads_and_the_projection_catches_up() {
-    let (sandbox, _nats, pg) = Sandbox::new().await.behind_proxies().await;
-    let app = sandbox.start(Role::All).await;
-    let token = app.admin_token().await;
-    let mut acked = Vec::new();
-    for i in 0..5 {
-        acked.extend(write(&app, &token, &format!("before {i}")).await.1);
-    }
+    let (app, token, _nats, pg) = started_behind_proxies().await;
+    let mut acked = written_before(&app, &token, 5).await;
 
     pg.down();
     // Writes go to the log, which is up: they are acknowledged.

@@ -93,22 +93,7 @@ async fn sigkilled_projector_leaves_read_models_equal_to_a_fresh_replay() {
         let agents: Vec<Value> = (0..1000)
             .map(|i| json!({"name": format!("b{round}-{i}"), "type": "bulk"}))
             .collect();
-        let r = app
-            .request(Method::POST, "/api/v1/agents/bulk", Some(&token))
-            .json(&json!({"agents": agents}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        let body: Value = r.json().await.unwrap();
-        ids.extend(
-            body["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .take(125)
-                .map(|a| a["id"].as_str().unwrap().to_owned()),
-        );
+        ids.extend(app.bulk_create(&token, agents).await.into_iter().take(125));
     }
     for i in 0..1000 {
         let r = app

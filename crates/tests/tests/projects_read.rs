@@ -54,12 +54,7 @@ async fn projects_list_and_get_with_agent_count() {
         }
     }
 
-    let r = app
-        .request(Method::GET, "/api/v1/projects", Some(&viewer))
-        .header("x-min-event-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = app.read_at("/api/v1/projects", &viewer, seq).await;
     assert_eq!(r.status(), 200);
     assert!(header_u64(&r, "x-projection-seq") >= seq);
     let list: Value = r.json().await.unwrap();

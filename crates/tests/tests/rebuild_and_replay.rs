@@ -32,12 +32,7 @@ async fn checksums(app: &TestApp, schema: &str) -> Vec<rebuild::TableCheck> {
 /// Waits until the live projection has applied everything in the stream.
 async fn settled(app: &TestApp, token: &str) {
     let last = app.last_seq().await;
-    let r = app
-        .request(Method::GET, "/api/v1/agents?limit=1", Some(token))
-        .header("x-min-event-seq", last.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = app.read_at("/api/v1/agents?limit=1", token, last).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -48,19 +43,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
     let agents: Vec<Value> = (0..500)
         .map(|i| json!({"name": format!("seed {i}"), "type": "seed", "tags": {"i": i.to_string()}}))
         .collect();
-    let r = app
-        .request(Method::POST, "/api/v1/agents/bulk", Some(&token))
-        .json(&json!({"agents": agents}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let ids: Vec<String> = r.json::<Value>().await.unwrap()["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["id"].as_str().unwrap().to_owned())
-        .collect();
+    let ids = app.bulk_create(&token, agents).await;
     for id in &ids[..20] {
         app.request(Method::PUT, &format!("/api/v1/agents/{id}"), Some(&token))
             .json(&json!({"status": "paused"}))
@@ -202,11 +185,8 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         .unwrap()
         .to_owned();
     let r = app
-        .request(Method::GET, &format!("/api/v1/agents/{id}"), Some(&token))
-        .header("x-min-event-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
+        .read_at(&format!("/api/v1/agents/{id}"), &token, seq)
+        .await;
     assert_eq!(r.status(), 200);
     // ...and the live models equal a fresh replay of the whole log.
     settled(&app, &token).await;

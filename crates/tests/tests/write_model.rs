@@ -208,12 +208,7 @@ async fn deleted_agents_are_404_on_read_update_and_delete() {
     let seq = header_u64(&r, "x-event-seq");
     assert_eq!(seq, app.last_seq().await);
 
-    let r = app
-        .request(Method::GET, &path, Some(&token))
-        .header("x-min-event-seq", seq.to_string())
-        .send()
-        .await
-        .unwrap();
+    let r = app.read_at(&path, &token, seq).await;
     assert_eq!(r.status(), 404);
     let r = put(&app, &token, &path, json!({"name": "b"}))
         .send()
