@@ -21,6 +21,7 @@ use infra::config::HttpConfig;
 use infra::http::ratelimit::Limits;
 use infra::projection::ProjectionWatch;
 use sqlx::PgPool;
+use sqlx::migrate::{MigrateError, Migrator};
 use utoipa_axum::router::OpenApiRouter;
 
 /// Everything the write handlers need; cheap to clone.
@@ -57,6 +58,16 @@ impl FromRef<CommandState> for Arc<Auth> {
     fn from_ref(s: &CommandState) -> Self {
         s.auth.clone()
     }
+}
+
+/// The write side's own tables (users, idempotency keys). They are not
+/// derived from the log, so they live in the core schema, not with the
+/// disposable read models.
+static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
+
+/// Applies the write side's migrations into the core schema.
+pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
+    infra::db::migrate_schema(pool, &MIGRATIONS, infra::db::CORE_SCHEMA).await
 }
 
 /// The write routes, relative to `/api/v1`.

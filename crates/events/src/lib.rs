@@ -18,11 +18,13 @@ pub mod agent;
 pub mod aggregate;
 pub mod envelope;
 pub mod fields;
+pub mod ids;
 pub mod project;
 
 pub use aggregate::Aggregate;
 pub use envelope::{AggregateType, DecodeError, Envelope, EventMeta, Recorded};
 pub use fields::FieldError;
+pub use ids::{AgentId, ProjectId};
 
 /// How a stored subject is formed: `<prefix>.<aggregate type>.<aggregate id>`.
 ///

@@ -1,9 +1,10 @@
-//! The PostgreSQL pool and the migrations this crate owns.
+//! The PostgreSQL pool, and how a crate runs its migrations into a schema.
 //!
-//! Two schemas: `ymera` holds what is not derived from the log (users);
-//! `ymera_read` holds the read models, owned and migrated by the projector.
-//! Every connection searches both, so queries stay unqualified and a read
-//! model schema can be rebuilt elsewhere and swapped in.
+//! Two schemas: `ymera` holds what is not derived from the log (users,
+//! idempotency keys), owned and migrated by the write side; `ymera_read`
+//! holds the read models, owned and migrated by the projector. Every
+//! connection searches both, so queries stay unqualified and a read model
+//! schema can be rebuilt elsewhere and swapped in.
 
 use std::time::Duration;
 
@@ -17,8 +18,6 @@ use crate::config::DbConfig;
 pub const CORE_SCHEMA: &str = "ymera";
 /// Schema of the live read models.
 pub const READ_SCHEMA: &str = "ymera_read";
-
-static CORE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a pool. It does not wait for the server: connections are made on
 /// first use, so a process can start (and answer 503) while PostgreSQL is
@@ -122,11 +121,6 @@ fn clone_migrator(m: &Migrator) -> Migrator {
     let mut copy = Migrator::with_migrations(m.iter().cloned().collect());
     copy.set_locking(true);
     copy
-}
-
-/// Applies this crate's migrations (users).
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    migrate_schema(pool, &CORE_MIGRATIONS, CORE_SCHEMA).await
 }
 
 /// Is this error PostgreSQL being unreachable (as opposed to a bad query)?

@@ -93,9 +93,10 @@ pub async fn connect(nats: &NatsConfig, db: &DbConfig) -> anyhow::Result<Deps> {
     Ok(Deps { store, pool })
 }
 
-/// Applies every crate's migrations: users, then the read models.
+/// Applies every crate's migrations: the write side's tables, then the read
+/// models.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    infra::db::migrate(pool)
+    command_api::migrate(pool)
         .await
         .context("migrating the core schema")?;
     projector::migrate(pool)
