@@ -2,15 +2,14 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
-use events::FieldError;
 use events::agent::{AgentChanges, AgentCreated};
 use events::fields::{AgentStatus, AgentType, Capabilities, Config, Description, Name, Tags};
-use infra::auth::Editor;
-use infra::http::{ApiError, ApiJson, ApiPath, Problem, ProblemItem, RequestId, X_EVENT_SEQ, etag};
+use events::{AggregateType, FieldError};
+use infra::http::{ApiError, ApiJson, ApiPath, Problem, ProblemItem};
 use infra::views::AgentView;
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -18,7 +17,12 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::CommandState;
-use crate::service::{AgentWrite, WriteContext};
+use crate::error::WriteError;
+use crate::service::AgentWrite;
+use crate::update_body::update_body;
+use crate::verdicts::{Verdicts, invalid};
+use crate::write_request::WriteRequest;
+use crate::write_response::{self, Written};
 
 /// The body of `POST /agents`. Unknown fields are rejected (422).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -51,154 +55,48 @@ pub struct CreateAgentRequest {
     pub project_id: Option<Uuid>,
 }
 
-/// Collects every field's verdict, so one 422 lists all that is wrong.
-#[derive(Default)]
-pub(crate) struct Verdicts(pub(crate) Vec<FieldError>);
-
-impl Verdicts {
-    pub(crate) fn check<T>(&mut self, r: Result<T, FieldError>) -> Option<T> {
-        r.map_err(|e| self.0.push(e)).ok()
-    }
-
-    pub(crate) fn required<T>(&mut self, field: &str, v: Option<T>) -> Option<T> {
-        if v.is_none() {
-            self.0.push(FieldError::new(field, "is required"));
-        }
-        v
-    }
-
-    /// Parses an optional field: absent stays absent.
-    pub(crate) fn optional<R, T>(
-        &mut self,
-        v: Option<R>,
-        parse: impl FnOnce(R) -> Result<T, FieldError>,
-    ) -> Option<T> {
-        v.and_then(|raw| self.check(parse(raw)))
-    }
-}
-
-/// Field errors as a 422.
-pub(crate) fn invalid(errors: Vec<FieldError>) -> ApiError {
-    ApiError::invalid(errors.into_iter().map(Into::into).collect())
-}
-
 impl CreateAgentRequest {
     /// Parses into the domain's validated types, or lists every bad field.
     pub fn parse(self) -> Result<AgentCreated, Vec<FieldError>> {
         let mut v = Verdicts::default();
-        let name = v
-            .required("name", self.name)
-            .and_then(|n| v.check(Name::parse("name", &n)));
-        let agent_type = v
-            .required("type", self.agent_type)
-            .and_then(|t| v.check(AgentType::parse(&t)));
-        let description = match self.description {
-            Some(d) => v.check(Description::parse(&d)),
-            None => Some(Description::empty()),
-        };
-        let status = match self.status {
-            Some(s) => v.check(AgentStatus::parse(&s)),
-            None => Some(AgentStatus::default()),
-        };
+        let name = v.required("name", self.name, |n| Name::parse("name", &n));
+        let agent_type = v.required("type", self.agent_type, |t| AgentType::parse(&t));
+        let description = v.defaulted(self.description, Description::empty, |d| {
+            Description::parse(&d)
+        });
+        let status = v.defaulted(self.status, AgentStatus::default, |s| {
+            AgentStatus::parse(&s)
+        });
         let capabilities = v.check(Capabilities::parse(self.capabilities.unwrap_or_default()));
-        let config = match self.config {
-            Some(c) => v.check(Config::parse(c)),
-            None => Some(Config::default()),
-        };
+        let config = v.defaulted(self.config, Config::default, Config::parse);
         let tags = v.check(Tags::parse(self.tags.unwrap_or_default()));
-        match (
-            name,
-            agent_type,
-            description,
-            status,
-            capabilities,
-            config,
-            tags,
-        ) {
-            (
-                Some(name),
-                Some(agent_type),
-                Some(description),
-                Some(status),
-                Some(capabilities),
-                Some(config),
-                Some(tags),
-            ) if v.0.is_empty() => Ok(AgentCreated {
-                name,
-                agent_type,
-                description,
-                status,
-                capabilities,
-                config,
-                tags,
+        v.created(|| {
+            Some(AgentCreated {
+                name: name?,
+                agent_type: agent_type?,
+                description: description?,
+                status: status?,
+                capabilities: capabilities?,
+                config: config?,
+                tags: tags?,
                 project_id: self.project_id,
-            }),
-            _ => Err(v.0),
-        }
+            })
+        })
     }
 }
 
-/// The context of a write: the caller, the request id and the trace context.
-pub(crate) fn write_context(
-    actor: &str,
-    request_id: &RequestId,
-    headers: &HeaderMap,
-) -> WriteContext {
-    WriteContext {
-        actor: actor.to_owned(),
-        request_id: request_id.as_str().to_owned(),
-        traceparent: headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() <= 128)
-            .map(str::to_owned),
-    }
-}
-
-/// A written agent as a response: body, `ETag`, `X-Event-Seq`.
-pub(crate) fn written_response(
-    status: StatusCode,
-    written: &AgentWrite,
-) -> Result<Response, ApiError> {
-    let agent = written
+/// A written agent as its endpoint answers it. The service returns only
+/// live agents from a create or an update.
+fn written(committed: &AgentWrite) -> Result<Written<AgentView>, WriteError> {
+    let agent = committed
         .state
         .live()
-        .ok_or_else(|| ApiError::NotFound("no such agent".into()))?;
-    let mut response = (status, Json(AgentView::from(agent))).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::ETAG, etag(agent.version));
-    headers.insert(X_EVENT_SEQ.clone(), HeaderValue::from(written.seq));
-    Ok(response)
-}
-
-/// 204 for a delete, with the sequence of its last event.
-pub(crate) fn deleted_response(seq: u64) -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    response
-        .headers_mut()
-        .insert(X_EVENT_SEQ.clone(), HeaderValue::from(seq));
-    response
-}
-
-/// `If-Match: "<version>"` (a weak `W/` prefix is accepted). A value that
-/// names no version can match nothing: 412.
-pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(value) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let raw = value
-        .to_str()
-        .map_err(|_| ApiError::BadRequest("If-Match is not valid ASCII".into()))?
-        .trim();
-    if raw == "*" {
-        return Ok(None);
-    }
-    if raw.contains(',') {
-        return Err(ApiError::BadRequest("If-Match takes a single ETag".into()));
-    }
-    let tag = raw.strip_prefix("W/").unwrap_or(raw).trim_matches('"');
-    tag.parse::<u64>().map(Some).map_err(|_| {
-        ApiError::PreconditionFailed(format!("If-Match {raw} names no version of this resource"))
+        .ok_or(WriteError::NotFound(AggregateType::Agent))?;
+    Ok(Written {
+        id: agent.id,
+        view: AgentView::from(agent),
+        version: agent.version,
+        seq: committed.seq,
     })
 }
 
@@ -218,23 +116,15 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     ))]
 pub async fn create_agent(
     State(state): State<CommandState>,
-    Editor(claims): Editor,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
+    write: WriteRequest,
     ApiJson(body): ApiJson<CreateAgentRequest>,
 ) -> Result<Response, ApiError> {
     let created = body.parse().map_err(invalid)?;
-    let ctx = write_context(&claims.sub, &request_id, &headers);
-    let written = state.commands.create_agent(&ctx, created).await?;
-    let mut response = written_response(StatusCode::CREATED, &written)?;
-    if let Some(agent) = written.state.live()
-        && let Ok(v) = HeaderValue::from_str(&format!("/api/v1/agents/{}", agent.id))
-    {
-        response.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(response)
+    let agent = state.commands.create_agent(&write.ctx, created).await?;
+    Ok(written(&agent)?.created("/api/v1/agents"))
 }
 
+update_body! {
 /// The body of `PUT /agents/{id}`: any non-empty subset of the mutable
 /// fields. The read-only fields of an agent (`id`, `version`, `created_at`,
 /// `updated_at`, `created_by`) are accepted and ignored, so a client may
@@ -262,21 +152,8 @@ pub struct UpdateAgentRequest {
     #[serde(default, with = "events::agent::double_option")]
     #[schema(value_type = Option<Uuid>)]
     pub project_id: Option<Option<Uuid>>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub id: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub version: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub created_at: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub updated_at: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub created_by: Option<serde::de::IgnoredAny>,
+}
+read_only: id, version, created_at, updated_at, created_by
 }
 
 impl UpdateAgentRequest {
@@ -293,16 +170,10 @@ impl UpdateAgentRequest {
             tags: v.optional(self.tags, Tags::parse),
             project_id: self.project_id,
         };
-        if !v.0.is_empty() {
-            return Err(v.0);
-        }
-        if changes.is_empty() {
-            return Err(vec![FieldError::new(
-                "body",
-                "give at least one of name, type, description, status, capabilities, config, tags, project_id",
-            )]);
-        }
-        Ok(changes)
+        v.changes(
+            changes,
+            "name, type, description, status, capabilities, config, tags, project_id",
+        )
     }
 }
 
@@ -321,20 +192,17 @@ impl UpdateAgentRequest {
     ))]
 pub async fn update_agent(
     State(state): State<CommandState>,
-    Editor(claims): Editor,
-    Extension(request_id): Extension<RequestId>,
+    write: WriteRequest,
     ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
     ApiJson(body): ApiJson<UpdateAgentRequest>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
+    let expected = write.if_match()?;
     let changes = body.parse().map_err(invalid)?;
-    let ctx = write_context(&claims.sub, &request_id, &headers);
-    let written = state
+    let agent = state
         .commands
-        .update_agent(&ctx, id, expected, changes)
+        .update_agent(&write.ctx, id.into(), expected, changes)
         .await?;
-    written_response(StatusCode::OK, &written)
+    Ok(written(&agent)?.updated())
 }
 
 /// Delete an agent.
@@ -348,15 +216,15 @@ pub async fn update_agent(
     ))]
 pub async fn delete_agent(
     State(state): State<CommandState>,
-    Editor(claims): Editor,
-    Extension(request_id): Extension<RequestId>,
+    write: WriteRequest,
     ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let ctx = write_context(&claims.sub, &request_id, &headers);
-    let written = state.commands.delete_agent(&ctx, id, expected).await?;
-    Ok(deleted_response(written.seq))
+    let expected = write.if_match()?;
+    let deleted = state
+        .commands
+        .delete_agent(&write.ctx, id.into(), expected)
+        .await?;
+    Ok(write_response::deleted(deleted.seq))
 }
 
 /// The body of `POST /agents/bulk`.
@@ -386,9 +254,7 @@ pub struct BulkCreated {
     ))]
 pub async fn bulk_create(
     State(state): State<CommandState>,
-    Editor(claims): Editor,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
+    write: WriteRequest,
     ApiJson(body): ApiJson<BulkCreateRequest>,
 ) -> Result<Response, ApiError> {
     let n = body.agents.len();
@@ -416,21 +282,16 @@ pub async fn bulk_create(
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    let ctx = write_context(&claims.sub, &request_id, &headers);
-    let (agents, last_seq) = state.commands.bulk_create(&ctx, items).await?;
+    let (agents, last_seq) = state.commands.bulk_create(&write.ctx, items).await?;
     let items: Vec<AgentView> = agents.iter().map(AgentView::from).collect();
-    let mut response = (
-        StatusCode::CREATED,
-        Json(BulkCreated {
-            created: items.len(),
-            items,
-        }),
-    )
-        .into_response();
-    response
-        .headers_mut()
-        .insert(X_EVENT_SEQ.clone(), HeaderValue::from(last_seq));
-    Ok(response)
+    let created = Json(BulkCreated {
+        created: items.len(),
+        items,
+    });
+    Ok(write_response::with_event_seq(
+        (StatusCode::CREATED, created).into_response(),
+        last_seq,
+    ))
 }
 
 pub fn router(bulk_body_limit: usize) -> OpenApiRouter<CommandState> {

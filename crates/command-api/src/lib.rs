@@ -6,11 +6,17 @@
 //! result. The log decides; no read model is consulted for a decision.
 
 pub mod agents;
+pub mod error;
 pub mod idempotency;
 pub mod projects;
+mod read_model;
 pub mod repo;
 pub mod service;
+mod update_body;
 pub mod users;
+mod verdicts;
+mod write_request;
+mod write_response;
 
 use std::sync::Arc;
 

@@ -1,22 +1,24 @@
 //! `POST/PUT/DELETE /projects`: the same rules as agents.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
 use events::fields::{Description, Name};
 use events::project::{ProjectChanges, ProjectCreated, ProjectState};
-use infra::auth::Editor;
-use infra::http::{ApiError, ApiJson, ApiPath, Problem, RequestId, X_EVENT_SEQ, etag};
+use events::{AggregateType, FieldError};
+use infra::http::{ApiError, ApiJson, ApiPath, Problem};
 use infra::views::ProjectView;
 use serde::Deserialize;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use crate::CommandState;
-use crate::agents::{Verdicts, deleted_response, if_match, invalid, write_context};
+use crate::error::WriteError;
 use crate::service::Committed;
+use crate::update_body::update_body;
+use crate::verdicts::{Verdicts, invalid};
+use crate::write_request::WriteRequest;
+use crate::write_response::{self, Written};
+use crate::{CommandState, read_model};
 
 /// The body of `POST /projects`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -30,6 +32,24 @@ pub struct CreateProjectRequest {
     pub description: Option<String>,
 }
 
+impl CreateProjectRequest {
+    /// Parses into the domain's validated types, or lists every bad field.
+    pub fn parse(self) -> Result<ProjectCreated, Vec<FieldError>> {
+        let mut v = Verdicts::default();
+        let name = v.required("name", self.name, |n| Name::parse("name", &n));
+        let description = v.defaulted(self.description, Description::empty, |d| {
+            Description::parse(&d)
+        });
+        v.created(|| {
+            Some(ProjectCreated {
+                name: name?,
+                description: description?,
+            })
+        })
+    }
+}
+
+update_body! {
 /// The body of `PUT /projects/{id}`: `name` and/or `description`. The
 /// read-only fields of a project are accepted and ignored.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -40,46 +60,39 @@ pub struct UpdateProjectRequest {
     pub name: Option<String>,
     #[schema(schema_with = infra::http::schema::description)]
     pub description: Option<String>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub id: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub agent_count: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub version: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub created_at: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub updated_at: Option<serde::de::IgnoredAny>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub created_by: Option<serde::de::IgnoredAny>,
+}
+read_only: id, agent_count, version, created_at, updated_at, created_by
 }
 
-/// A written project as a response. `agent_count` comes from the read
-/// model, which may not have applied the very latest writes.
-async fn project_response(
+impl UpdateProjectRequest {
+    /// Parses into the changes asked for, or lists every bad field.
+    pub fn parse(self) -> Result<ProjectChanges, Vec<FieldError>> {
+        let mut v = Verdicts::default();
+        let changes = ProjectChanges {
+            name: v.optional(self.name, |n| Name::parse("name", &n)),
+            description: v.optional(self.description, |d| Description::parse(&d)),
+        };
+        v.changes(changes, "name, description")
+    }
+}
+
+/// A written project as its endpoint answers it. `agent_count` comes from
+/// the read model, which may not have applied the very latest writes. The
+/// service returns only live projects from a create or an update.
+async fn written(
     state: &CommandState,
-    status: StatusCode,
-    written: &Committed<ProjectState>,
-) -> Result<Response, ApiError> {
-    let ProjectState::Live(project) = &written.state else {
-        return Err(ApiError::NotFound("no such project".into()));
+    committed: &Committed<ProjectState>,
+) -> Result<Written<ProjectView>, WriteError> {
+    let ProjectState::Live(project) = &committed.state else {
+        return Err(WriteError::NotFound(AggregateType::Project));
     };
-    let agent_count: i64 = sqlx::query_scalar("SELECT count(*) FROM agents WHERE project_id = $1")
-        .bind(project.id)
-        .fetch_one(&state.pool)
-        .await?;
-    let view = ProjectView::new(project, agent_count.max(0) as u64);
-    let mut response = (status, Json(view)).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::ETAG, etag(project.version));
-    headers.insert(X_EVENT_SEQ.clone(), HeaderValue::from(written.seq));
-    Ok(response)
+    let agent_count = read_model::agent_count(&state.pool, project.id.into()).await?;
+    Ok(Written {
+        id: project.id,
+        view: ProjectView::new(project, agent_count),
+        version: project.version,
+        seq: committed.seq,
+    })
 }
 
 /// Create a project.
@@ -92,34 +105,12 @@ async fn project_response(
     ))]
 pub async fn create_project(
     State(state): State<CommandState>,
-    Editor(claims): Editor,
-    Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
+    write: WriteRequest,
     ApiJson(body): ApiJson<CreateProjectRequest>,
 ) -> Result<Response, ApiError> {
-    let mut v = Verdicts::default();
-    let name = v
-        .required("name", body.name)
-        .and_then(|n| v.check(Name::parse("name", &n)));
-    let description = match body.description {
-        Some(d) => v.check(Description::parse(&d)),
-        None => Some(Description::empty()),
-    };
-    let (Some(name), Some(description), true) = (name, description, v.0.is_empty()) else {
-        return Err(invalid(v.0));
-    };
-    let ctx = write_context(&claims.sub, &request_id, &headers);
-    let written = state
-        .commands
-        .create_project(&ctx, ProjectCreated { name, description })
-        .await?;
-    let mut response = project_response(&state, StatusCode::CREATED, &written).await?;
-    if let ProjectState::Live(p) = &written.state
-        && let Ok(v) = HeaderValue::from_str(&format!("/api/v1/projects/{}", p.id))
-    {
-        response.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(response)
+    let created = body.parse().map_err(invalid)?;
+    let project = state.commands.create_project(&write.ctx, created).await?;
+    Ok(written(&state, &project).await?.created("/api/v1/projects"))
 }
 
 /// Update a project.
@@ -135,33 +126,17 @@ pub async fn create_project(
     ))]
 pub async fn update_project(
     State(state): State<CommandState>,
-    Editor(claims): Editor,
-    Extension(request_id): Extension<RequestId>,
+    write: WriteRequest,
     ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
     ApiJson(body): ApiJson<UpdateProjectRequest>,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let mut v = Verdicts::default();
-    let changes = ProjectChanges {
-        name: v.optional(body.name, |n| Name::parse("name", &n)),
-        description: v.optional(body.description, |d| Description::parse(&d)),
-    };
-    if !v.0.is_empty() {
-        return Err(invalid(v.0));
-    }
-    if changes == ProjectChanges::default() {
-        return Err(ApiError::invalid_field(
-            "body",
-            "give at least one of name, description",
-        ));
-    }
-    let ctx = write_context(&claims.sub, &request_id, &headers);
-    let written = state
+    let expected = write.if_match()?;
+    let changes = body.parse().map_err(invalid)?;
+    let project = state
         .commands
-        .update_project(&ctx, id, expected, changes)
+        .update_project(&write.ctx, id.into(), expected, changes)
         .await?;
-    project_response(&state, StatusCode::OK, &written).await
+    Ok(written(&state, &project).await?.updated())
 }
 
 /// Delete a project. Its agents live on, detached (`project_id: null`):
@@ -176,15 +151,15 @@ pub async fn update_project(
     ))]
 pub async fn delete_project(
     State(state): State<CommandState>,
-    Editor(claims): Editor,
-    Extension(request_id): Extension<RequestId>,
+    write: WriteRequest,
     ApiPath(id): ApiPath<Uuid>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let expected = if_match(&headers)?;
-    let ctx = write_context(&claims.sub, &request_id, &headers);
-    let seq = state.commands.delete_project(&ctx, id, expected).await?;
-    Ok(deleted_response(seq))
+    let expected = write.if_match()?;
+    let seq = state
+        .commands
+        .delete_project(&write.ctx, id.into(), expected)
+        .await?;
+    Ok(write_response::deleted(seq))
 }
 
 pub fn router() -> OpenApiRouter<CommandState> {

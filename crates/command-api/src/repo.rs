@@ -13,14 +13,19 @@
 //! its cache slot, so concurrent requests here queue instead of conflicting.
 
 use std::collections::HashMap;
+use std::fmt::{Debug, Display};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
-use events::{Aggregate, Envelope, EventMeta, Recorded};
-use infra::http::ApiError;
+use events::agent::AgentState;
+use events::project::ProjectState;
+use events::{AgentId, Aggregate, Envelope, EventMeta, ProjectId, Recorded};
 use infra::{EventStore, StoreError};
 use uuid::Uuid;
+
+use crate::error::WriteError;
 
 /// Who is writing and on behalf of which request: recorded in every event.
 #[derive(Debug, Clone)]
@@ -69,16 +74,33 @@ struct Slot<A> {
     loaded: bool,
 }
 
-/// The aggregates of one type, cached.
-#[derive(Debug)]
-pub struct Repository<A: Aggregate> {
-    store: EventStore,
-    slots: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<Slot<A>>>>>,
+/// An aggregate the repository holds, named by an id type of its own, so
+/// that one aggregate's id cannot be passed where another's is meant.
+pub trait Identified: Aggregate + Debug {
+    type Id: Copy + Eq + Hash + Debug + Display + Into<Uuid> + Send + Sync + 'static;
 }
 
-impl<A: Aggregate + std::fmt::Debug> Repository<A>
+impl Identified for AgentState {
+    type Id = AgentId;
+}
+
+impl Identified for ProjectState {
+    type Id = ProjectId;
+}
+
+/// The aggregates of one type, cached.
+#[derive(Debug)]
+pub struct Repository<A: Identified> {
+    store: EventStore,
+    slots: Mutex<HashMap<A::Id, SharedSlot<A>>>,
+}
+
+/// A cache slot, locked by the write in progress on its aggregate.
+type SharedSlot<A> = Arc<tokio::sync::Mutex<Slot<A>>>;
+
+impl<A: Identified> Repository<A>
 where
-    ApiError: From<A::Error>,
+    WriteError: From<A::Error>,
 {
     pub fn new(store: EventStore) -> Self {
         Repository {
@@ -91,7 +113,7 @@ where
         &self.store
     }
 
-    fn slot(&self, id: Uuid) -> Arc<tokio::sync::Mutex<Slot<A>>> {
+    fn slot(&self, id: A::Id) -> SharedSlot<A> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if slots.len() >= CACHE_CAPACITY && !slots.contains_key(&id) {
             // Drop idle entries; ones in use are kept.
@@ -101,8 +123,8 @@ where
     }
 
     /// The aggregate's state and subject sequence, straight from the log.
-    pub async fn load(&self, id: Uuid) -> Result<(A, u64), ApiError> {
-        let subject = self.store.subject(A::TYPE, id);
+    pub async fn load(&self, id: A::Id) -> Result<(A, u64), WriteError> {
+        let subject = self.store.subject(A::TYPE, id.into());
         let (stored, last) = self.store.load(&subject).await?;
         let mut state = A::default();
         for e in &stored {
@@ -119,7 +141,7 @@ where
     }
 
     /// Remembers a state just written by other means (a bulk append).
-    pub async fn remember(&self, id: Uuid, state: A, seq: u64) {
+    pub async fn remember(&self, id: A::Id, state: A, seq: u64) {
         let slot = self.slot(id);
         let mut slot = slot.lock().await;
         *slot = Slot {
@@ -135,11 +157,11 @@ where
     /// is reloaded and the command rebuilt against it.
     pub async fn execute(
         &self,
-        id: Uuid,
+        id: A::Id,
         ctx: &WriteContext,
         if_match: Option<u64>,
-        command: impl Fn(&A) -> Result<A::Command, ApiError>,
-    ) -> Result<Committed<A>, ApiError> {
+        command: impl Fn(&A) -> Result<A::Command, WriteError>,
+    ) -> Result<Committed<A>, WriteError> {
         let slot = self.slot(id);
         let mut slot = slot.lock().await;
         let mut fresh = false;
@@ -155,11 +177,11 @@ where
             }
             let decided = if_match
                 .filter(|v| *v != slot.state.version())
-                .map(|v| {
-                    Err(ApiError::PreconditionFailed(format!(
-                        "If-Match names version {v}; the current version is {}",
-                        slot.state.version()
-                    )))
+                .map(|expected| {
+                    Err(WriteError::PreconditionFailed {
+                        expected,
+                        current: slot.state.version(),
+                    })
                 })
                 .unwrap_or_else(|| command(&slot.state).and_then(|c| Ok(slot.state.decide(c)?)));
             let events = match decided {
@@ -211,14 +233,14 @@ where
                 }
             }
         }
-        Err(ApiError::Conflict(format!(
-            "the resource kept changing concurrently; gave up after {MAX_ATTEMPTS} attempts"
-        )))
+        Err(WriteError::Conflict {
+            attempts: MAX_ATTEMPTS,
+        })
     }
 
     /// Whether the log's last sequence for the aggregate is still `seq`.
-    async fn is_current(&self, id: Uuid, seq: u64) -> Result<bool, ApiError> {
-        let subject = self.store.subject(A::TYPE, id);
+    async fn is_current(&self, id: A::Id, seq: u64) -> Result<bool, WriteError> {
+        let subject = self.store.subject(A::TYPE, id.into());
         Ok(self.store.last_seq_of(&subject).await? == seq)
     }
 
@@ -226,15 +248,15 @@ where
     /// before it got, folding them into `state`.
     async fn append(
         &self,
-        id: Uuid,
+        id: A::Id,
         mut state: A,
         mut expected: u64,
         events: Vec<A::Event>,
         ctx: &WriteContext,
     ) -> Result<(A, u64), StoreError> {
-        let subject = self.store.subject(A::TYPE, id);
+        let subject = self.store.subject(A::TYPE, id.into());
         for event in events {
-            let meta = ctx.meta(id, state.version());
+            let meta = ctx.meta(id.into(), state.version());
             let envelope = Envelope::new(
                 Uuid::now_v7(),
                 A::TYPE,

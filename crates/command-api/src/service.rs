@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use events::agent::{Agent, AgentChanges, AgentCommand, AgentCreated, AgentEvent, AgentState};
 use events::project::{self, ProjectChanges, ProjectCommand, ProjectCreated, ProjectState};
-use events::{AggregateType, Envelope, Recorded};
-use infra::http::{ApiError, ProblemItem};
+use events::{AgentId, AggregateType, Envelope, ProjectId, Recorded};
 use infra::projection::ProjectionWatch;
 use infra::{BatchItem, EventStore};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::error::{BadField, WriteError};
+use crate::read_model;
 pub use crate::repo::{Committed, Repository, WriteContext};
 
 /// Every write the API can make.
@@ -31,10 +32,10 @@ pub struct Commands {
 /// A created, updated or deleted agent and the sequence of the last event.
 pub type AgentWrite = Committed<AgentState>;
 
-fn live(state: &AgentState) -> Result<&Agent, ApiError> {
+fn live(state: &AgentState) -> Result<&Agent, WriteError> {
     state
         .live()
-        .ok_or_else(|| ApiError::NotFound("no such agent".into()))
+        .ok_or(WriteError::NotFound(AggregateType::Agent))
 }
 
 impl Commands {
@@ -59,8 +60,8 @@ impl Commands {
     }
 
     /// Whether the log says `project` exists (not deleted) right now.
-    async fn project_exists(&self, project: Uuid) -> Result<bool, ApiError> {
-        let subject = self.store.subject(AggregateType::Project, project);
+    async fn project_exists(&self, project: ProjectId) -> Result<bool, WriteError> {
+        let subject = self.store.subject(AggregateType::Project, project.into());
         Ok(match self.store.last_on_subject(&subject).await? {
             None => false,
             Some(last) => last.envelope.event_type != project::DELETED,
@@ -68,10 +69,10 @@ impl Commands {
     }
 
     /// 422 on `project_id` unless the project exists.
-    async fn require_project(&self, project: Option<Uuid>) -> Result<(), ApiError> {
+    async fn require_project(&self, project: Option<ProjectId>) -> Result<(), WriteError> {
         match project {
             Some(p) if !self.project_exists(p).await? => {
-                Err(ApiError::invalid_field("project_id", "no such project"))
+                Err(WriteError::Invalid(vec![BadField::no_such_project(None)]))
             }
             _ => Ok(()),
         }
@@ -83,9 +84,9 @@ impl Commands {
     async fn detach_if_project_gone(
         &self,
         ctx: &WriteContext,
-        agent: Uuid,
-        project: Uuid,
-    ) -> Result<Option<AgentWrite>, ApiError> {
+        agent: AgentId,
+        project: ProjectId,
+    ) -> Result<Option<AgentWrite>, WriteError> {
         if self.project_exists(project).await? {
             return Ok(None);
         }
@@ -97,13 +98,15 @@ impl Commands {
     async fn detach(
         &self,
         ctx: &WriteContext,
-        agent: Uuid,
-        project: Uuid,
-    ) -> Result<Option<AgentWrite>, ApiError> {
+        agent: AgentId,
+        project: ProjectId,
+    ) -> Result<Option<AgentWrite>, WriteError> {
         let result = self
             .agents
             .execute(agent, ctx, None, |state| {
-                let still_in = state.live().is_some_and(|a| a.project_id == Some(project));
+                let still_in = state
+                    .live()
+                    .is_some_and(|a| a.project_id == Some(project.into()));
                 Ok(AgentCommand::Update(if still_in {
                     AgentChanges {
                         project_id: Some(None),
@@ -116,7 +119,7 @@ impl Commands {
             .await;
         match result {
             Ok(w) => Ok(Some(w)),
-            Err(ApiError::NotFound(_)) => Ok(None),
+            Err(WriteError::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -126,10 +129,10 @@ impl Commands {
         &self,
         ctx: &WriteContext,
         created: AgentCreated,
-    ) -> Result<AgentWrite, ApiError> {
-        let project = created.project_id;
+    ) -> Result<AgentWrite, WriteError> {
+        let project = created.project_id.map(ProjectId::from);
         self.require_project(project).await?;
-        let id = Uuid::now_v7();
+        let id = AgentId::from(Uuid::now_v7());
         tracing::Span::current().record("agent_id", tracing::field::display(id));
         // A fresh UUID v7 has no events: nothing to load. The append still
         // expects an empty subject, so a collision would be a conflict.
@@ -150,11 +153,11 @@ impl Commands {
     pub async fn update_agent(
         &self,
         ctx: &WriteContext,
-        id: Uuid,
+        id: AgentId,
         if_match: Option<u64>,
         patch: AgentChanges,
-    ) -> Result<AgentWrite, ApiError> {
-        let joins = patch.project_id.flatten();
+    ) -> Result<AgentWrite, WriteError> {
+        let joins = patch.project_id.flatten().map(ProjectId::from);
         if let Some(p) = joins
             && !self.project_exists(p).await?
         {
@@ -162,8 +165,8 @@ impl Commands {
             // agent already in that project is a no-op, not an error.
             let (state, _) = self.agents.load(id).await?;
             let agent = live(&state)?;
-            if agent.project_id != Some(p) {
-                return Err(ApiError::invalid_field("project_id", "no such project"));
+            if agent.project_id != Some(p.into()) {
+                return Err(WriteError::Invalid(vec![BadField::no_such_project(None)]));
             }
         }
         let written = self
@@ -186,9 +189,9 @@ impl Commands {
     pub async fn delete_agent(
         &self,
         ctx: &WriteContext,
-        id: Uuid,
+        id: AgentId,
         if_match: Option<u64>,
-    ) -> Result<AgentWrite, ApiError> {
+    ) -> Result<AgentWrite, WriteError> {
         self.agents
             .execute(id, ctx, if_match, |_| Ok(AgentCommand::Delete))
             .await
@@ -200,10 +203,13 @@ impl Commands {
         &self,
         ctx: &WriteContext,
         items: Vec<AgentCreated>,
-    ) -> Result<(Vec<Agent>, u64), ApiError> {
+    ) -> Result<(Vec<Agent>, u64), WriteError> {
         // Every referenced project must exist; list each item that names a
         // missing one.
-        let projects: BTreeSet<Uuid> = items.iter().filter_map(|c| c.project_id).collect();
+        let projects: BTreeSet<ProjectId> = items
+            .iter()
+            .filter_map(|c| c.project_id.map(ProjectId::from))
+            .collect();
         let mut missing = BTreeSet::new();
         for p in &projects {
             if !self.project_exists(*p).await? {
@@ -214,20 +220,19 @@ impl Commands {
             let errors = items
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| c.project_id.is_some_and(|p| missing.contains(&p)))
-                .map(|(index, _)| ProblemItem {
-                    field: Some("project_id".into()),
-                    index: Some(index),
-                    message: "no such project".into(),
+                .filter(|(_, c)| {
+                    c.project_id
+                        .is_some_and(|p| missing.contains(&ProjectId::from(p)))
                 })
+                .map(|(index, _)| BadField::no_such_project(Some(index)))
                 .collect();
-            return Err(ApiError::invalid(errors));
+            return Err(WriteError::Invalid(errors));
         }
 
         let mut prepared = Vec::with_capacity(items.len());
         for created in items {
-            let id = Uuid::now_v7();
-            let meta = ctx.meta(id, 0);
+            let id = AgentId::from(Uuid::now_v7());
+            let meta = ctx.meta(id.into(), 0);
             let event = AgentEvent::Created(created);
             let envelope = Envelope::new(
                 Uuid::now_v7(),
@@ -237,7 +242,7 @@ impl Commands {
                 AgentEvent::SCHEMA_VERSION,
                 event.to_data(),
             );
-            let subject = self.store.subject(AggregateType::Agent, id);
+            let subject = self.store.subject(AggregateType::Agent, id.into());
             prepared.push((id, subject, envelope, Recorded { meta, event }));
         }
         let batch: Vec<BatchItem<'_>> = prepared
@@ -254,14 +259,14 @@ impl Commands {
             .await?;
 
         let mut agents = Vec::with_capacity(prepared.len());
-        let mut by_project: BTreeMap<Uuid, Vec<usize>> = BTreeMap::new();
+        let mut by_project: BTreeMap<ProjectId, Vec<usize>> = BTreeMap::new();
         for (i, ((id, _, _, recorded), seq)) in prepared.into_iter().zip(&seqs).enumerate() {
             let state = AgentState::Absent;
             let state = events::Aggregate::evolve(state, &recorded);
             if let Some(agent) = state.live() {
                 agents.push(agent.clone());
                 if let Some(p) = agent.project_id {
-                    by_project.entry(p).or_default().push(i);
+                    by_project.entry(p.into()).or_default().push(i);
                 }
             }
             self.agents.remember(id, state, *seq).await;
@@ -272,7 +277,7 @@ impl Commands {
                 continue;
             }
             for i in indexes {
-                if let Some(w) = self.detach(ctx, agents[i].id, project).await? {
+                if let Some(w) = self.detach(ctx, agents[i].id.into(), project).await? {
                     last = last.max(w.seq);
                     if let Some(a) = w.state.live() {
                         agents[i] = a.clone();
@@ -287,8 +292,8 @@ impl Commands {
         &self,
         ctx: &WriteContext,
         created: ProjectCreated,
-    ) -> Result<Committed<ProjectState>, ApiError> {
-        let id = Uuid::now_v7();
+    ) -> Result<Committed<ProjectState>, WriteError> {
+        let id = ProjectId::from(Uuid::now_v7());
         self.projects.remember(id, ProjectState::Absent, 0).await;
         self.projects
             .execute(id, ctx, None, |_| {
@@ -300,10 +305,10 @@ impl Commands {
     pub async fn update_project(
         &self,
         ctx: &WriteContext,
-        id: Uuid,
+        id: ProjectId,
         if_match: Option<u64>,
         patch: ProjectChanges,
-    ) -> Result<Committed<ProjectState>, ApiError> {
+    ) -> Result<Committed<ProjectState>, WriteError> {
         self.projects
             .execute(id, ctx, if_match, |_| {
                 Ok(ProjectCommand::Update(patch.clone()))
@@ -321,9 +326,9 @@ impl Commands {
     pub async fn delete_project(
         &self,
         ctx: &WriteContext,
-        id: Uuid,
+        id: ProjectId,
         if_match: Option<u64>,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<u64, WriteError> {
         let deleted = self
             .projects
             .execute(id, ctx, if_match, |_| Ok(ProjectCommand::Delete))
@@ -355,14 +360,14 @@ impl Commands {
     async fn detach_members(
         &self,
         ctx: &WriteContext,
-        project: Uuid,
+        project: ProjectId,
         after: u64,
-    ) -> Result<u64, ApiError> {
-        self.watch.wait_for(after, self.projection_wait).await?;
-        let members: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM agents WHERE project_id = $1")
-            .bind(project)
-            .fetch_all(&self.pool)
-            .await?;
+    ) -> Result<u64, WriteError> {
+        self.watch
+            .wait_for(after, self.projection_wait)
+            .await
+            .map_err(|behind| WriteError::ProjectionBehind(behind.to_string()))?;
+        let members = read_model::project_members(&self.pool, project).await?;
         let mut last = 0;
         for agent in members {
             if let Some(w) = self.detach(ctx, agent, project).await? {

@@ -1,0 +1,112 @@
+//! How a write can fail, in the write model's own terms, and the one place
+//! where that becomes an HTTP problem.
+//!
+//! The repository and the service return `WriteError`; only handlers and
+//! middleware deal in `ApiError`. The `From` at the bottom is the edge: it
+//! decides each variant's status, and the client sees the variant's text as
+//! the problem's `detail` (except where a variant says otherwise).
+
+use events::AggregateType;
+use events::agent::AgentError;
+use events::project::ProjectError;
+use infra::StoreError;
+use infra::http::{ApiError, ProblemItem};
+
+/// Every way a command can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The aggregate does not exist, or was deleted. 404.
+    #[error("no such {}", .0.as_str())]
+    NotFound(AggregateType),
+    /// A create met an aggregate that already exists. 409.
+    #[error("the {} already exists", .0.as_str())]
+    AlreadyExists(AggregateType),
+    /// Other writers kept changing the aggregate between our read and our
+    /// append, every time it was decided again. 409; the client retries.
+    #[error("the resource kept changing concurrently; gave up after {attempts} attempts")]
+    Conflict { attempts: u32 },
+    /// `If-Match` named a version other than the current one. 412.
+    #[error("If-Match names version {expected}; the current version is {current}")]
+    PreconditionFailed { expected: u64, current: u64 },
+    /// The command names what does not exist (an agent joining a missing
+    /// project). 422 listing each bad field, and each bad item of a bulk
+    /// command.
+    #[error("the command is not valid")]
+    Invalid(Vec<BadField>),
+    /// The event store refused an append as stale (409), could not be
+    /// reached (503), or holds an event that cannot be read (500, logged):
+    /// answered as every store error is.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The read model could not be consulted (see `read_model`): 503 when
+    /// PostgreSQL is unreachable, else 500, logged.
+    #[error(transparent)]
+    ReadModel(#[from] sqlx::Error),
+    /// The projection did not apply an event in time, so the read model
+    /// cannot be consulted yet. 503 with this detail.
+    #[error("{0}")]
+    ProjectionBehind(String),
+}
+
+/// One thing wrong with a command: the field and, in a bulk command, the
+/// index of the item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadField {
+    pub field: &'static str,
+    pub index: Option<usize>,
+    pub message: &'static str,
+}
+
+impl BadField {
+    /// `project_id` names a project that does not exist (or was deleted).
+    pub fn no_such_project(index: Option<usize>) -> Self {
+        BadField {
+            field: "project_id",
+            index,
+            message: "no such project",
+        }
+    }
+}
+
+impl From<AgentError> for WriteError {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::NotFound => WriteError::NotFound(AggregateType::Agent),
+            AgentError::AlreadyExists => WriteError::AlreadyExists(AggregateType::Agent),
+        }
+    }
+}
+
+impl From<ProjectError> for WriteError {
+    fn from(e: ProjectError) -> Self {
+        match e {
+            ProjectError::NotFound => WriteError::NotFound(AggregateType::Project),
+            ProjectError::AlreadyExists => WriteError::AlreadyExists(AggregateType::Project),
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            WriteError::AlreadyExists(_) | WriteError::Conflict { .. } => {
+                ApiError::Conflict(e.to_string())
+            }
+            WriteError::PreconditionFailed { .. } => ApiError::PreconditionFailed(e.to_string()),
+            WriteError::Invalid(fields) => ApiError::invalid(
+                fields
+                    .into_iter()
+                    .map(|f| ProblemItem {
+                        field: Some(f.field.to_owned()),
+                        index: f.index,
+                        message: f.message.to_owned(),
+                    })
+                    .collect(),
+            ),
+            WriteError::Store(e) => e.into(),
+            WriteError::ReadModel(e) => e.into(),
+            WriteError::ProjectionBehind(detail) => ApiError::Unavailable(detail),
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! What every agent and project write carries besides its body: an editor's
+//! token, the context recorded in each event it appends (actor, request id,
+//! trace context) and an optional `If-Match` precondition.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, header};
+use infra::auth::Editor;
+use infra::http::{ApiError, RequestId};
+
+use crate::CommandState;
+use crate::repo::WriteContext;
+
+/// An editor's write request. Extracting it refuses a missing or bad token
+/// (401) and a role that may not write (403), before anything else.
+#[derive(Debug)]
+pub struct WriteRequest {
+    /// Who writes, for which request and trace: recorded in every event.
+    pub ctx: WriteContext,
+    if_match: Option<HeaderValue>,
+}
+
+impl FromRequestParts<CommandState> for WriteRequest {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &CommandState) -> Result<Self, ApiError> {
+        let Editor(claims) = Editor::from_request_parts(parts, state).await?;
+        // Set on every request by the request context middleware.
+        let request_id = parts
+            .extensions
+            .get::<RequestId>()
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("the request has no request id")))?
+            .as_str()
+            .to_owned();
+        Ok(WriteRequest {
+            ctx: WriteContext {
+                actor: claims.sub,
+                request_id,
+                traceparent: traceparent(&parts.headers),
+            },
+            if_match: parts.headers.get(header::IF_MATCH).cloned(),
+        })
+    }
+}
+
+/// The W3C trace context, if the client sent a plausible one.
+fn traceparent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_owned)
+}
+
+impl WriteRequest {
+    /// The version `If-Match: "<version>"` expects (a weak `W/` prefix is
+    /// accepted; `*` or no header expects none). A value that names no
+    /// version can match nothing: 412.
+    pub fn if_match(&self) -> Result<Option<u64>, ApiError> {
+        let Some(value) = &self.if_match else {
+            return Ok(None);
+        };
+        let raw = value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("If-Match is not valid ASCII".into()))?
+            .trim();
+        if raw == "*" {
+            return Ok(None);
+        }
+        if raw.contains(',') {
+            return Err(ApiError::BadRequest("If-Match takes a single ETag".into()));
+        }
+        let tag = raw.strip_prefix("W/").unwrap_or(raw).trim_matches('"');
+        tag.parse::<u64>().map(Some).map_err(|_| {
+            ApiError::PreconditionFailed(format!(
+                "If-Match {raw} names no version of this resource"
+            ))
+        })
+    }
+}
