@@ -110,3 +110,62 @@ impl From<WriteError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    use super::*;
+
+    fn answer(e: WriteError) -> (StatusCode, String) {
+        let e = ApiError::from(e);
+        (e.status(), e.to_string())
+    }
+
+    #[test]
+    fn each_outcome_keeps_its_status_and_detail() {
+        assert_eq!(
+            answer(WriteError::NotFound(AggregateType::Agent)),
+            (StatusCode::NOT_FOUND, "no such agent".into())
+        );
+        assert_eq!(
+            answer(ProjectError::AlreadyExists.into()),
+            (StatusCode::CONFLICT, "the project already exists".into())
+        );
+        assert_eq!(
+            answer(WriteError::Conflict { attempts: 10 }),
+            (
+                StatusCode::CONFLICT,
+                "the resource kept changing concurrently; gave up after 10 attempts".into()
+            )
+        );
+        assert_eq!(
+            answer(WriteError::PreconditionFailed {
+                expected: 3,
+                current: 4
+            }),
+            (
+                StatusCode::PRECONDITION_FAILED,
+                "If-Match names version 3; the current version is 4".into()
+            )
+        );
+    }
+
+    #[test]
+    fn invalid_commands_list_each_bad_item() {
+        let ApiError::Validation { detail, errors } =
+            WriteError::Invalid(vec![BadField::no_such_project(Some(2))]).into()
+        else {
+            panic!("not a 422");
+        };
+        assert_eq!(detail, "the request is not valid; see errors");
+        assert_eq!(
+            errors,
+            [ProblemItem {
+                field: Some("project_id".into()),
+                index: Some(2),
+                message: "no such project".into(),
+            }]
+        );
+    }
+}

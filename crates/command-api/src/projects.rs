@@ -167,3 +167,34 @@ pub fn router() -> OpenApiRouter<CommandState> {
         .routes(routes!(create_project))
         .routes(routes!(update_project, delete_project))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_fields_are_ignored_and_others_refused() {
+        let body: UpdateProjectRequest = serde_json::from_value(serde_json::json!({
+            "id": "x", "agent_count": 3, "version": 1, "created_at": null,
+            "updated_at": 0, "created_by": [], "description": "d"
+        }))
+        .unwrap();
+        assert_eq!(body.parse().unwrap().description.unwrap().as_str(), "d");
+        let refused = serde_json::from_value::<UpdateProjectRequest>(serde_json::json!({"x": 1}))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains(
+            "expected one of `name`, `description`, `id`, `agent_count`, `version`, \
+             `created_at`, `updated_at`, `created_by`"
+        ));
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_is_refused() {
+        let body: UpdateProjectRequest =
+            serde_json::from_value(serde_json::json!({"version": 1})).unwrap();
+        let errors = body.parse().unwrap_err();
+        assert_eq!(errors[0].field, "body");
+        assert_eq!(errors[0].message, "give at least one of name, description");
+    }
+}

@@ -151,6 +151,22 @@ where
         };
     }
 
+    /// Creates aggregate `id`, a fresh UUID v7, with `command`. A fresh id
+    /// has no events: nothing to load. The append still expects an empty
+    /// subject, so a collision would be a conflict.
+    pub async fn create(
+        &self,
+        id: A::Id,
+        ctx: &WriteContext,
+        command: A::Command,
+    ) -> Result<Committed<A>, WriteError>
+    where
+        A::Command: Clone,
+    {
+        self.remember(id, A::default(), 0).await;
+        self.execute(id, ctx, None, |_| Ok(command.clone())).await
+    }
+
     /// Decides `command` against the aggregate and appends what it yields.
     /// `if_match` is the version the caller expects (412 otherwise).
     /// `command` may be called more than once: after a lost race the state

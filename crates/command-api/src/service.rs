@@ -134,12 +134,9 @@ impl Commands {
         self.require_project(project).await?;
         let id = AgentId::from(Uuid::now_v7());
         tracing::Span::current().record("agent_id", tracing::field::display(id));
-        // A fresh UUID v7 has no events: nothing to load. The append still
-        // expects an empty subject, so a collision would be a conflict.
-        self.agents.remember(id, AgentState::Absent, 0).await;
         let written = self
             .agents
-            .execute(id, ctx, None, |_| Ok(AgentCommand::Create(created.clone())))
+            .create(id, ctx, AgentCommand::Create(created))
             .await?;
         if let Some(p) = project
             && let Some(detached) = self.detach_if_project_gone(ctx, id, p).await?
@@ -294,11 +291,8 @@ impl Commands {
         created: ProjectCreated,
     ) -> Result<Committed<ProjectState>, WriteError> {
         let id = ProjectId::from(Uuid::now_v7());
-        self.projects.remember(id, ProjectState::Absent, 0).await;
         self.projects
-            .execute(id, ctx, None, |_| {
-                Ok(ProjectCommand::Create(created.clone()))
-            })
+            .create(id, ctx, ProjectCommand::Create(created))
             .await
     }
 
