@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use events::agent::{AgentEvent, AgentState, evolve};
+use events::envelope::EventCodec;
 use events::{AggregateType, Envelope};
 use infra::auth::Viewer;
 use infra::http::{ApiError, ApiPath, Problem, QueryPairs};
