@@ -125,9 +125,9 @@ pub trait EventCodec: Sized {
     /// Reads the data of an event stored at [`Self::SCHEMA_VERSION`].
     fn decode_current(envelope: &Envelope) -> Result<Self, DecodeError>;
 
-    /// Reads a stored event. This is where older schema versions are to be
-    /// upcast to the current types; version 1 is the only one so far, so
-    /// any other is refused.
+    /// Reads a stored event at the current schema version, and refuses any
+    /// other. Events that gain a new version override this to upcast the
+    /// older ones to the current types.
     fn decode(envelope: &Envelope) -> Result<Self, DecodeError> {
         if envelope.schema_version != Self::SCHEMA_VERSION {
             return Err(DecodeError::UnknownVersion {
