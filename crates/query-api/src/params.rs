@@ -8,9 +8,9 @@
 use chrono::{DateTime, Utc};
 use infra::http::{ApiError, QueryPairs};
 
-/// An endpoint's parameters, parsed and checked from its query string
-/// (`min_seq` included among the ones it allows; [`crate::projection::Fresh`]
-/// honours it).
+/// An endpoint's parameters, parsed and checked from its query string.
+/// `min_seq` is among the ones each allows; the `Fresh` extractor that
+/// parses them honours it.
 pub trait Params: Sized + Send {
     /// 400 on any parameter the endpoint does not take or cannot parse.
     fn parse(query: &QueryPairs) -> Result<Self, ApiError>;
