@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use chrono::{DateTime, SubsecRound, Utc};
 use events::agent::{AgentCreated, AgentEvent};
+use events::envelope::EventCodec;
 use events::fields::{AgentStatus, AgentType, Capabilities, Config, Description, Name, Tags};
 use events::{AggregateType, Envelope, EventMeta};
 use serde_json::{Value, json};

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use events::agent::{Agent, AgentChanges, AgentCommand, AgentCreated, AgentEvent, AgentState};
+use events::envelope::EventCodec;
 use events::project::{self, ProjectChanges, ProjectCommand, ProjectCreated, ProjectState};
 use events::{AgentId, AggregateType, Envelope, ProjectId, Recorded};
 use infra::projection::ProjectionWatch;

@@ -4,8 +4,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::envelope::{AggregateType, DecodeError, Envelope, Recorded};
-use crate::fields::{AgentStatus, AgentType, Capabilities, Config, Description, Name, Tags};
+use crate::envelope::{Recorded, lifecycle_codec};
+use crate::fields::{
+    AgentStatus, AgentType, Capabilities, Config, Description, Name, Tags, apply_change,
+};
 
 pub const CREATED: &str = "agent.created";
 pub const UPDATED: &str = "agent.updated";
@@ -71,66 +73,7 @@ pub enum AgentEvent {
     Deleted,
 }
 
-impl AgentEvent {
-    pub const SCHEMA_VERSION: u32 = 1;
-
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            AgentEvent::Created(_) => CREATED,
-            AgentEvent::Updated(_) => UPDATED,
-            AgentEvent::Deleted => DELETED,
-        }
-    }
-
-    /// The stored form of this event's data.
-    pub fn to_data(&self) -> serde_json::Value {
-        let data = match self {
-            AgentEvent::Created(c) => serde_json::to_value(c),
-            AgentEvent::Updated(c) => serde_json::to_value(c),
-            AgentEvent::Deleted => Ok(serde_json::Value::Object(Default::default())),
-        };
-        // Serializing plain structs of strings, maps and ids into a Value
-        // cannot fail: there are no non-string map keys and no IO.
-        data.unwrap_or(serde_json::Value::Null)
-    }
-
-    /// Reads a stored agent event, upcasting older schema versions to the
-    /// current types. Version 1 is the only one so far.
-    pub fn decode(envelope: &Envelope) -> Result<AgentEvent, DecodeError> {
-        let bad = |source| DecodeError::BadData {
-            event_type: envelope.event_type.clone(),
-            source,
-        };
-        if envelope.schema_version != Self::SCHEMA_VERSION {
-            return Err(DecodeError::UnknownVersion {
-                event_type: envelope.event_type.clone(),
-                version: envelope.schema_version,
-            });
-        }
-        match envelope.event_type.as_str() {
-            CREATED => AgentCreated::deserialize(&envelope.data)
-                .map(AgentEvent::Created)
-                .map_err(bad),
-            UPDATED => AgentChanges::deserialize(&envelope.data)
-                .map(AgentEvent::Updated)
-                .map_err(bad),
-            DELETED => Ok(AgentEvent::Deleted),
-            other => Err(DecodeError::UnknownType(other.to_owned())),
-        }
-    }
-
-    /// Decodes and pairs with metadata: what `evolve` takes.
-    pub fn recorded(envelope: &Envelope) -> Result<Recorded<AgentEvent>, DecodeError> {
-        Ok(Recorded {
-            meta: envelope.meta(),
-            event: AgentEvent::decode(envelope)?,
-        })
-    }
-
-    pub fn aggregate_type() -> AggregateType {
-        AggregateType::Agent
-    }
-}
+lifecycle_codec!(AgentEvent: CREATED, UPDATED, DELETED);
 
 /// An agent as the log says it is.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -153,30 +96,14 @@ pub struct Agent {
 
 impl Agent {
     fn apply(&mut self, c: &AgentChanges) {
-        if let Some(v) = &c.name {
-            self.name = v.clone();
-        }
-        if let Some(v) = &c.agent_type {
-            self.agent_type = v.clone();
-        }
-        if let Some(v) = &c.description {
-            self.description = v.clone();
-        }
-        if let Some(v) = c.status {
-            self.status = v;
-        }
-        if let Some(v) = &c.capabilities {
-            self.capabilities = v.clone();
-        }
-        if let Some(v) = &c.config {
-            self.config = v.clone();
-        }
-        if let Some(v) = &c.tags {
-            self.tags = v.clone();
-        }
-        if let Some(v) = c.project_id {
-            self.project_id = v;
-        }
+        apply_change(&mut self.name, &c.name);
+        apply_change(&mut self.agent_type, &c.agent_type);
+        apply_change(&mut self.description, &c.description);
+        apply_change(&mut self.status, &c.status);
+        apply_change(&mut self.capabilities, &c.capabilities);
+        apply_change(&mut self.config, &c.config);
+        apply_change(&mut self.tags, &c.tags);
+        apply_change(&mut self.project_id, &c.project_id);
     }
 
     /// The subset of `patch` that differs from this agent: what an update
@@ -333,7 +260,7 @@ mod tests {
     //! then these events (or this error) follow; and folding them gives the
     //! expected state.
     use super::*;
-    use crate::envelope::EventMeta;
+    use crate::envelope::{AggregateType, DecodeError, Envelope, EventCodec, EventMeta};
 
     fn meta(version: u64) -> EventMeta {
         EventMeta {

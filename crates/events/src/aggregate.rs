@@ -3,11 +3,11 @@
 //! caches and appends any aggregate through this one trait.
 
 use crate::agent::{self, AgentCommand, AgentError, AgentEvent, AgentState};
-use crate::envelope::{AggregateType, DecodeError, Envelope, Recorded};
+use crate::envelope::{AggregateType, DecodeError, Envelope, EventCodec, Recorded};
 use crate::project::{self, ProjectCommand, ProjectError, ProjectEvent, ProjectState};
 
 pub trait Aggregate: Clone + Default + Send + Sync + 'static {
-    type Event: Clone + Send + Sync + 'static;
+    type Event: EventCodec + Clone + Send + Sync + 'static;
     type Command: Send;
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -15,10 +15,18 @@ pub trait Aggregate: Clone + Default + Send + Sync + 'static {
 
     /// How many events the aggregate has had.
     fn version(&self) -> u64;
-    fn decode(envelope: &Envelope) -> Result<Self::Event, DecodeError>;
-    fn event_type(event: &Self::Event) -> &'static str;
-    fn schema_version(event: &Self::Event) -> u32;
-    fn to_data(event: &Self::Event) -> serde_json::Value;
+    fn decode(envelope: &Envelope) -> Result<Self::Event, DecodeError> {
+        Self::Event::decode(envelope)
+    }
+    fn event_type(event: &Self::Event) -> &'static str {
+        event.event_type()
+    }
+    fn schema_version(_event: &Self::Event) -> u32 {
+        Self::Event::SCHEMA_VERSION
+    }
+    fn to_data(event: &Self::Event) -> serde_json::Value {
+        event.to_data()
+    }
     fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
     fn evolve(self, event: &Recorded<Self::Event>) -> Self;
 }
@@ -31,18 +39,6 @@ impl Aggregate for AgentState {
 
     fn version(&self) -> u64 {
         AgentState::version(self)
-    }
-    fn decode(envelope: &Envelope) -> Result<AgentEvent, DecodeError> {
-        AgentEvent::decode(envelope)
-    }
-    fn event_type(event: &AgentEvent) -> &'static str {
-        event.event_type()
-    }
-    fn schema_version(_: &AgentEvent) -> u32 {
-        AgentEvent::SCHEMA_VERSION
-    }
-    fn to_data(event: &AgentEvent) -> serde_json::Value {
-        event.to_data()
     }
     fn decide(&self, command: AgentCommand) -> Result<Vec<AgentEvent>, AgentError> {
         agent::decide(self, command)
@@ -60,18 +56,6 @@ impl Aggregate for ProjectState {
 
     fn version(&self) -> u64 {
         ProjectState::version(self)
-    }
-    fn decode(envelope: &Envelope) -> Result<ProjectEvent, DecodeError> {
-        ProjectEvent::decode(envelope)
-    }
-    fn event_type(event: &ProjectEvent) -> &'static str {
-        event.event_type()
-    }
-    fn schema_version(_: &ProjectEvent) -> u32 {
-        ProjectEvent::SCHEMA_VERSION
-    }
-    fn to_data(event: &ProjectEvent) -> serde_json::Value {
-        event.to_data()
     }
     fn decide(&self, command: ProjectCommand) -> Result<Vec<ProjectEvent>, ProjectError> {
         project::decide(self, command)

@@ -1,6 +1,8 @@
-//! The envelope every event is stored in, as `api.md` gives it.
+//! The envelope every event is stored in, as `api.md` gives it, and the
+//! codec between an aggregate's typed events and that stored form.
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -97,7 +99,104 @@ impl Envelope {
             request_id: self.request_id.clone(),
         }
     }
+
+    /// The data read as an event body; `BadData` naming the event type when
+    /// it does not fit.
+    pub(crate) fn body<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        T::deserialize(&self.data).map_err(|source| DecodeError::BadData {
+            event_type: self.event_type.clone(),
+            source,
+        })
+    }
 }
+
+/// How an aggregate's typed events map to and from their stored form: a
+/// type name, a schema version and a JSON body.
+pub trait EventCodec: Sized {
+    /// The schema version events are written with.
+    const SCHEMA_VERSION: u32;
+
+    /// The type name the envelope carries.
+    fn event_type(&self) -> &'static str;
+
+    /// The stored form of this event's data.
+    fn to_data(&self) -> serde_json::Value;
+
+    /// Reads the data of an event stored at [`Self::SCHEMA_VERSION`].
+    fn decode_current(envelope: &Envelope) -> Result<Self, DecodeError>;
+
+    /// Reads a stored event at the current schema version, and refuses any
+    /// other. Events that gain a new version override this to upcast the
+    /// older ones to the current types.
+    fn decode(envelope: &Envelope) -> Result<Self, DecodeError> {
+        if envelope.schema_version != Self::SCHEMA_VERSION {
+            return Err(DecodeError::UnknownVersion {
+                event_type: envelope.event_type.clone(),
+                version: envelope.schema_version,
+            });
+        }
+        Self::decode_current(envelope)
+    }
+
+    /// Decodes and pairs with metadata: what `evolve` takes.
+    fn recorded(envelope: &Envelope) -> Result<Recorded<Self>, DecodeError> {
+        Ok(Recorded {
+            meta: envelope.meta(),
+            event: Self::decode(envelope)?,
+        })
+    }
+}
+
+/// The stored form of an event body. Serializing plain structs of strings,
+/// maps and ids into a `Value` cannot fail: there are no non-string map
+/// keys and no IO.
+pub(crate) fn data_of(body: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Implements [`EventCodec`] (schema version 1) for an aggregate's event
+/// enum of the shape every aggregate has so far, `Created(body)`,
+/// `Updated(changes)` and `Deleted`, given the three type names. A
+/// deletion carries `{}`.
+///
+/// A macro rather than a generic: the variants are the enum's own, and a
+/// trait that could name them would be longer than the three matches it
+/// writes.
+macro_rules! lifecycle_codec {
+    ($event:ident: $created:path, $updated:path, $deleted:path) => {
+        impl $crate::envelope::EventCodec for $event {
+            const SCHEMA_VERSION: u32 = 1;
+
+            fn event_type(&self) -> &'static str {
+                match self {
+                    $event::Created(_) => $created,
+                    $event::Updated(_) => $updated,
+                    $event::Deleted => $deleted,
+                }
+            }
+
+            fn to_data(&self) -> serde_json::Value {
+                match self {
+                    $event::Created(body) => $crate::envelope::data_of(body),
+                    $event::Updated(changes) => $crate::envelope::data_of(changes),
+                    $event::Deleted => serde_json::Value::Object(Default::default()),
+                }
+            }
+
+            fn decode_current(
+                envelope: &$crate::envelope::Envelope,
+            ) -> Result<Self, $crate::envelope::DecodeError> {
+                match envelope.event_type.as_str() {
+                    $created => envelope.body().map($event::Created),
+                    $updated => envelope.body().map($event::Updated),
+                    $deleted => Ok($event::Deleted),
+                    other => Err($crate::envelope::DecodeError::UnknownType(other.to_owned())),
+                }
+            }
+        }
+    };
+}
+pub(crate) use lifecycle_codec;
 
 /// Why a stored event could not be turned into a typed one.
 ///

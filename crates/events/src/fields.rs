@@ -29,6 +29,14 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// Applies one field of an update: replaces the value when the update
+/// carries one, leaves it when the field was not changed.
+pub(crate) fn apply_change<T: Clone>(field: &mut T, change: &Option<T>) {
+    if let Some(new) = change {
+        *field = new.clone();
+    }
+}
+
 /// Counts characters as a user sees them in the limits of `api.md`: Unicode
 /// scalar values, not bytes.
 fn chars(s: &str) -> usize {

@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::envelope::{DecodeError, Envelope, Recorded};
-use crate::fields::{Description, Name};
+use crate::envelope::{Recorded, lifecycle_codec};
+use crate::fields::{Description, Name, apply_change};
 
 pub const CREATED: &str = "project.created";
 pub const UPDATED: &str = "project.updated";
@@ -39,56 +39,7 @@ pub enum ProjectEvent {
     Deleted,
 }
 
-impl ProjectEvent {
-    pub const SCHEMA_VERSION: u32 = 1;
-
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            ProjectEvent::Created(_) => CREATED,
-            ProjectEvent::Updated(_) => UPDATED,
-            ProjectEvent::Deleted => DELETED,
-        }
-    }
-
-    pub fn to_data(&self) -> serde_json::Value {
-        let data = match self {
-            ProjectEvent::Created(c) => serde_json::to_value(c),
-            ProjectEvent::Updated(c) => serde_json::to_value(c),
-            ProjectEvent::Deleted => Ok(serde_json::Value::Object(Default::default())),
-        };
-        data.unwrap_or(serde_json::Value::Null)
-    }
-
-    pub fn decode(envelope: &Envelope) -> Result<ProjectEvent, DecodeError> {
-        let bad = |source| DecodeError::BadData {
-            event_type: envelope.event_type.clone(),
-            source,
-        };
-        if envelope.schema_version != Self::SCHEMA_VERSION {
-            return Err(DecodeError::UnknownVersion {
-                event_type: envelope.event_type.clone(),
-                version: envelope.schema_version,
-            });
-        }
-        match envelope.event_type.as_str() {
-            CREATED => ProjectCreated::deserialize(&envelope.data)
-                .map(ProjectEvent::Created)
-                .map_err(bad),
-            UPDATED => ProjectChanges::deserialize(&envelope.data)
-                .map(ProjectEvent::Updated)
-                .map_err(bad),
-            DELETED => Ok(ProjectEvent::Deleted),
-            other => Err(DecodeError::UnknownType(other.to_owned())),
-        }
-    }
-
-    pub fn recorded(envelope: &Envelope) -> Result<Recorded<ProjectEvent>, DecodeError> {
-        Ok(Recorded {
-            meta: envelope.meta(),
-            event: ProjectEvent::decode(envelope)?,
-        })
-    }
-}
+lifecycle_codec!(ProjectEvent: CREATED, UPDATED, DELETED);
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Project {
@@ -179,12 +130,8 @@ pub fn evolve(state: ProjectState, recorded: &Recorded<ProjectEvent>) -> Project
             created_by: meta.actor.clone(),
         }),
         (ProjectState::Live(mut p), ProjectEvent::Updated(c)) => {
-            if let Some(n) = &c.name {
-                p.name = n.clone();
-            }
-            if let Some(d) = &c.description {
-                p.description = d.clone();
-            }
+            apply_change(&mut p.name, &c.name);
+            apply_change(&mut p.description, &c.description);
             p.version = meta.aggregate_version;
             p.updated_at = meta.occurred_at;
             ProjectState::Live(p)

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use events::agent::{AgentCreated, AgentEvent};
+use events::envelope::EventCodec;
 use events::project::ProjectEvent;
 use events::{AggregateType, Envelope};
 use infra::db::Tx;

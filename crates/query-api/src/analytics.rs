@@ -11,18 +11,19 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use chrono::{DateTime, Duration, Utc};
 use infra::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use serde::Serialize;
 use sqlx::{Postgres, Transaction};
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::QueryState;
-use crate::agents::{await_min_seq, parse_time, with_projection_seq};
+use crate::params::{Params, one_of, parse_time};
+use crate::projection::{CHECKPOINT, Fresh, with_projection_seq};
 
 /// Most buckets one request may ask for.
 pub const MAX_BUCKETS: i64 = 10_000;
@@ -80,14 +81,13 @@ enum Bucket {
 
 impl Bucket {
     fn parse(raw: Option<&str>) -> Result<Bucket, ApiError> {
-        match raw.unwrap_or("hour") {
-            "minute" => Ok(Bucket::Minute),
-            "hour" => Ok(Bucket::Hour),
-            "day" => Ok(Bucket::Day),
-            other => Err(ApiError::BadRequest(format!(
-                "bucket {other:?} is not one of minute, hour, day"
-            ))),
-        }
+        one_of(
+            "bucket",
+            raw,
+            Bucket::Hour,
+            &[Bucket::Minute, Bucket::Hour, Bucket::Day],
+            Bucket::name,
+        )
     }
 
     fn name(self) -> &'static str {
@@ -109,7 +109,7 @@ impl Bucket {
 
 /// A parsed analytics request.
 #[derive(Debug)]
-struct Request {
+pub struct Request {
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     bucket: Bucket,
@@ -132,7 +132,7 @@ fn truncate(t: DateTime<Utc>, width: Duration) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(secs - secs.rem_euclid(width), 0)
 }
 
-impl Request {
+impl Params for Request {
     fn parse(query: &QueryPairs) -> Result<Request, ApiError> {
         query.only(&["from", "to", "bucket", "project_id", "as_of", "min_seq"])?;
         let to = query
@@ -320,20 +320,16 @@ async fn events_over_time(
 pub async fn analytics(
     State(state): State<QueryState>,
     _viewer: Viewer,
-    query: QueryPairs,
-    headers: HeaderMap,
+    Fresh(req): Fresh<Request>,
 ) -> Result<Response, ApiError> {
-    let req = Request::parse(&query)?;
-    await_min_seq(&state, &headers, &query).await?;
-
     let mut tx = state.pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let (checkpoint, as_of_seq): (i64, i64) = sqlx::query_as(
-        "SELECT COALESCE((SELECT last_seq FROM projector_checkpoint WHERE name = 'main'), 0), \
-                COALESCE((SELECT max(seq) FROM events WHERE occurred_at <= $1), 0)",
-    )
+    let (checkpoint, as_of_seq): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT c.seq, COALESCE((SELECT max(seq) FROM events WHERE occurred_at <= $1), 0) FROM {}",
+        *CHECKPOINT
+    )))
     .bind(req.as_of)
     .fetch_one(&mut *tx)
     .await?;
@@ -355,7 +351,11 @@ pub async fn analytics(
         to: req.to,
         bucket: req.bucket.name(),
     };
-    Ok(with_projection_seq(Json(body).into_response(), checkpoint))
+    Ok(with_projection_seq(Json(body), checkpoint))
+}
+
+pub fn router() -> OpenApiRouter<QueryState> {
+    OpenApiRouter::new().routes(routes!(analytics))
 }
 
 #[cfg(test)]

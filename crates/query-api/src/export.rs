@@ -16,7 +16,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use futures::stream;
@@ -24,12 +24,15 @@ use infra::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::AgentView;
 use sqlx::postgres::PgRow;
-use sqlx::{FromRow, Postgres, QueryBuilder, Transaction};
+use sqlx::{Postgres, QueryBuilder, Transaction};
 use tokio::sync::mpsc;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
-use crate::agents::{AgentRow, Filters, await_min_seq, with_projection_seq};
+use crate::filters::Filters;
+use crate::params::{Params, one_of};
+use crate::projection::{CHECKPOINT, Fresh, with_projection_seq};
+use crate::rows::{AGENT_COLUMNS, agent};
 
 /// Rows fetched from the cursor at a time.
 const CHUNK_ROWS: usize = 1_000;
@@ -48,14 +51,13 @@ pub enum Format {
 
 impl Format {
     fn parse(raw: Option<&str>) -> Result<Format, ApiError> {
-        match raw.unwrap_or("csv") {
-            "csv" => Ok(Format::Csv),
-            "ndjson" => Ok(Format::Ndjson),
-            "json" => Ok(Format::Json),
-            other => Err(ApiError::BadRequest(format!(
-                "format {other:?} is not one of csv, ndjson, json"
-            ))),
-        }
+        one_of(
+            "format",
+            raw,
+            Format::Csv,
+            &[Format::Csv, Format::Ndjson, Format::Json],
+            Format::extension,
+        )
     }
 
     fn content_type(self) -> &'static str {
@@ -167,7 +169,7 @@ impl Export {
     fn encode(&mut self, rows: &[PgRow]) -> Result<Vec<u8>, anyhow::Error> {
         let mut out = Vec::with_capacity(rows.len() * 512);
         for row in rows {
-            let a = AgentView::from(AgentRow::from_row(row)?);
+            let a = agent(row)?;
             match self.format {
                 Format::Csv => csv_agent(&mut out, &a),
                 Format::Ndjson => {
@@ -236,19 +238,36 @@ async fn open(
         .await?;
     // The first read fixes the snapshot: the checkpoint and every row come
     // from it.
-    let seq: i64 = sqlx::query_scalar(
-        "SELECT COALESCE((SELECT last_seq FROM projector_checkpoint WHERE name = 'main'), 0)",
-    )
+    let seq: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT c.seq FROM {}",
+        *CHECKPOINT
+    )))
     .fetch_one(&mut *tx)
     .await?;
     let mut qb = QueryBuilder::<Postgres>::new(format!(
-        "DECLARE agents_export NO SCROLL CURSOR FOR SELECT {} FROM agents a WHERE true",
-        crate::agents::AGENT_COLUMNS
+        "DECLARE agents_export NO SCROLL CURSOR FOR SELECT {AGENT_COLUMNS} FROM agents a WHERE true"
     ));
     filters.push_where(&mut qb);
     qb.push(" ORDER BY a.created_at DESC, a.id DESC");
     qb.build().execute(&mut *tx).await?;
     Ok((tx, seq.max(0) as u64))
+}
+
+/// `GET /agents/export`'s parameters: the format and the list filters.
+#[derive(Debug)]
+pub struct ExportParams {
+    pub format: Format,
+    pub filters: Filters,
+}
+
+impl Params for ExportParams {
+    fn parse(query: &QueryPairs) -> Result<ExportParams, ApiError> {
+        query.only(&["format", "status", "type", "project_id", "tag", "min_seq"])?;
+        Ok(ExportParams {
+            format: Format::parse(query.one("format")?)?,
+            filters: Filters::parse(query)?,
+        })
+    }
 }
 
 /// Export agents as a file download.
@@ -282,13 +301,8 @@ async fn open(
 pub async fn export_agents(
     State(state): State<QueryState>,
     _viewer: Viewer,
-    query: QueryPairs,
-    headers: HeaderMap,
+    Fresh(ExportParams { format, filters }): Fresh<ExportParams>,
 ) -> Result<Response, ApiError> {
-    query.only(&["format", "status", "type", "project_id", "tag", "min_seq"])?;
-    let format = Format::parse(query.one("format")?)?;
-    let filters = Filters::parse(&query)?;
-    await_min_seq(&state, &headers, &query).await?;
     let (tx, seq) = open(&state, &filters).await?;
 
     let (sender, chunks) = mpsc::channel(CHUNKS_AHEAD);

@@ -4,25 +4,25 @@
 //! same transaction as the read models, so they agree with every other read
 //! at the same `X-Projection-Seq`.
 
-use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use base64::Engine;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use events::agent::{AgentEvent, AgentState, evolve};
+use events::envelope::EventCodec;
 use events::{AggregateType, Envelope};
 use infra::auth::Viewer;
-use infra::http::{ApiError, ApiPath, Problem, QueryPairs};
+use infra::http::{ApiError, ApiPath, Problem};
 use infra::views::{AgentView, Page};
 use serde::Serialize;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::QueryState;
-use crate::agents::{CHECKPOINT, await_min_seq, parse_limit, projection_seq, with_projection_seq};
+use crate::paging::{Cursor, PageParams, keyset_page};
+use crate::projection::{CHECKPOINT, Fresh, projection_seq};
 
 /// One event in an agent's history.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -72,10 +72,11 @@ pub(crate) async fn agent_as_of(
     at: DateTime<Utc>,
 ) -> Result<(Option<AgentView>, u64), ApiError> {
     let sql = format!(
-        "SELECT c.seq AS projection_seq, {EVENT_COLUMNS} FROM {CHECKPOINT} \
+        "SELECT c.seq AS projection_seq, {EVENT_COLUMNS} FROM {} \
          LEFT JOIN events e ON e.aggregate_id = $1 AND e.aggregate_type = 'agent' \
            AND e.occurred_at <= $2 \
-         ORDER BY e.seq"
+         ORDER BY e.seq",
+        *CHECKPOINT
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
@@ -97,19 +98,37 @@ pub(crate) async fn agent_as_of(
     Ok((agent.live().map(AgentView::from), seq))
 }
 
-fn encode_seq_cursor(seq: u64) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("h:{seq}"))
+/// The position in an agent's history: the sequence of the last event
+/// sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqCursor(pub u64);
+
+impl Cursor for SeqCursor {
+    fn to_text(&self) -> String {
+        format!("h:{}", self.0)
+    }
+
+    fn from_text(text: &str) -> Option<SeqCursor> {
+        text.strip_prefix("h:")?.parse().ok().map(SeqCursor)
+    }
 }
 
-fn decode_seq_cursor(s: &str) -> Result<u64, ApiError> {
-    let bad = || ApiError::BadRequest("the cursor is not valid".into());
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| bad())?;
-    let raw = String::from_utf8(raw).map_err(|_| bad())?;
-    raw.strip_prefix("h:")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(bad)
+/// The history item of a row from the history statement; `None` for the
+/// row of a join that found no event.
+fn item_of(row: &PgRow) -> Result<Option<HistoryItem>, sqlx::Error> {
+    let Some(seq) = row.try_get::<Option<i64>, _>("seq")? else {
+        return Ok(None);
+    };
+    let event = envelope_of(row)?;
+    Ok(Some(HistoryItem {
+        seq: seq.max(0) as u64,
+        event_type: event.event_type,
+        version: event.aggregate_version,
+        occurred_at: event.occurred_at,
+        actor: event.actor,
+        request_id: event.request_id,
+        data: event.data,
+    }))
 }
 
 /// An agent's events, oldest first.
@@ -137,35 +156,26 @@ pub async fn agent_history(
     State(state): State<QueryState>,
     _viewer: Viewer,
     ApiPath(id): ApiPath<Uuid>,
-    query: QueryPairs,
-    headers: HeaderMap,
+    Fresh(page): Fresh<PageParams<SeqCursor>>,
 ) -> Result<Response, ApiError> {
-    query.only(&["limit", "cursor", "min_seq"])?;
-    let limit = parse_limit(&query)?;
-    let after = query
-        .one("cursor")?
-        .map(decode_seq_cursor)
-        .transpose()?
-        .unwrap_or(0);
-    await_min_seq(&state, &headers, &query).await?;
-
+    let after = page.cursor.map_or(0, |c| c.0);
     let sql = format!(
         "SELECT c.seq AS projection_seq, \
            EXISTS (SELECT 1 FROM events WHERE aggregate_id = $1 AND aggregate_type = 'agent' \
                    AND seq <= c.seq) AS known, \
-           e.seq, e.event_type, e.aggregate_version, e.occurred_at, e.actor, e.request_id, e.data \
-         FROM {CHECKPOINT} \
+           {EVENT_COLUMNS} \
+         FROM {} \
          LEFT JOIN LATERAL (SELECT * FROM events WHERE aggregate_id = $1 AND aggregate_type = 'agent' \
                             AND seq > $2 ORDER BY seq LIMIT $3) e ON true \
-         ORDER BY e.seq"
+         ORDER BY e.seq",
+        *CHECKPOINT
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(after as i64)
-        .bind(limit + 1)
+        .bind(page.limit + 1)
         .fetch_all(&state.pool)
         .await?;
-    let seq = rows.first().map(projection_seq).transpose()?.unwrap_or(0);
     let known = match rows.first() {
         Some(row) => row.try_get::<bool, _>("known")?,
         None => false,
@@ -173,31 +183,11 @@ pub async fn agent_history(
     if !known {
         return Err(ApiError::NotFound("no such agent".into()));
     }
-    let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let Some(event_seq) = row.try_get::<Option<i64>, _>("seq")? else {
-            continue;
-        };
-        items.push(HistoryItem {
-            seq: event_seq.max(0) as u64,
-            event_type: row.try_get("event_type")?,
-            version: row.try_get::<i64, _>("aggregate_version")?.max(0) as u64,
-            occurred_at: row.try_get("occurred_at")?,
-            actor: row.try_get("actor")?,
-            request_id: row.try_get("request_id")?,
-            data: row.try_get("data")?,
-        });
-    }
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|i| encode_seq_cursor(i.seq))
-    } else {
-        None
-    };
-    Ok(with_projection_seq(
-        Json(Page { items, next_cursor }).into_response(),
-        seq,
-    ))
+    keyset_page(&rows, page.limit, item_of, |i| SeqCursor(i.seq))
+}
+
+pub fn router() -> OpenApiRouter<QueryState> {
+    OpenApiRouter::new().routes(routes!(agent_history))
 }
 
 #[cfg(test)]
@@ -206,8 +196,11 @@ mod tests {
 
     #[test]
     fn history_cursors_round_trip() {
-        assert_eq!(decode_seq_cursor(&encode_seq_cursor(42)).unwrap(), 42);
-        assert!(decode_seq_cursor("garbage!").is_err());
-        assert!(decode_seq_cursor(&encode_seq_cursor(1)[1..]).is_err());
+        assert_eq!(
+            SeqCursor::decode(&SeqCursor(42).encode()).unwrap(),
+            SeqCursor(42)
+        );
+        assert!(SeqCursor::decode("garbage!").is_err());
+        assert!(SeqCursor::decode(&SeqCursor(1).encode()[1..]).is_err());
     }
 }

@@ -5,6 +5,7 @@
 //! reader that needs its own writes sends `X-Min-Event-Seq` (or `?min_seq=`)
 //! to be answered only once the projection has got that far.
 
+// One feature each, with its router.
 pub mod agents;
 pub mod analytics;
 pub mod export;
@@ -13,6 +14,14 @@ pub mod live;
 pub mod metrics;
 pub mod projects;
 pub mod search;
+
+// What the features share; these never import a feature.
+pub mod conditional;
+pub mod filters;
+pub mod paging;
+pub mod params;
+pub mod projection;
+pub mod rows;
 
 use std::sync::Arc;
 
@@ -47,9 +56,12 @@ impl FromRef<QueryState> for Arc<Auth> {
 pub fn router(state: QueryState) -> OpenApiRouter {
     OpenApiRouter::new()
         .merge(agents::router())
+        .merge(search::router())
+        .merge(history::router())
         .merge(live::router())
         .merge(projects::router())
         .merge(metrics::router())
+        .merge(analytics::router())
         .with_state(state)
 }
 

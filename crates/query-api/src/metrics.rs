@@ -12,7 +12,7 @@ use infra::metrics::Snapshot;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
-use crate::agents::{await_min_seq, with_projection_seq};
+use crate::projection::{await_min_seq, with_projection_seq};
 
 /// A snapshot of this process's metrics.
 ///
@@ -51,7 +51,5 @@ pub async fn metrics_json(
 }
 
 pub fn router() -> OpenApiRouter<QueryState> {
-    OpenApiRouter::new()
-        .routes(routes!(metrics_json))
-        .routes(routes!(crate::analytics::analytics))
+    OpenApiRouter::new().routes(routes!(metrics_json))
 }

@@ -8,17 +8,17 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use infra::auth::Viewer;
-use infra::http::{ApiError, ApiPath, Problem, QueryPairs, etag};
+use infra::http::{ApiError, ApiPath, Problem, etag};
 use infra::views::{Page, ProjectView};
+use sqlx::Row;
 use sqlx::postgres::PgRow;
-use sqlx::{Postgres, QueryBuilder, Row};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::QueryState;
-use crate::agents::{
-    CHECKPOINT, Cursor, await_min_seq, conditional, keyset_page, parse_limit, projection_seq,
-};
+use crate::conditional::conditional;
+use crate::paging::{CreatedCursor, PageParams, keyset_page, newest_first};
+use crate::projection::{CHECKPOINT, Fresh, projection_seq};
 
 const PROJECT_COLUMNS: &str = "p.id, p.name, p.description, p.version, p.created_at, \
      p.updated_at, p.created_by, \
@@ -62,14 +62,13 @@ pub async fn get_project(
     State(state): State<QueryState>,
     _viewer: Viewer,
     ApiPath(id): ApiPath<Uuid>,
-    query: QueryPairs,
+    _: Fresh<()>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    query.only(&["min_seq"])?;
-    await_min_seq(&state, &headers, &query).await?;
     let sql = format!(
-        "SELECT c.seq AS projection_seq, {PROJECT_COLUMNS} FROM {CHECKPOINT} \
-         LEFT JOIN projects p ON p.id = $1"
+        "SELECT c.seq AS projection_seq, {PROJECT_COLUMNS} FROM {} \
+         LEFT JOIN projects p ON p.id = $1",
+        *CHECKPOINT
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id)
@@ -103,30 +102,12 @@ pub async fn get_project(
 pub async fn list_projects(
     State(state): State<QueryState>,
     _viewer: Viewer,
-    query: QueryPairs,
-    headers: HeaderMap,
+    Fresh(page): Fresh<PageParams<CreatedCursor>>,
 ) -> Result<Response, ApiError> {
-    query.only(&["limit", "cursor", "min_seq"])?;
-    let limit = parse_limit(&query)?;
-    let cursor = query.one("cursor")?.map(Cursor::decode).transpose()?;
-    await_min_seq(&state, &headers, &query).await?;
-
-    let mut qb = QueryBuilder::<Postgres>::new(format!(
-        "SELECT c.seq AS projection_seq, {PROJECT_COLUMNS} FROM {CHECKPOINT} \
-         LEFT JOIN LATERAL (SELECT * FROM projects WHERE true"
-    ));
-    if let Some(c) = cursor {
-        qb.push(" AND (created_at, id) < (")
-            .push_bind(c.created_at)
-            .push(", ")
-            .push_bind(c.id)
-            .push(")");
-    }
-    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(limit + 1)
-        .push(") p ON true ORDER BY p.created_at DESC, p.id DESC");
+    let mut qb = newest_first(PROJECT_COLUMNS, "projects", "p", &page, |_| {});
+    qb.push(" ORDER BY p.created_at DESC, p.id DESC");
     let rows = qb.build().fetch_all(&state.pool).await?;
-    keyset_page(&rows, limit, project_of, |p| Cursor {
+    keyset_page(&rows, page.limit, project_of, |p| CreatedCursor {
         created_at: p.created_at,
         id: p.id,
     })

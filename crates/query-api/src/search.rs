@@ -26,23 +26,25 @@
 //! outranks a description match). Pages are a keyset on `(score, id)`,
 //! both descending; the cursor carries the exact score.
 
-use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use infra::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::{AgentView, Page};
 use serde::Serialize;
-use sqlx::{FromRow, Postgres, QueryBuilder, Row};
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row};
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::QueryState;
-use crate::agents::{
-    AGENT_COLUMNS, AgentRow, CHECKPOINT, Filters, await_min_seq, parse_limit, projection_seq,
-    with_projection_seq,
-};
+use crate::agents::AgentList;
+use crate::filters::Filters;
+use crate::paging::{Cursor, keyset_page, parse_cursor, parse_limit};
+use crate::params::Params;
+use crate::projection::{CHECKPOINT, Fresh};
+use crate::rows::{AGENT_COLUMNS, agent_of};
 
 /// How many matches of each kind (words, trigrams) a search scores at
 /// most. Enough that precise queries are ranked in full; a very common word
@@ -86,25 +88,24 @@ pub struct SearchCursor {
     pub id: Uuid,
 }
 
-impl SearchCursor {
-    pub fn encode(&self) -> String {
-        crate::agents::opaque_encode(&format!("s:{:016x}:{}", self.score.to_bits(), self.id))
+impl Cursor for SearchCursor {
+    /// The exact score, as its bits.
+    fn to_text(&self) -> String {
+        format!("s:{:016x}:{}", self.score.to_bits(), self.id)
     }
 
-    pub fn decode(s: &str) -> Result<SearchCursor, ApiError> {
-        let bad = crate::agents::bad_cursor;
-        let raw = crate::agents::opaque_decode(s)?;
-        let mut parts = raw.splitn(3, ':');
+    fn from_text(text: &str) -> Option<SearchCursor> {
+        let mut parts = text.splitn(3, ':');
         let (Some("s"), Some(bits), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad());
+            return None;
         };
-        let score = f64::from_bits(u64::from_str_radix(bits, 16).map_err(|_| bad())?);
+        let score = f64::from_bits(u64::from_str_radix(bits, 16).ok()?);
         if !score.is_finite() {
-            return Err(bad());
+            return None;
         }
-        Ok(SearchCursor {
+        Some(SearchCursor {
             score,
-            id: id.parse().map_err(|_| bad())?,
+            id: id.parse().ok()?,
         })
     }
 }
@@ -156,22 +157,18 @@ const ALTERNATIVES_SQL: &str = "SELECT q.i, d.word FROM unnest($1::text[]) WITH 
        AND similarity(word, q.word) >= 0.5 \
        ORDER BY similarity(word, q.word) DESC, word LIMIT 4) d";
 
-impl Search {
-    pub const PARAMS: [&'static str; 8] = [
-        "q",
-        "status",
-        "type",
-        "project_id",
-        "tag",
-        "limit",
-        "cursor",
-        "min_seq",
-    ];
+/// The handler's parameters are the search itself ([`Search::parse`]).
+impl Params for Search {
+    fn parse(query: &QueryPairs) -> Result<Search, ApiError> {
+        Search::parse(query)
+    }
+}
 
-    /// Checks every parameter: `q` is required, 1..=200 characters after
-    /// trimming, without NUL.
+impl Search {
+    /// Checks every parameter: `q`, and the list's filters and page. `q` is
+    /// required, 1..=200 characters after trimming, without NUL.
     pub fn parse(query: &QueryPairs) -> Result<Search, ApiError> {
-        query.only(&Self::PARAMS)?;
+        query.only(&[&["q"][..], &AgentList::PARAMS].concat())?;
         let q = query
             .one("q")?
             .map(str::trim)
@@ -193,7 +190,7 @@ impl Search {
             alternatives: vec![Vec::new(); words.len()],
             words,
             filters: Filters::parse(query)?,
-            cursor: query.one("cursor")?.map(SearchCursor::decode).transpose()?,
+            cursor: parse_cursor(query)?,
             limit: parse_limit(query)?,
         })
     }
@@ -238,8 +235,9 @@ impl Search {
     /// `EXPLAIN` there). Every user value is a bound parameter.
     pub fn build(&self, prefix: &str) -> QueryBuilder<Postgres> {
         let mut qb = QueryBuilder::<Postgres>::new(format!(
-            "{prefix}SELECT c.seq AS projection_seq, {AGENT_COLUMNS}, a.score FROM {CHECKPOINT} \
-             LEFT JOIN LATERAL (SELECT * FROM (SELECT agents.*, ("
+            "{prefix}SELECT c.seq AS projection_seq, {AGENT_COLUMNS}, a.score FROM {} \
+             LEFT JOIN LATERAL (SELECT * FROM (SELECT agents.*, (",
+            *CHECKPOINT
         ));
         if self.words.is_empty() {
             // Without a letter or digit there is no word to match: nothing
@@ -312,41 +310,30 @@ impl Search {
 pub async fn search_agents(
     State(state): State<QueryState>,
     _viewer: Viewer,
-    query: QueryPairs,
-    headers: HeaderMap,
+    Fresh(mut search): Fresh<Search>,
 ) -> Result<Response, ApiError> {
-    let mut search = Search::parse(&query)?;
-    await_min_seq(&state, &headers, &query).await?;
     search.expand(&state.pool).await?;
     let rows = search.build("").build().fetch_all(&state.pool).await?;
+    keyset_page(&rows, search.limit, hit_of, |h| SearchCursor {
+        score: h.score,
+        id: h.agent.id,
+    })
+}
 
-    let seq = rows.first().map(projection_seq).transpose()?.unwrap_or(0);
-    let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if row.try_get::<Option<Uuid>, _>("id")?.is_none() {
-            continue;
-        }
-        items.push(SearchHit {
-            agent: AgentRow::from_row(row)?.into(),
-            score: row.try_get("score")?,
-        });
-    }
-    let next_cursor = if items.len() as i64 > search.limit {
-        items.truncate(search.limit as usize);
-        items.last().map(|h| {
-            SearchCursor {
-                score: h.score,
-                id: h.agent.id,
-            }
-            .encode()
-        })
-    } else {
-        None
+/// The hit of a row from [`Search::build`]; `None` for the row of a join
+/// that found nothing.
+fn hit_of(row: &PgRow) -> Result<Option<SearchHit>, sqlx::Error> {
+    let Some(agent) = agent_of(row)? else {
+        return Ok(None);
     };
-    Ok(with_projection_seq(
-        Json(Page { items, next_cursor }).into_response(),
-        seq,
-    ))
+    Ok(Some(SearchHit {
+        agent,
+        score: row.try_get("score")?,
+    }))
+}
+
+pub fn router() -> OpenApiRouter<QueryState> {
+    OpenApiRouter::new().routes(routes!(search_agents))
 }
 
 #[cfg(test)]

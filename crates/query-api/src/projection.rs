@@ -1,0 +1,87 @@
+//! Where a read stands in the log: every statement joins the projection's
+//! checkpoint so the data and its sequence come from one snapshot, every
+//! answer says that sequence (`X-Projection-Seq`), and a reader that needs
+//! its own writes is answered only once the projection has got as far as it
+//! asks (`X-Min-Event-Seq` or `?min_seq=`).
+
+use std::sync::LazyLock;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use infra::http::{ApiError, QueryPairs, X_PROJECTION_SEQ, min_seq};
+use infra::projection::MAIN;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use crate::QueryState;
+use crate::params::Params;
+
+/// The live projection's checkpoint as one row `c` with the column `seq`,
+/// to join the data against so both come from one snapshot. Built once:
+/// `MAIN` is a constant, quoted here as an SQL literal.
+pub(crate) static CHECKPOINT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "(SELECT COALESCE((SELECT last_seq FROM projector_checkpoint WHERE name = '{}'), 0) AS seq) c",
+        MAIN.replace('\'', "''")
+    )
+});
+
+/// The `projection_seq` column of a row joined to [`CHECKPOINT`].
+pub(crate) fn projection_seq(row: &PgRow) -> Result<u64, sqlx::Error> {
+    Ok(row.try_get::<i64, _>("projection_seq")?.max(0) as u64)
+}
+
+/// Honours `X-Min-Event-Seq` / `?min_seq=` before reading.
+pub(crate) async fn await_min_seq(
+    state: &QueryState,
+    headers: &HeaderMap,
+    query: &QueryPairs,
+) -> Result<(), ApiError> {
+    if let Some(seq) = min_seq(headers, query)? {
+        if seq > state.watch.current() {
+            // A sequence past the end of the log can never be reached:
+            // say so at once instead of waiting out the timeout.
+            let end = state.store.last_seq().await?;
+            if seq > end {
+                return Err(ApiError::BadRequest(format!(
+                    "min_seq {seq} is beyond the end of the log ({end})"
+                )));
+            }
+        }
+        state.watch.wait_for(seq, state.http.min_seq_wait()).await?;
+    }
+    Ok(())
+}
+
+/// An answer with the sequence its data reflects in `X-Projection-Seq`.
+pub(crate) fn with_projection_seq(response: impl IntoResponse, seq: u64) -> Response {
+    let mut response = response.into_response();
+    response
+        .headers_mut()
+        .insert(X_PROJECTION_SEQ.clone(), HeaderValue::from(seq));
+    response
+}
+
+/// What a read handler starts from: its query parameters, every one
+/// checked, and the projection caught up with the request's `min_seq`.
+///
+/// The parameters are checked first, so a bad request is a 400 at once
+/// rather than after the wait.
+#[derive(Debug)]
+pub struct Fresh<P>(pub P);
+
+impl<P: Params> FromRequestParts<QueryState> for Fresh<P> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &QueryState,
+    ) -> Result<Self, Self::Rejection> {
+        let query = QueryPairs::from_request_parts(parts, state).await?;
+        let params = P::parse(&query)?;
+        await_min_seq(state, &parts.headers, &query).await?;
+        Ok(Fresh(params))
+    }
+}
