@@ -343,12 +343,11 @@ fn authorize(
     Ok((claims.clone(), source))
 }
 
-macro_rules! role_extractor {
-    ($(#[$doc:meta])* $name:ident, $role:expr) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone)]
-        pub struct $name(pub Claims);
-
+/// Makes `$name` an extractor that admits callers with at least `$role`,
+/// looking for their token in `$sources`; `$build` makes the extractor from
+/// the claims and where the token was found.
+macro_rules! authorizing_extractor {
+    ($name:ident, $sources:expr, $role:expr, $build:expr) => {
         impl<S> FromRequestParts<S> for $name
         where
             S: Send + Sync,
@@ -358,10 +357,20 @@ macro_rules! role_extractor {
 
             async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
                 let auth = Arc::<Auth>::from_ref(state);
-                let (claims, _) = authorize(parts, &auth, TokenSources::Header, $role)?;
-                Ok($name(claims))
+                let (claims, source) = authorize(parts, &auth, $sources, $role)?;
+                Ok($build(claims, source))
             }
         }
+    };
+}
+
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, $role:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Claims);
+
+        authorizing_extractor!($name, TokenSources::Header, $role, |claims, _| $name(claims));
     };
 }
 
@@ -393,24 +402,12 @@ pub struct LiveViewer {
     pub source: TokenSource,
 }
 
-impl<S> FromRequestParts<S> for LiveViewer
-where
-    S: Send + Sync,
-    Arc<Auth>: FromRef<S>,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let auth = Arc::<Auth>::from_ref(state);
-        let (claims, source) = authorize(
-            parts,
-            &auth,
-            TokenSources::HeaderQueryOrSubprotocol,
-            Role::Viewer,
-        )?;
-        Ok(LiveViewer { claims, source })
-    }
-}
+authorizing_extractor!(
+    LiveViewer,
+    TokenSources::HeaderQueryOrSubprotocol,
+    Role::Viewer,
+    |claims, source| LiveViewer { claims, source }
+);
 
 #[cfg(test)]
 mod tests {
