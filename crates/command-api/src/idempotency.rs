@@ -15,6 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use infra::auth;
 use infra::http::ApiError;
 use sha2::{Digest, Sha256};
 
@@ -66,13 +67,13 @@ pub async fn idempotency(State(state): State<CommandState>, req: Request, next: 
         )
         .into_response();
     };
+    let (mut parts, body) = req.into_parts();
     // Keys are per user. Without a valid token the handler answers 401
     // anyway; nothing to remember.
-    let actor = match bearer_subject(&state, req.headers()) {
-        Some(a) => a,
-        None => return next.run(req).await,
+    let actor = match auth::authenticate(&mut parts, &state.auth) {
+        Ok(claims) => claims.sub.clone(),
+        Err(_) => return next.run(Request::from_parts(parts, body)).await,
     };
-    let (parts, body) = req.into_parts();
     let bytes = match to_bytes(body, state.http.bulk_body_limit).await {
         Ok(b) => b,
         Err(_) => {
@@ -101,15 +102,6 @@ pub async fn idempotency(State(state): State<CommandState>, req: Request, next: 
         tracing::warn!(error = %e, "could not store the idempotent response");
     }
     Response::from_parts(parts, Body::from(body))
-}
-
-fn bearer_subject(state: &CommandState, headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    state.auth.verify(token.trim()).ok().map(|c| c.sub)
 }
 
 fn request_hash(method: &Method, path: &str, body: &[u8]) -> Vec<u8> {

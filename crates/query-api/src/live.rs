@@ -27,12 +27,12 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, Stream, StreamExt};
 use infra::EventStore;
-use infra::auth::{Claims, Role};
+use infra::auth::{LiveViewer, TokenSource};
 use infra::config::HttpConfig;
 use infra::http::{ApiError, Problem, QueryPairs};
 use tokio::sync::{broadcast, mpsc};
@@ -398,41 +398,6 @@ fn parse_filter(q: &QueryPairs) -> Result<(Filter, Option<u64>), ApiError> {
     ))
 }
 
-/// A viewer's claims from the header, `?access_token=`, or (WebSocket) the
-/// `bearer, <token>` subprotocol. Checked before any upgrade.
-fn authenticate(
-    state: &QueryState,
-    headers: &HeaderMap,
-    q: &QueryPairs,
-) -> Result<(Claims, bool), ApiError> {
-    let from_header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim().to_owned());
-    let from_query = q.one("access_token")?.map(str::to_owned);
-    let from_protocol = headers
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let mut parts = v.split(',').map(str::trim);
-            (parts.next() == Some("bearer"))
-                .then(|| parts.next().map(str::to_owned))
-                .flatten()
-        });
-    let via_protocol = from_header.is_none() && from_query.is_none() && from_protocol.is_some();
-    let token = from_header
-        .or(from_query)
-        .or(from_protocol)
-        .ok_or_else(|| ApiError::Unauthorized("a bearer token is required".into()))?;
-    let claims = state.auth.verify(&token)?;
-    if claims.role < Role::Viewer {
-        return Err(ApiError::Forbidden);
-    }
-    Ok((claims, via_protocol))
-}
-
 /// The live feed over WebSocket.
 #[utoipa::path(get, path = "/ws", tag = "live",
     params(
@@ -450,17 +415,16 @@ fn authenticate(
     ))]
 pub async fn websocket(
     State(state): State<QueryState>,
+    viewer: LiveViewer,
     query: QueryPairs,
-    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let (_claims, via_protocol) = authenticate(&state, &headers, &query)?;
     let (filter, since) = parse_filter(&query)?;
     let upgrade = upgrade
         .map_err(|e| ApiError::BadRequest(format!("not a WebSocket upgrade: {}", e.body_text())))?;
     let slot = state.live.admit()?;
     let feed = state.live.feed(filter, since).await?;
-    let upgrade = if via_protocol {
+    let upgrade = if viewer.source == TokenSource::Subprotocol {
         upgrade.protocols(["bearer"])
     } else {
         upgrade
@@ -545,10 +509,10 @@ async fn ws_session(
     ))]
 pub async fn event_stream(
     State(state): State<QueryState>,
+    _viewer: LiveViewer,
     query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    authenticate(&state, &headers, &query)?;
     let (filter, since) = parse_filter(&query)?;
     let last_event_id = headers
         .get("last-event-id")

@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::{header, request::Parts};
+use axum::http::{Uri, header, request::Parts};
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, ProblemItem};
@@ -117,8 +117,7 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let q = parts.uri.query().unwrap_or("");
-        Ok(QueryPairs(form_urlencoded_pairs(q)))
+        Ok(QueryPairs::from_uri(&parts.uri))
     }
 }
 
@@ -127,6 +126,11 @@ fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
 }
 
 impl QueryPairs {
+    /// The pairs of `uri`'s query string.
+    pub fn from_uri(uri: &Uri) -> Self {
+        QueryPairs(form_urlencoded_pairs(uri.query().unwrap_or("")))
+    }
+
     /// Fails with 400 on any parameter not in `allowed`, so typos surface.
     pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
         match self.0.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {

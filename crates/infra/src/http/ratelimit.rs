@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use crate::auth::Auth;
+use crate::auth::{self, Auth};
 use crate::config::HttpConfig;
 
 static LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -185,39 +185,26 @@ impl Limits {
 }
 
 /// Middleware: limits each token (or, without a valid one, each address).
-pub async fn rate_limit(
-    State(limits): State<Arc<Limits>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// With no limit set it leaves the token alone: the handler's extractor
+/// verifies it if the route needs one.
+pub async fn rate_limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
     if limits.per_token.is_none() && limits.per_ip.is_none() {
         return next.run(req).await;
     }
-    let claims = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .and_then(|(_, token)| limits.auth.verify(token.trim()).ok());
-    let subject = claims.as_ref().map(|c| c.sub.clone());
-    if let Some(claims) = claims {
-        // Verified once: the handler's role extractor takes it from here.
-        req.extensions_mut()
-            .insert(crate::auth::VerifiedClaims(claims));
-    }
-    let decision = match subject {
-        Some(sub) => limits
+    let (mut parts, body) = req.into_parts();
+    let decision = match auth::authenticate(&mut parts, &limits.auth) {
+        Ok(claims) => limits
             .per_token
             .as_ref()
-            .map(|l| l.check(&format!("sub:{sub}"))),
-        None => limits.per_ip.as_ref().map(|l| {
+            .map(|l| l.check(&format!("sub:{}", claims.sub))),
+        Err(_) => limits.per_ip.as_ref().map(|l| {
             l.check(&format!(
                 "ip:{}",
-                limits.client_address(req.extensions(), req.headers())
+                limits.client_address(&parts.extensions, &parts.headers)
             ))
         }),
     };
+    let req = Request::from_parts(parts, body);
     match decision {
         None => next.run(req).await,
         Some(d) if !d.allowed => d.refusal(),
