@@ -1,9 +1,9 @@
 //! Process metrics: one Prometheus recorder behind the `metrics` facade, and
 //! a few lightweight counters of our own for the JSON snapshot.
 //!
-//! This module records and reads back; it probes nothing. The snapshot that
-//! adds the system's figures (from NATS and PostgreSQL) to these is
-//! [`crate::http::snapshot`].
+//! This module records and reads back; it probes nothing, so the adapters
+//! it measures can record here without a circle. The snapshot that adds the
+//! system's figures (from NATS and PostgreSQL) to these is `http::snapshot`.
 //!
 //! Everything is per process. The recorder is installed once (a global
 //! `OnceLock`), so several apps started in one test process share it and a

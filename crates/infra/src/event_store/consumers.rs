@@ -84,6 +84,14 @@ impl StoredMessage {
     }
 }
 
+/// The next message a consumer delivers, as a [`StoredMessage`].
+async fn next_stored<E: std::fmt::Display>(
+    messages: &mut (impl futures::Stream<Item = Result<jetstream::Message, E>> + Unpin),
+) -> Option<Result<StoredMessage, StoreError>> {
+    let message = messages.next().await?;
+    Some(message.map_err(unavailable).and_then(StoredMessage::new))
+}
+
 /// An ordered read of the log: every message on its subjects from a
 /// sequence on, in stream order, for as long as it is held. The server
 /// forgets it soon after it is dropped.
@@ -101,8 +109,7 @@ impl Reader {
     /// The next message, waiting for it to be appended if need be; `None`
     /// if the server ended the read. Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<StoredMessage, StoreError>> {
-        let message = self.messages.next().await?;
-        Some(message.map_err(unavailable).and_then(StoredMessage::new))
+        next_stored(&mut self.messages).await
     }
 }
 
@@ -124,8 +131,7 @@ impl Subscription {
     /// The next message, waiting for it to be appended if need be; `None`
     /// if the server ended the subscription. Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<StoredMessage, StoreError>> {
-        let message = self.messages.next().await?;
-        Some(message.map_err(unavailable).and_then(StoredMessage::new))
+        next_stored(&mut self.messages).await
     }
 
     /// Acknowledges `message` and every message delivered before it.
