@@ -192,14 +192,14 @@ async fn listen(pool: &PgPool, tx: &watch::Sender<u64>) -> sqlx::Error {
         return e;
     }
     match checkpoint(pool).await {
-        Ok(seq) => raise(tx, seq),
+        Ok(seq) => see(tx, seq),
         Err(e) => return e,
     }
     loop {
         match listener.recv().await {
             Ok(n) => {
                 if let Ok(seq) = n.payload().parse::<u64>() {
-                    raise(tx, seq);
+                    see(tx, seq);
                 }
             }
             Err(e) => return e,
@@ -207,7 +207,8 @@ async fn listen(pool: &PgPool, tx: &watch::Sender<u64>) -> sqlx::Error {
     }
 }
 
-fn raise(tx: &watch::Sender<u64>, seq: u64) {
+/// Moves the watch to `seq` unless it has seen a later checkpoint.
+fn see(tx: &watch::Sender<u64>, seq: u64) {
     tx.send_if_modified(|cur| {
         let moved = seq > *cur;
         if moved {
