@@ -4,6 +4,12 @@
 //! `Nats-Expected-Last-Subject-Sequence` (optimistic concurrency) and
 //! `Nats-Msg-Id` (deduplication of retries within the stream's duplicate
 //! window). Loading an aggregate reads exactly its subject.
+//!
+//! This module is the only one that speaks JetStream: callers ask it for
+//! what they mean (append, load a subject, read the log in order, subscribe
+//! durably from a sequence) and get our own types back, never a client.
+
+mod consumers;
 
 use std::time::Duration;
 
@@ -11,10 +17,11 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::StorageType};
 use bytes::Bytes;
 use events::{AggregateType, Envelope};
-use futures::StreamExt;
 use uuid::Uuid;
 
 use crate::config::{NatsConfig, StreamStorage};
+
+pub use consumers::{Reader, StoredMessage, Subscription};
 
 /// Header that carries the W3C trace context from HTTP into the log.
 pub const TRACEPARENT: &str = "traceparent";
@@ -137,12 +144,17 @@ impl EventStore {
         &self.prefix
     }
 
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
+    /// The version of the NATS server this store is connected to.
+    pub fn server_version(&self) -> String {
+        self.client.server_info().version
     }
 
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.js
+    /// The stream, without asking the server for its info.
+    async fn stream(&self) -> Result<jetstream::stream::Stream<()>, StoreError> {
+        self.js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(unavailable)
     }
 
     /// Fails fast while NATS is disconnected, rather than queue a publish
@@ -230,11 +242,7 @@ impl EventStore {
 
     /// The last event stored on `subject`, if any.
     pub async fn last_on_subject(&self, subject: &str) -> Result<Option<StoredEvent>, StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(unavailable)?;
+        let stream = self.stream().await?;
         match stream.direct_get_last_for_subject(subject).await {
             Ok(message) => decode(message.sequence, &message.payload).map(Some),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
@@ -256,28 +264,7 @@ impl EventStore {
         traceparent: Option<&str>,
     ) -> Result<Vec<u64>, StoreError> {
         let traced = crate::telemetry::current_traceparent();
-        self.send_batch(items, traced.as_deref().or(traceparent), None)
-            .await
-    }
-
-    /// Fault injection for tests: sends the first `after` events of a batch
-    /// and then gives up without committing, as a process killed in the
-    /// middle of a bulk write would.
-    #[doc(hidden)]
-    pub async fn append_batch_abandoned(
-        &self,
-        items: &[BatchItem<'_>],
-        after: usize,
-    ) -> Result<Vec<u64>, StoreError> {
-        self.send_batch(items, None, Some(after)).await
-    }
-
-    async fn send_batch(
-        &self,
-        items: &[BatchItem<'_>],
-        traceparent: Option<&str>,
-        abandon_after: Option<usize>,
-    ) -> Result<Vec<u64>, StoreError> {
+        let traceparent = traced.as_deref().or(traceparent);
         if items.is_empty() {
             return Ok(vec![]);
         }
@@ -290,11 +277,6 @@ impl EventStore {
         let batch_id = Uuid::now_v7().simple().to_string();
         let last = items.len() - 1;
         for (i, item) in items.iter().enumerate() {
-            if abandon_after == Some(i) {
-                return Err(StoreError::Unavailable(
-                    "batch abandoned before its commit".into(),
-                ));
-            }
             let payload = serde_json::to_vec(item.envelope).map_err(|e| StoreError::Corrupt {
                 seq: 0,
                 reason: e.to_string(),
@@ -364,16 +346,12 @@ impl EventStore {
     pub async fn load(&self, subject: &str) -> Result<(Vec<StoredEvent>, u64), StoreError> {
         tracing::Span::current().record("subject", subject);
         self.connected()?;
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(unavailable)?;
+        let stream = self.stream().await?;
         let mut out = Vec::new();
         let mut from = 1;
         loop {
             if out.len() >= DIRECT_LOAD_LIMIT {
-                self.load_rest(&stream, subject, from, &mut out).await?;
+                self.load_rest(subject, from, &mut out).await?;
                 break;
             }
             match stream
@@ -393,79 +371,52 @@ impl EventStore {
         Ok((out, last))
     }
 
-    /// The events of `subject` from sequence `from` on, through an ordered
-    /// consumer.
-    async fn load_rest(
-        &self,
-        stream: &jetstream::stream::Stream<()>,
-        subject: &str,
-        from: u64,
-        out: &mut Vec<StoredEvent>,
-    ) -> Result<(), StoreError> {
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subject.to_owned(),
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(());
-        }
-        let mut messages = consumer.messages().await.map_err(unavailable)?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(unavailable)?;
-            let info = message.info().map_err(unavailable)?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
-            out.push(decode(seq, &message.payload)?);
-            if pending == 0 {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     /// The sequence of the last event in the stream (0 when empty).
     pub async fn last_seq(&self) -> Result<u64, StoreError> {
         Ok(self.stream_state().await?.last_sequence)
     }
 
-    /// The stream's current state: message count, bytes, sequences.
-    pub async fn stream_state(&self) -> Result<jetstream::stream::State, StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(unavailable)?;
-        let info = stream.get_info().await.map_err(unavailable)?;
-        Ok(info.state)
+    /// The stream's current state: message count, bytes, last sequence,
+    /// consumers.
+    pub async fn stream_state(&self) -> Result<StreamState, StoreError> {
+        let stream = self.stream().await?;
+        let state = stream.get_info().await.map_err(unavailable)?.state;
+        Ok(StreamState {
+            messages: state.messages,
+            bytes: state.bytes,
+            last_sequence: state.last_sequence,
+            consumer_count: state.consumer_count,
+        })
     }
 
     /// One stored message by stream sequence, as it is: subject and
     /// payload, whether or not it is a valid event.
     pub async fn get_raw(&self, seq: u64) -> Result<(String, Vec<u8>), StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(unavailable)?;
+        let stream = self.stream().await?;
         let message = stream.direct_get(seq).await.map_err(unavailable)?;
         Ok((message.subject.to_string(), message.payload.to_vec()))
     }
 
     /// One stored event by stream sequence.
     pub async fn get(&self, seq: u64) -> Result<StoredEvent, StoreError> {
-        let stream = self
-            .js
-            .get_stream_no_info(&self.stream)
-            .await
-            .map_err(unavailable)?;
+        let stream = self.stream().await?;
         let message = stream.direct_get(seq).await.map_err(unavailable)?;
         decode(seq, &message.payload)
     }
+}
+
+/// What the stream holds at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamState {
+    /// Messages stored.
+    pub messages: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// The sequence of the last message appended (0 when none was).
+    pub last_sequence: u64,
+    /// Consumers reading the stream: durable subscriptions and ordered
+    /// reads in progress.
+    pub consumer_count: usize,
 }
 
 /// How many events of an aggregate are read by direct gets before the rest

@@ -1,6 +1,10 @@
 //! Process metrics: one Prometheus recorder behind the `metrics` facade, and
 //! a few lightweight counters of our own for the JSON snapshot.
 //!
+//! This module records and reads back; it probes nothing, so the adapters
+//! it measures can record here without a circle. The snapshot that adds the
+//! system's figures (from NATS and PostgreSQL) to these is `http::snapshot`.
+//!
 //! Everything is per process. The recorder is installed once (a global
 //! `OnceLock`), so several apps started in one test process share it and a
 //! second [`install`] is harmless. Code that records a figure calls the
@@ -11,7 +15,7 @@
 //! * `GET /metrics` (root, no auth): Prometheus text exposition, with
 //!   histograms for request latency (by route and status), append latency,
 //!   projector batch time and write-to-visible latency;
-//! * `GET /api/v1/metrics` (viewer): the JSON [`Snapshot`] of `api.md`. Its
+//! * `GET /api/v1/metrics` (viewer): the JSON snapshot of `api.md`. Its
 //!   latency percentiles come from our own log-scale histogram (about ±10%).
 
 use std::collections::BTreeMap;
@@ -21,21 +25,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::Serialize;
-use sqlx::PgPool;
-use utoipa::ToSchema;
-
-use crate::event_store::EventStore;
 
 /// Histogram buckets in seconds: 0.5 ms to 60 s.
 const BUCKETS: [f64; 17] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
     30.0, 60.0,
 ];
-
-/// How long the snapshot waits for NATS or PostgreSQL before leaving a
-/// figure `null`.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The process's metrics: the Prometheus handle and our own counters.
 #[derive(Debug)]
@@ -255,7 +250,8 @@ pub fn live_connection(delta: i64) {
     install().live.fetch_add(delta, Ordering::Relaxed);
 }
 
-fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+/// Seconds from `from` to `to`, 0 if `to` is earlier.
+pub fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     ((to - from).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0)
 }
 
@@ -339,175 +335,97 @@ impl LogHistogram {
     }
 }
 
-/// `GET /api/v1/metrics`: the figures `api.md` lists. Figures that need
-/// NATS or PostgreSQL are `null` while that dependency is unreachable.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Snapshot {
-    pub uptime_seconds: f64,
-    pub http: HttpSnapshot,
-    pub events: EventsSnapshot,
-    pub projector: ProjectorSnapshot,
-    pub db_pool: DbPoolSnapshot,
-    pub live: LiveSnapshot,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct HttpSnapshot {
-    /// Requests answered by this process since it started.
+/// This process's own figures, as recorded since it started.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub uptime: Duration,
+    /// Requests answered.
     pub requests_total: u64,
-    /// Requests being served now (this one included).
+    /// Requests being served now.
     pub in_flight: i64,
-    /// Requests by status code.
-    pub by_status: BTreeMap<String, u64>,
-    pub latency_ms: Percentiles,
+    /// Requests answered, by status code.
+    pub by_status: BTreeMap<u16, u64>,
+    /// Request latency percentiles in milliseconds: p50, p90 and p99.
+    pub latency_ms: [f64; 3],
+    /// Events appended.
+    pub appended_total: u64,
+    /// Events applied by this process's projector.
+    pub applied_total: u64,
+    /// Open live-feed connections.
+    pub live_connections: i64,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Percentiles {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
+/// Reads this process's figures.
+pub fn recorded() -> Recorded {
+    let r = install();
+    Recorded {
+        uptime: r.started.elapsed(),
+        requests_total: r.http.total.load(Ordering::Relaxed),
+        in_flight: r.http.in_flight.load(Ordering::Relaxed),
+        by_status: r
+            .http
+            .by_status
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default(),
+        latency_ms: [0.50, 0.90, 0.99].map(|q| r.http.latency.quantile_ms(q)),
+        appended_total: r.appended.load(Ordering::Relaxed),
+        applied_total: r.applied.load(Ordering::Relaxed),
+        live_connections: r.live.load(Ordering::Relaxed),
+    }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct EventsSnapshot {
-    /// Sequence of the last event in the stream.
-    pub last_seq: Option<u64>,
+/// The gauges known only when the metrics are read: the system's figures,
+/// probed from NATS and PostgreSQL (`None` when the dependency did not
+/// answer; the gauge keeps its last value), and a few of this process's.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadTimeGauges {
+    pub uptime_seconds: f64,
+    pub db_pool_connections: u32,
+    pub db_pool_idle: u32,
+    pub live_connections: i64,
+    pub stream_last_seq: Option<u64>,
     pub stream_messages: Option<u64>,
     pub stream_bytes: Option<u64>,
-    /// Events appended by this process since it started.
-    pub appended_total: u64,
+    pub projector_checkpoint: Option<u64>,
+    pub projector_lag_events: Option<u64>,
+    pub projector_lag_seconds: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ProjectorSnapshot {
-    /// Sequence of the last event applied to the read models.
-    pub checkpoint_seq: Option<u64>,
-    /// Events in the stream not yet applied.
-    pub lag_events: Option<u64>,
-    /// 0 when caught up; else how old the last applied event is.
-    pub lag_seconds: Option<f64>,
-    /// Events applied by this process's projector since it started (0 in
-    /// a process that does not run the projector).
-    pub applied_total: u64,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct DbPoolSnapshot {
-    pub size: u32,
-    pub idle: u32,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct LiveSnapshot {
-    /// Open live-feed connections.
-    pub connections: i64,
-}
-
-async fn bounded<T, E>(f: impl std::future::Future<Output = Result<T, E>>) -> Option<T> {
-    tokio::time::timeout(PROBE_TIMEOUT, f).await.ok()?.ok()
-}
-
-/// Gathers the snapshot (NATS and PostgreSQL probed concurrently, a second
-/// at most each) and brings the scrape-time gauges up to date.
-pub async fn snapshot(pool: &PgPool, store: &EventStore) -> Snapshot {
-    let r = install();
-    let checkpoint_query = sqlx::query_as::<_, (i64, Option<DateTime<Utc>>)>(
-        "SELECT c.last_seq, e.occurred_at FROM projector_checkpoint c \
-         LEFT JOIN events e ON e.seq = c.last_seq WHERE c.name = $1",
-    )
-    .bind(crate::projection::MAIN)
-    .fetch_optional(pool);
-    let (stream, checkpoint) =
-        tokio::join!(bounded(store.stream_state()), bounded(checkpoint_query));
-    let checkpoint = checkpoint.map(|row| row.unwrap_or((0, None)));
-    let checkpoint_seq = checkpoint.map(|(seq, _)| seq.max(0) as u64);
-    let last_seq = stream.as_ref().map(|s| s.last_sequence);
-    let lag_events = match (last_seq, checkpoint_seq) {
-        (Some(last), Some(cp)) => Some(last.saturating_sub(cp)),
-        _ => None,
-    };
-    let lag_seconds = match (lag_events, checkpoint) {
-        (Some(0), _) => Some(0.0),
-        (Some(_), Some((_, Some(at)))) => Some(seconds_between(at, Utc::now())),
-        // Behind, and nothing applied yet: as old as the process knows.
-        (Some(_), Some((_, None))) => Some(r.started.elapsed().as_secs_f64()),
-        _ => None,
-    };
-    let by_status = r
-        .http
-        .by_status
-        .lock()
-        .map(|m| m.iter().map(|(k, v)| (k.to_string(), *v)).collect())
-        .unwrap_or_default();
-    let snap = Snapshot {
-        uptime_seconds: (r.started.elapsed().as_secs_f64() * 1e3).round() / 1e3,
-        http: HttpSnapshot {
-            requests_total: r.http.total.load(Ordering::Relaxed),
-            in_flight: r.http.in_flight.load(Ordering::Relaxed),
-            by_status,
-            latency_ms: Percentiles {
-                p50: r.http.latency.quantile_ms(0.50),
-                p90: r.http.latency.quantile_ms(0.90),
-                p99: r.http.latency.quantile_ms(0.99),
-            },
-        },
-        events: EventsSnapshot {
-            last_seq,
-            stream_messages: stream.as_ref().map(|s| s.messages),
-            stream_bytes: stream.as_ref().map(|s| s.bytes),
-            appended_total: r.appended.load(Ordering::Relaxed),
-        },
-        projector: ProjectorSnapshot {
-            checkpoint_seq,
-            lag_events,
-            lag_seconds,
-            applied_total: r.applied.load(Ordering::Relaxed),
-        },
-        db_pool: DbPoolSnapshot {
-            size: pool.size(),
-            idle: pool.num_idle() as u32,
-        },
-        live: LiveSnapshot {
-            connections: r.live.load(Ordering::Relaxed),
-        },
-    };
-    set_gauges(&snap);
-    snap
-}
-
-fn set_gauges(s: &Snapshot) {
+/// Brings the read-time gauges up to date.
+pub fn record_read_time(g: &ReadTimeGauges) {
     use metrics::gauge;
-    gauge!("ymera_uptime_seconds").set(s.uptime_seconds);
-    gauge!("ymera_db_pool_connections").set(f64::from(s.db_pool.size));
-    gauge!("ymera_db_pool_idle").set(f64::from(s.db_pool.idle));
-    gauge!("ymera_live_connections").set(s.live.connections as f64);
-    if let Some(v) = s.events.last_seq {
+    gauge!("ymera_uptime_seconds").set(g.uptime_seconds);
+    gauge!("ymera_db_pool_connections").set(f64::from(g.db_pool_connections));
+    gauge!("ymera_db_pool_idle").set(f64::from(g.db_pool_idle));
+    gauge!("ymera_live_connections").set(g.live_connections as f64);
+    if let Some(v) = g.stream_last_seq {
         gauge!("ymera_stream_last_seq").set(v as f64);
     }
-    if let Some(v) = s.events.stream_messages {
+    if let Some(v) = g.stream_messages {
         gauge!("ymera_stream_messages").set(v as f64);
     }
-    if let Some(v) = s.events.stream_bytes {
+    if let Some(v) = g.stream_bytes {
         gauge!("ymera_stream_bytes").set(v as f64);
     }
-    if let Some(v) = s.projector.checkpoint_seq {
+    if let Some(v) = g.projector_checkpoint {
         gauge!("ymera_projector_checkpoint").set(v as f64);
     }
-    if let Some(v) = s.projector.lag_events {
+    if let Some(v) = g.projector_lag_events {
         gauge!("ymera_projector_lag_events").set(v as f64);
     }
-    if let Some(v) = s.projector.lag_seconds {
+    if let Some(v) = g.projector_lag_seconds {
         gauge!("ymera_projector_lag_seconds").set(v);
     }
 }
 
-/// The Prometheus text exposition, with the scrape-time gauges fresh.
-pub async fn render(pool: &PgPool, store: &EventStore) -> String {
-    snapshot(pool, store).await;
-    if let Some(parked) = bounded(crate::projection::parked(pool)).await {
-        metrics::gauge!("ymera_projector_parked_events").set(parked as f64);
-    }
+/// Records how many events the projector has parked.
+pub fn record_parked(events: u64) {
+    metrics::gauge!("ymera_projector_parked_events").set(events as f64);
+}
+
+/// The Prometheus text exposition of everything recorded.
+pub fn render() -> String {
     let r = install();
     r.handle.run_upkeep();
     r.handle.render()

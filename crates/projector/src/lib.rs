@@ -16,10 +16,10 @@ pub mod rebuild;
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::pull};
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use infra::db::Tx;
-use infra::{EventStore, projection};
+use infra::event_store::{StoredMessage, Subscription};
+use infra::{EventStore, StoreError, projection};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +40,8 @@ pub struct Settings {
     pub batch_size: usize,
     /// Name of the checkpoint row.
     pub name: String,
-    /// Name of the JetStream consumer; several projectors of one stream
-    /// (the live one, a rebuild, a replay) each need their own.
+    /// Name of its durable subscription to the log; several projectors of
+    /// one stream (the live one, a rebuild, a replay) each need their own.
     pub consumer: String,
     /// The live projection: it notifies readers of each checkpoint, records
     /// metrics, and yields to a rebuild's swap (see [`SWAP_LOCK`]).
@@ -86,8 +86,8 @@ pub enum Outcome {
 pub enum ProjectorError {
     /// JetStream could not be reached; the step is retried from the
     /// checkpoint.
-    #[error("event store: {0}")]
-    Nats(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// PostgreSQL failed; the transaction rolled back, nothing was acked.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
@@ -99,7 +99,7 @@ pub struct Projector {
     pool: PgPool,
     pub(crate) settings: Settings,
     checkpoint: u64,
-    messages: Option<pull::Stream>,
+    messages: Option<Subscription>,
     finished: bool,
 }
 
@@ -129,66 +129,28 @@ impl Projector {
         self.checkpoint
     }
 
-    fn consumer_name(&self) -> String {
-        self.settings.consumer.clone()
-    }
-
     /// Whether a `stop_at` / `stop_after` bound has been reached: nothing
     /// more will be applied.
     pub fn finished(&self) -> bool {
         self.finished
     }
 
-    /// Reads the checkpoint from PostgreSQL and points a fresh consumer at
-    /// the event after it.
+    /// Reads the checkpoint from PostgreSQL and subscribes afresh from the
+    /// event after it.
     #[tracing::instrument(skip_all, fields(name = %self.settings.name, checkpoint), err)]
     async fn connect(&mut self) -> Result<(), ProjectorError> {
-        sqlx::query("INSERT INTO projector_checkpoint (name) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(&self.settings.name)
-            .execute(&self.pool)
-            .await?;
-        let seq: i64 =
-            sqlx::query_scalar("SELECT last_seq FROM projector_checkpoint WHERE name = $1")
-                .bind(&self.settings.name)
-                .fetch_one(&self.pool)
-                .await?;
-        self.checkpoint = seq as u64;
+        self.checkpoint = projection::start(&self.pool, &self.settings.name).await?;
         tracing::Span::current().record("checkpoint", self.checkpoint);
-
-        let nats = |e: &dyn std::fmt::Display| ProjectorError::Nats(e.to_string());
-        let stream = self
+        // The subscription replaces any left by an earlier run, which may
+        // point anywhere: ours starts exactly after the checkpoint.
+        let messages = self
             .store
-            .jetstream()
-            .get_stream_no_info(self.store.stream_name())
-            .await
-            .map_err(|e| nats(&e))?;
-        let name = self.consumer_name();
-        // A consumer left by an earlier run may point anywhere; ours starts
-        // exactly after the checkpoint.
-        let _ = stream.delete_consumer(&name).await;
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(name),
-                filter_subject: events::all_subjects(self.store.prefix()),
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: self.checkpoint + 1,
-                },
-                ack_policy: jetstream::consumer::AckPolicy::All,
-                ack_wait: Duration::from_secs(60),
-                max_ack_pending: (self.settings.batch_size * 20) as i64,
-                inactive_threshold: Duration::from_secs(300),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats(&e))?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.settings.batch_size)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| nats(&e))?;
+            .subscribe(
+                &self.settings.consumer,
+                self.checkpoint + 1,
+                self.settings.batch_size,
+            )
+            .await?;
         self.messages = Some(messages);
         Ok(())
     }
@@ -215,8 +177,10 @@ impl Projector {
         };
         let first = match tokio::time::timeout(wait, messages.next()).await {
             Err(_) => return Ok(Outcome::Idle),
-            Ok(None) => return Err(ProjectorError::Nats("the consumer stream ended".into())),
-            Ok(Some(Err(e))) => return Err(ProjectorError::Nats(e.to_string())),
+            Ok(None) => {
+                return Err(StoreError::Unavailable("the consumer stream ended".into()).into());
+            }
+            Ok(Some(Err(e))) => return Err(e.into()),
             Ok(Some(Ok(m))) => m,
         };
         let mut batch = vec![first];
@@ -238,7 +202,7 @@ impl Projector {
             };
             match next {
                 Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => return Err(ProjectorError::Nats(e.to_string())),
+                Some(Err(e)) => return Err(e.into()),
                 None => break,
             }
         }
@@ -251,12 +215,10 @@ impl Projector {
         // checkpoint and skipped. Messages past a bound are not acked, and
         // the consumer is recreated from the checkpoint, so a later, wider
         // bound gets them again at once.
-        let last_applied = batch
-            .iter()
-            .rev()
-            .find(|m| m.info().is_ok_and(|i| i.stream_sequence <= new_checkpoint));
+        let last_applied = batch.iter().rev().find(|m| m.seq <= new_checkpoint);
         if let Some(last) = last_applied
-            && let Err(e) = last.ack_with(AckKind::Ack).await
+            && let Some(messages) = self.messages.as_ref()
+            && let Err(e) = messages.ack_through(last).await
         {
             tracing::warn!(error = %e, "ack failed; redelivery will be skipped");
         }
@@ -270,10 +232,7 @@ impl Projector {
     }
 
     #[tracing::instrument(skip_all, fields(events = batch.len(), from, to), err)]
-    async fn apply_batch(
-        &self,
-        batch: &[jetstream::Message],
-    ) -> Result<(u64, bool), ProjectorError> {
+    async fn apply_batch(&self, batch: &[StoredMessage]) -> Result<(u64, bool), ProjectorError> {
         let started = std::time::Instant::now();
         let mut tx: Tx<'_> = self.pool.begin().await?;
         if self.settings.live {
@@ -287,27 +246,20 @@ impl Projector {
         let mut pending = 0;
         let mut incoming = Vec::with_capacity(batch.len());
         for message in batch {
-            let info = message
-                .info()
-                .map_err(|e| ProjectorError::Nats(e.to_string()))?;
-            let seq = info.stream_sequence;
-            pending = info.pending;
+            let seq = message.seq;
+            pending = message.pending;
             if seq <= checkpoint {
                 continue; // already applied: a redelivery
             }
-            if self.past_the_end(seq, &message.payload) {
+            if self.past_the_end(seq, message.payload()) {
                 finished = true;
                 break;
             }
             incoming.push(apply::Incoming {
                 seq,
-                subject: message.subject.as_str(),
-                payload: &message.payload,
-                traceparent: message
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(infra::event_store::TRACEPARENT))
-                    .map(|v| v.as_str()),
+                subject: message.subject(),
+                payload: message.payload(),
+                traceparent: message.traceparent(),
             });
             checkpoint = seq;
         }
@@ -318,20 +270,8 @@ impl Projector {
             .flatten()
             .collect();
         if checkpoint > self.checkpoint {
-            sqlx::query(
-                "UPDATE projector_checkpoint SET last_seq = $2, updated_at = now() WHERE name = $1",
-            )
-            .bind(&self.settings.name)
-            .bind(checkpoint as i64)
-            .execute(&mut *tx)
-            .await?;
-            if self.settings.live {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(projection::CHANNEL)
-                    .bind(checkpoint.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            projection::advance(&mut tx, &self.settings.name, checkpoint, self.settings.live)
+                .await?;
         }
         tx.commit().await?;
         if self.settings.live {

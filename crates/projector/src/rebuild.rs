@@ -14,9 +14,9 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use infra::EventStore;
 use infra::config::DbConfig;
 use infra::db::{self, READ_SCHEMA};
+use infra::{EventStore, projection};
 use sqlx::PgPool;
 
 use crate::{MIGRATIONS, Projector, SWAP_LOCK, Settings};
@@ -199,10 +199,7 @@ pub async fn rebuild(
     let pool = db::pool_reading(db_cfg, &schema)?;
     let consumer = format!("ymera-{schema}").replace('_', "-");
     let result = rebuild_into(store, live, &pool, &schema, &consumer, started, force).await;
-    let _ = store
-        .jetstream()
-        .delete_consumer_from_stream(&consumer, store.stream_name())
-        .await;
+    let _ = store.unsubscribe(&consumer).await;
     pool.close().await;
     if result.is_err() {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -227,7 +224,7 @@ async fn rebuild_into(
     // rebuild follows the live checkpoint and never runs past it (a live
     // projector that is behind, or not running, is caught up with later,
     // by itself, on the swapped-in models).
-    let mut live_at = infra::projection::checkpoint(live).await?;
+    let mut live_at = projection::checkpoint(live).await?;
     let mut progress = Progress::new(live_at);
     let mut projector = Projector::new(
         store.clone(),
@@ -242,7 +239,7 @@ async fn rebuild_into(
             projector.process_next_batch(Duration::from_secs(2)).await?;
             progress.show(projector.checkpoint(), false);
         }
-        live_at = infra::projection::checkpoint(live).await?;
+        live_at = projection::checkpoint(live).await?;
         progress.total = progress.total.max(live_at);
         if live_at.saturating_sub(projector.checkpoint()) <= SWAP_GAP {
             break;
@@ -257,12 +254,7 @@ async fn rebuild_into(
         .bind(SWAP_LOCK)
         .execute(&mut *tx)
         .await?;
-    let live_at: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT coalesce((SELECT last_seq FROM {READ_SCHEMA}.projector_checkpoint WHERE name = 'main'), 0)"
-    )))
-    .fetch_one(&mut *tx)
-    .await?;
-    let live_at = live_at as u64;
+    let live_at = projection::checkpoint_in(&mut tx, READ_SCHEMA, projection::MAIN).await?;
     projector.settings.stop_at = Some(live_at);
     while projector.checkpoint() < live_at {
         projector.process_next_batch(Duration::from_secs(2)).await?;
@@ -379,10 +371,7 @@ pub async fn replay(
         Ok::<_, RebuildError>(projector.checkpoint())
     }
     .await;
-    let _ = store
-        .jetstream()
-        .delete_consumer_from_stream(&consumer, store.stream_name())
-        .await;
+    let _ = store.unsubscribe(&consumer).await;
     pool.close().await;
     result
 }

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -31,10 +30,10 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, Stream, StreamExt};
-use infra::EventStore;
 use infra::auth::{LiveViewer, TokenSource};
 use infra::config::HttpConfig;
 use infra::http::{ApiError, Problem, QueryPairs};
+use infra::{EventStore, StoreError};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -87,6 +86,22 @@ pub struct LiveHub {
 /// How long the reader goes on after the last client left (and how often it
 /// checks): a client that reconnects at once finds it still running.
 const IDLE_STOP: Duration = Duration::from_secs(30);
+
+/// Why the hub's reader or a client's replay stopped reading the log.
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    /// The event store failed or is unreachable: the reader reconnects
+    /// after a backoff; a replay ends the client's feed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The server ended the read, which it does not do on its own: the
+    /// reader reconnects.
+    #[error("the stream ended")]
+    StreamEnded,
+    /// The client went away during its replay.
+    #[error("client gone")]
+    ClientGone,
+}
 
 /// Holds one of the hub's connection slots while a client is connected.
 #[derive(Debug)]
@@ -145,10 +160,10 @@ impl LiveHub {
     /// Starts the reader at the stream's current end unless it runs;
     /// returns once its start is fixed (`last`), so a client that has
     /// subscribed gets every event after `last` from the ring.
-    async fn ensure_following(self: &Arc<Self>) -> Result<(), String> {
+    async fn ensure_following(self: &Arc<Self>) -> Result<(), StoreError> {
         let mut running = self.following.lock().await;
         if !*running {
-            let end = self.store.last_seq().await.map_err(|e| e.to_string())?;
+            let end = self.store.last_seq().await?;
             self.last.store(end, Ordering::SeqCst);
             *running = true;
             tokio::spawn(self.clone().follow());
@@ -198,25 +213,23 @@ impl LiveHub {
 
     /// Broadcasts events after `last` until the stream fails (an error) or
     /// no client has listened for a while (`Ok`, with `following` cleared).
-    async fn follow_once(&self) -> Result<(), String> {
+    async fn follow_once(&self) -> Result<(), FeedError> {
         let start = self.last.load(Ordering::SeqCst) + 1;
-        let mut messages = self
-            .ordered(events::all_subjects(self.store.prefix()), start)
-            .await?;
+        let mut messages = self.store.read_log(start).await?;
         let mut idle_check = tokio::time::interval(IDLE_STOP);
         idle_check.tick().await;
         loop {
             tokio::select! {
                 message = messages.next() => {
                     let Some(message) = message else {
-                        return Err("the stream ended".into());
+                        return Err(FeedError::StreamEnded);
                     };
-                    let message = message.map_err(|e| e.to_string())?;
-                    let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
+                    let message = message?;
+                    let seq = message.seq;
                     // Update `last` before sending: a client that reads
                     // `last` after subscribing then gets every later event
                     // from the ring (and drops those its replay already had).
-                    let event = LiveEvent::parse(seq, &message.payload);
+                    let event = LiveEvent::parse(seq, message.payload());
                     self.last.store(seq, Ordering::SeqCst);
                     if let Some(event) = event {
                         let _ = self.tx.send(Arc::new(event));
@@ -233,30 +246,6 @@ impl LiveHub {
                 }
             }
         }
-    }
-
-    async fn ordered(
-        &self,
-        filter_subject: String,
-        start: u64,
-    ) -> Result<async_nats::jetstream::consumer::pull::Ordered, String> {
-        let stream = self
-            .store
-            .jetstream()
-            .get_stream_no_info(self.store.stream_name())
-            .await
-            .map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                filter_subject,
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start.max(1),
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        consumer.messages().await.map_err(|e| e.to_string())
     }
 
     /// A client's feed: history after `since` (if asked) from the log, then
@@ -334,27 +323,26 @@ impl LiveHub {
         filter: &Filter,
         since: u64,
         out: &mpsc::Sender<Item>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, FeedError> {
         let subject = match filter.aggregate_id {
             Some(id) => format!("{}.*.{id}", self.store.prefix()),
             None => events::all_subjects(self.store.prefix()),
         };
-        let end = self.store.last_seq().await.map_err(|e| e.to_string())?;
+        let end = self.store.last_seq().await?;
         if end <= since {
             return Ok(since);
         }
-        let mut messages = self.ordered(subject, since + 1).await?;
+        let mut messages = self.store.read(&subject, since + 1).await?;
         let mut last = since;
         while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| e.to_string())?;
-            let info = message.info().map_err(|e| e.to_string())?;
-            let (seq, pending) = (info.stream_sequence, info.pending);
+            let message = message?;
+            let (seq, pending) = (message.seq, message.pending);
             last = seq;
-            if let Some(event) = LiveEvent::parse(seq, &message.payload)
+            if let Some(event) = LiveEvent::parse(seq, message.payload())
                 && filter.matches(&event)
                 && out.send(Item::Event(Arc::new(event))).await.is_err()
             {
-                return Err("client gone".into());
+                return Err(FeedError::ClientGone);
             }
             if pending == 0 || seq >= end {
                 break;

@@ -7,8 +7,8 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use infra::auth::Viewer;
+use infra::http::snapshot::Snapshot;
 use infra::http::{ApiError, Problem, QueryPairs};
-use infra::metrics::Snapshot;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
@@ -42,7 +42,7 @@ pub async fn metrics_json(
 ) -> Result<Response, ApiError> {
     query.only(&["min_seq"])?;
     await_min_seq(&state, &headers, &query).await?;
-    let snapshot = infra::metrics::snapshot(&state.pool, &state.store).await;
+    let snapshot = infra::http::snapshot::take(&state.pool, &state.store).await;
     let seq = snapshot
         .projector
         .checkpoint_seq

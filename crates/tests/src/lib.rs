@@ -21,6 +21,7 @@ use ymera::{Deps, Role, Running, Settings};
 
 pub use ymera;
 
+pub mod faults;
 pub mod proxy;
 pub mod seed;
 

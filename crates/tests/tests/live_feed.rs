@@ -395,19 +395,7 @@ async fn a_client_that_never_reads_is_dropped_and_memory_stays_bounded() {
 async fn the_feed_reads_the_stream_only_while_a_client_listens() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
-    let consumers = || async {
-        app.deps
-            .store
-            .jetstream()
-            .get_stream(app.deps.store.stream_name())
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .consumer_count
-    };
+    let consumers = || async { app.deps.store.stream_state().await.unwrap().consumer_count };
     let wait_for = |want: usize| async move {
         let started = std::time::Instant::now();
         loop {

@@ -419,7 +419,7 @@ async fn a_batch_cut_off_in_the_middle_leaves_nothing() {
         .collect();
 
     // The writer dies after sending half the batch: nothing becomes visible.
-    assert!(store.append_batch_abandoned(&items, 500).await.is_err());
+    tests::faults::abandon_batch(&sandbox.settings.nats, &items, 500).await;
     assert_eq!(store.stream_state().await.unwrap().messages, 0);
 
     // A batch in which one event's guard fails is refused whole.

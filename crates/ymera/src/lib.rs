@@ -184,7 +184,7 @@ pub fn app(
 /// `GET /metrics`: the Prometheus scrape, without auth (api.md); put it
 /// behind the network, not a token.
 async fn prometheus(deps: Deps) -> impl axum::response::IntoResponse {
-    let text = infra::metrics::render(&deps.pool, &deps.store).await;
+    let text = infra::http::snapshot::prometheus(&deps.pool, &deps.store).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -14,6 +14,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::event_store::StoreError;
+use crate::projection::NotCaughtUp;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -221,6 +222,12 @@ impl From<StoreError> for ApiError {
             }
             e @ StoreError::Corrupt { .. } => ApiError::Internal(e.into()),
         }
+    }
+}
+
+impl From<NotCaughtUp> for ApiError {
+    fn from(e: NotCaughtUp) -> Self {
+        ApiError::Unavailable(e.to_string())
     }
 }
 

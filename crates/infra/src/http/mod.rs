@@ -7,6 +7,7 @@ pub mod extract;
 pub mod ops;
 pub mod ratelimit;
 pub mod schema;
+pub mod snapshot;
 
 pub use context::{RequestId, request_context};
 pub use error::{ApiError, ApiResult, Problem, ProblemItem};

@@ -17,7 +17,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::event_store::EventStore;
 use crate::projection;
 
-/// How long a health probe waits for a dependency before calling it down.
+/// How long a probe waits for a dependency before calling it down (health)
+/// or leaving a figure `null` (the metrics snapshot).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the operational endpoints look at.
@@ -93,7 +94,9 @@ pub struct Health {
     pub checks: BTreeMap<&'static str, Check>,
 }
 
-async fn probe<T, E: std::fmt::Display>(
+/// Runs `f` for at most [`PROBE_TIMEOUT`]: its result, an error as text,
+/// and how long it took.
+pub(crate) async fn probe<T, E: std::fmt::Display>(
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> (Result<T, String>, Duration) {
     let start = Instant::now();
@@ -226,7 +229,7 @@ pub async fn system_info(State(ops): State<OpsState>) -> Json<SystemInfo> {
         started_at: ops.started_at,
         uptime_seconds: (Utc::now() - ops.started_at).num_seconds(),
         stream: ops.store.stream_name().to_owned(),
-        nats_server_version: ops.store.client().server_info().version,
+        nats_server_version: ops.store.server_version(),
         postgres_version: pg.ok(),
     })
 }

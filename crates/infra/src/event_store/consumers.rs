@@ -1,0 +1,252 @@
+//! Reading the log through JetStream consumers: ordered reads, which leave
+//! nothing behind on the server once dropped, and the durable subscription
+//! that a projector acknowledges as it applies.
+//!
+//! Both hand out [`StoredMessage`]s, not decoded events: a projector must
+//! see (and park) a payload that is not a valid event, and the live feed
+//! skips one without stopping.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
+use futures::StreamExt;
+
+use super::{EventStore, StoreError, StoredEvent, TRACEPARENT, decode, unavailable};
+
+/// How long the server waits for a subscription's ack before it delivers
+/// the message again.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+/// How many pulls' worth of messages a subscription may hold unacked.
+const UNACKED_BATCHES: usize = 20;
+/// How long the server keeps a subscription nobody pulls from.
+const INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
+/// How often the server signals an idle pull is still alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long one pull request stays open on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+
+/// One message as it is stored in the stream, whether or not its payload
+/// is a valid event.
+pub struct StoredMessage {
+    /// The stream sequence.
+    pub seq: u64,
+    /// How many messages of the read or subscription the server had yet to
+    /// deliver after this one.
+    pub pending: u64,
+    message: jetstream::Message,
+}
+
+impl std::fmt::Debug for StoredMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredMessage")
+            .field("seq", &self.seq)
+            .field("pending", &self.pending)
+            .field("subject", &self.subject())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoredMessage {
+    fn new(message: jetstream::Message) -> Result<Self, StoreError> {
+        let (seq, pending) = {
+            let info = message.info().map_err(unavailable)?;
+            (info.stream_sequence, info.pending)
+        };
+        Ok(StoredMessage {
+            seq,
+            pending,
+            message,
+        })
+    }
+
+    /// The subject it was appended to.
+    pub fn subject(&self) -> &str {
+        self.message.subject.as_str()
+    }
+
+    /// The payload as it was appended.
+    pub fn payload(&self) -> &[u8] {
+        &self.message.payload
+    }
+
+    /// The W3C trace context of the request that appended it.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(TRACEPARENT))
+            .map(|v| v.as_str())
+    }
+
+    /// The payload read as an event.
+    pub fn decode(&self) -> Result<StoredEvent, StoreError> {
+        decode(self.seq, &self.message.payload)
+    }
+}
+
+/// The next message a consumer delivers, as a [`StoredMessage`].
+async fn next_stored<E: std::fmt::Display>(
+    messages: &mut (impl futures::Stream<Item = Result<jetstream::Message, E>> + Unpin),
+) -> Option<Result<StoredMessage, StoreError>> {
+    let message = messages.next().await?;
+    Some(message.map_err(unavailable).and_then(StoredMessage::new))
+}
+
+/// An ordered read of the log: every message on its subjects from a
+/// sequence on, in stream order, for as long as it is held. The server
+/// forgets it soon after it is dropped.
+pub struct Reader {
+    messages: pull::Ordered,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// The next message, waiting for it to be appended if need be; `None`
+    /// if the server ended the read. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Result<StoredMessage, StoreError>> {
+        next_stored(&mut self.messages).await
+    }
+}
+
+/// A durable subscription to the whole log, delivered in pulls of up to a
+/// batch and acknowledged cumulatively: the server keeps its position
+/// across reconnects, and delivers again what stays unacknowledged for
+/// [`ACK_WAIT`].
+pub struct Subscription {
+    messages: pull::Stream,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// The next message, waiting for it to be appended if need be; `None`
+    /// if the server ended the subscription. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Result<StoredMessage, StoreError>> {
+        next_stored(&mut self.messages).await
+    }
+
+    /// Acknowledges `message` and every message delivered before it.
+    pub async fn ack_through(&self, message: &StoredMessage) -> Result<(), StoreError> {
+        message
+            .message
+            .ack_with(AckKind::Ack)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+impl EventStore {
+    /// Reads the messages on `subjects` (one subject, or a filter with
+    /// wildcards) from sequence `from` on, in order.
+    pub async fn read(&self, subjects: &str, from: u64) -> Result<Reader, StoreError> {
+        let consumer = self.ordered(subjects, from).await?;
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        Ok(Reader { messages })
+    }
+
+    /// Reads the whole log from sequence `from` on, in order.
+    pub async fn read_log(&self, from: u64) -> Result<Reader, StoreError> {
+        self.read(&events::all_subjects(&self.prefix), from).await
+    }
+
+    /// An ordered consumer of `subjects` from sequence `from`.
+    async fn ordered(
+        &self,
+        subjects: &str,
+        from: u64,
+    ) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>, StoreError> {
+        self.stream()
+            .await?
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subjects.to_owned(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    /// The events of `subject` from sequence `from` on, appended to `out`:
+    /// the part of a long aggregate that [`EventStore::load`] does not read
+    /// with direct gets.
+    pub(super) async fn load_rest(
+        &self,
+        subject: &str,
+        from: u64,
+        out: &mut Vec<StoredEvent>,
+    ) -> Result<(), StoreError> {
+        let consumer = self.ordered(subject, from).await?;
+        // Nothing more: done, without opening a pull that would wait.
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(());
+        }
+        let mut reader = Reader {
+            messages: consumer.messages().await.map_err(unavailable)?,
+        };
+        while let Some(message) = reader.next().await {
+            let message = message?;
+            out.push(message.decode()?);
+            if message.pending == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscribes `name` durably to the whole log from sequence `from` on,
+    /// replacing any subscription of that name: one left by an earlier run
+    /// may point anywhere. Each pull brings at most `batch_size` messages.
+    pub async fn subscribe(
+        &self,
+        name: &str,
+        from: u64,
+        batch_size: usize,
+    ) -> Result<Subscription, StoreError> {
+        let stream = self.stream().await?;
+        let _ = stream.delete_consumer(name).await;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.to_owned()),
+                filter_subject: events::all_subjects(&self.prefix),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ack_policy: jetstream::consumer::AckPolicy::All,
+                ack_wait: ACK_WAIT,
+                max_ack_pending: (batch_size * UNACKED_BATCHES) as i64,
+                inactive_threshold: INACTIVE_THRESHOLD,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch_size)
+            .heartbeat(HEARTBEAT)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        Ok(Subscription { messages })
+    }
+
+    /// Deletes the durable subscription `name` from the server.
+    pub async fn unsubscribe(&self, name: &str) -> Result<(), StoreError> {
+        self.js
+            .delete_consumer_from_stream(name, &self.stream)
+            .await
+            .map(drop)
+            .map_err(unavailable)
+    }
+}
