@@ -15,8 +15,8 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use infra::auth;
 use infra::http::ApiError;
+use infra::http::auth;
 use sha2::{Digest, Sha256};
 
 use crate::CommandState;

@@ -5,7 +5,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
-use infra::auth::Editor;
+use infra::http::auth::Editor;
 use infra::http::{ApiError, RequestId};
 
 use crate::CommandState;

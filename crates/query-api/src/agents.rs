@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
-use infra::auth::Viewer;
+use infra::http::auth::Viewer;
 use infra::http::{ApiError, ApiPath, Problem, QueryPairs, etag};
 use infra::views::{AgentView, Page};
 use utoipa_axum::{router::OpenApiRouter, routes};

@@ -13,7 +13,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
 use chrono::{DateTime, Duration, Utc};
-use infra::auth::Viewer;
+use infra::http::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use serde::Serialize;
 use sqlx::{Postgres, Transaction};

@@ -20,7 +20,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use futures::stream;
-use infra::auth::Viewer;
+use infra::http::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::AgentView;
 use sqlx::postgres::PgRow;

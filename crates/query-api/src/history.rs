@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use events::agent::{AgentEvent, AgentState, evolve};
 use events::envelope::EventCodec;
 use events::{AggregateType, Envelope};
-use infra::auth::Viewer;
+use infra::http::auth::Viewer;
 use infra::http::{ApiError, ApiPath, Problem};
 use infra::views::{AgentView, Page};
 use serde::Serialize;

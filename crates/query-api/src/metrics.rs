@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use infra::auth::Viewer;
+use infra::http::auth::Viewer;
 use infra::http::snapshot::Snapshot;
 use infra::http::{ApiError, Problem, QueryPairs};
 use utoipa_axum::{router::OpenApiRouter, routes};

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
-use infra::auth::Viewer;
+use infra::http::auth::Viewer;
 use infra::http::{ApiError, ApiPath, Problem, etag};
 use infra::views::{Page, ProjectView};
 use sqlx::Row;

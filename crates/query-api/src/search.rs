@@ -28,7 +28,7 @@
 
 use axum::extract::State;
 use axum::response::Response;
-use infra::auth::Viewer;
+use infra::http::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::{AgentView, Page};
 use serde::Serialize;

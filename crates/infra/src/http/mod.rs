@@ -1,6 +1,7 @@
 //! HTTP plumbing shared by the APIs: the error type, our extractors, the
 //! request context middleware, and the operational endpoints.
 
+pub mod auth;
 pub mod context;
 pub mod error;
 pub mod extract;
