@@ -22,20 +22,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use report::{Row, Verdict};
-use rows::Ctx;
-
-/// Every row, in table order: (name on the command line, target).
-const ROWS: [(&str, &str); 9] = [
-    ("single-create", rows::SINGLE_TARGET),
-    ("bulk-ingest", rows::BULK_TARGET),
-    ("projection-catch-up", rows::CATCHUP_TARGET),
-    ("write-to-visible", rows::VISIBLE_TARGET),
-    ("get-by-id", rows::GET_TARGET),
-    ("search", rows::SEARCH_TARGET),
-    ("export", rows::EXPORT_TARGET),
-    ("rebuild", rows::REBUILD_TARGET),
-    ("memory", "idle < 50 MiB, loaded < 250 MiB"),
-];
+use rows::{Ctx, ROWS};
 
 /// YMERA's benchmark harness: each figure as a ratio to the raw limit.
 #[derive(Debug, Parser)]
@@ -61,7 +48,7 @@ async fn main() -> ExitCode {
     for name in &cli.rows {
         if name == "all" {
             selected.extend(ROWS.iter().map(|r| r.0));
-        } else if let Some((n, _)) = ROWS.iter().find(|r| r.0 == name) {
+        } else if let Some((n, _, _)) = ROWS.iter().find(|r| r.0 == name) {
             selected.push(n);
         } else {
             let names: Vec<&str> = ROWS.iter().map(|r| r.0).collect();
@@ -97,27 +84,12 @@ async fn run(cli: &Cli, selected: &[&str]) -> anyhow::Result<Vec<Row>> {
     let clock = std::time::Instant::now();
     let ymera = sandbox::ymera_binary()?;
     let env = sandbox::Env::connect().await?;
-    let mut ctx = Ctx {
-        plan: rows::Plan::new(cli.quick),
-        env,
-        ymera,
-        main: None,
-        writer: None,
-        raw: None,
-        replay: None,
-        create_rate: None,
-        idle_rss: None,
-        loaded_rss: None,
-    };
+    let mut ctx = Ctx::new(rows::Plan::new(cli.quick), env, ymera);
     let outcome = tokio::select! {
-        rows = run_rows(&mut ctx, selected) => Ok(rows),
+        rows = rows::run(&mut ctx, selected) => Ok(rows),
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    // Stop the server before dropping its database.
-    ctx.main = None;
-    ctx.writer = None;
-    ctx.replay = None;
-    ctx.env.cleanup().await;
+    ctx.cleanup().await;
     let rows = outcome?;
 
     report::print_table(&rows);
@@ -143,100 +115,3 @@ async fn run(cli: &Cli, selected: &[&str]) -> anyhow::Result<Vec<Row>> {
     );
     Ok(rows)
 }
-
-/// Runs the selected rows in an order that lets them share work (the
-/// single-create rate drives write-to-visible; its load gives the loaded
-/// memory), and returns them in table order.
-async fn run_rows(ctx: &mut Ctx, selected: &[&str]) -> Vec<Row> {
-    let order = [
-        "memory-idle",
-        "single-create",
-        "bulk-ingest",
-        "write-to-visible",
-        "get-by-id",
-        "search",
-        "export",
-        "projection-catch-up",
-        "rebuild",
-        "memory",
-    ];
-    let mut done: Vec<(&str, Vec<Row>)> = vec![];
-    for name in order {
-        let wanted = if name == "memory-idle" {
-            selected.contains(&"memory")
-        } else {
-            selected.contains(&name)
-        };
-        if !wanted {
-            continue;
-        }
-        eprintln!("bench: {name} …");
-        let row_clock = std::time::Instant::now();
-        let target = ROWS.iter().find(|r| r.0 == name).map_or("", |r| r.1);
-        let result: anyhow::Result<Vec<Row>> = match name {
-            // Start the server first, so its idle memory is read before
-            // any load.
-            "memory-idle" => ctx.main().await.map(|_| vec![]),
-            "single-create" => rows::single_create(ctx).await.map(|r| vec![r]),
-            "bulk-ingest" => rows::bulk_ingest(ctx).await.map(|r| vec![r]),
-            "write-to-visible" => rows::write_to_visible(ctx).await.map(|r| vec![r]),
-            "get-by-id" => rows::get_by_id(ctx).await.map(|r| vec![r]),
-            "search" => rows::search(ctx).await.map(|r| vec![r]),
-            "export" => rows::export(ctx).await.map(|r| vec![r]),
-            "projection-catch-up" => rows::projection_catchup(ctx).await.map(|r| vec![r]),
-            "rebuild" => rows::rebuild(ctx).await.map(|r| vec![r]),
-            "memory" => rows::memory(ctx).await,
-            _ => Ok(vec![]),
-        };
-        let rows = match result {
-            Ok(rows) => rows,
-            Err(e) => {
-                let label = ROW_LABELS
-                    .iter()
-                    .find(|l| l.0 == name)
-                    .map_or("server start", |l| l.1);
-                vec![Row::error(label, target, &e)]
-            }
-        };
-        for r in &rows {
-            eprintln!(
-                "bench: {} → {:?} ({:.1} s)",
-                r.name,
-                r.verdict,
-                row_clock.elapsed().as_secs_f64()
-            );
-        }
-        done.push((name, rows));
-        if let Some(main) = ctx.main.as_mut()
-            && !main.server.alive()
-        {
-            eprintln!("bench: the ymera process died; restarting it for the next rows");
-            ctx.main = None;
-        }
-    }
-    ROWS.iter()
-        .flat_map(|(name, _)| {
-            let mut out = vec![];
-            for (n, rows) in &done {
-                if n == name || (*name == "memory" && *n == "memory-idle") {
-                    out.extend(rows.iter().cloned());
-                }
-            }
-            out
-        })
-        .collect()
-}
-
-/// The table's label of each row.
-const ROW_LABELS: [(&str, &str); 10] = [
-    ("memory-idle", "memory idle"),
-    ("single-create", "single create"),
-    ("bulk-ingest", "bulk ingest"),
-    ("projection-catch-up", "projection catch-up"),
-    ("write-to-visible", "write-to-visible"),
-    ("get-by-id", "get by id"),
-    ("search", "search"),
-    ("export", "export"),
-    ("rebuild", "rebuild"),
-    ("memory", "memory"),
-];

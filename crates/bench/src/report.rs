@@ -160,11 +160,7 @@ impl Row {
         extra_ok: bool,
         note: impl Into<String>,
     ) -> Row {
-        let ratio = if raw.value > 0.0 {
-            ours.value / raw.value
-        } else {
-            0.0
-        };
+        let ratio = ratio(ours.value, raw.value);
         Row {
             name,
             verdict: if ratio >= min_ratio && extra_ok {
@@ -180,6 +176,12 @@ impl Row {
             error: None,
         }
     }
+}
+
+/// `a / b`, or 0 when `b` is not positive (a raw limit that measured
+/// nothing).
+pub fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
 }
 
 /// Prints the table: one line per row, notes below.

@@ -1,0 +1,173 @@
+//! Write-to-visible: how long after its 201 a create becomes readable, p99
+//! of open-loop writes at half the single-create rate against `ymera all`
+//! (a quarter of the rate goes in the note).
+//!
+//! Raw limit: none measured; the figure is judged against a fixed 50 ms.
+//! Visible is the projector's `NOTIFY` of a checkpoint at or past the
+//! write's `X-Event-Seq`, sent in the transaction that commits the row.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use reqwest::StatusCode;
+use tokio::sync::Mutex;
+
+use super::context::Main;
+use super::http::expect;
+use super::{Ctx, single_create};
+use crate::data;
+use crate::load::Run;
+use crate::report::{Figure, Row};
+
+pub const TARGET: &str = "p99 < 50 ms";
+
+/// Writes at `rate` per second for `secs`, open loop, and measures each
+/// write's time from its 201 to the projector's commit of it.
+async fn visible_at(main: &Main, rate: f64, secs: Duration) -> anyhow::Result<Run> {
+    // The projector commits each batch with `NOTIFY ymera_projection,
+    // '<checkpoint>'`: the moment a row becomes readable.
+    let mut listener = sqlx::postgres::PgListener::connect_with(&main.pool).await?;
+    listener.listen(infra::projection::CHANNEL).await?;
+    let seen: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let seen_w = seen.clone();
+    let listen_task = tokio::spawn(async move {
+        while let Ok(n) = listener.recv().await {
+            if let Ok(seq) = n.payload().parse::<u64>() {
+                seen_w.lock().await.push((seq, Instant::now()));
+            }
+        }
+    });
+
+    let writes: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut tasks = vec![];
+    let mut n = 10_000_000u64;
+    while started.elapsed() < secs {
+        ticker.tick().await;
+        n += 1;
+        let body = serde_json::to_vec(&data::body(&data::agent(n)))?;
+        let req = main
+            .server
+            .post("/api/v1/agents")
+            .header("content-type", "application/json")
+            .body(body);
+        let writes = writes.clone();
+        let errors = errors.clone();
+        let first_error = first_error.clone();
+        tasks.push(tokio::spawn(async move {
+            let outcome = async {
+                let r = req.send().await?;
+                let at = Instant::now();
+                expect(r.status(), StatusCode::CREATED, "POST /agents")?;
+                let seq: u64 = r
+                    .headers()
+                    .get("x-event-seq")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .context("no X-Event-Seq")?;
+                writes.lock().await.push((seq, at));
+                anyhow::Ok(())
+            }
+            .await;
+            if let Err(e) = outcome {
+                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                first_error.lock().await.get_or_insert(format!("{e:#}"));
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Let the projection catch up with the last write.
+    let last = writes.lock().await.iter().map(|w| w.0).max().unwrap_or(0);
+    let wait = Instant::now();
+    while seen.lock().await.last().is_none_or(|s| s.0 < last)
+        && wait.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listen_task.abort();
+
+    let seen = seen.lock().await.clone();
+    let writes = writes.lock().await.clone();
+    let mut lat = Vec::with_capacity(writes.len());
+    let mut invisible = 0;
+    for (seq, at) in &writes {
+        let k = seen.partition_point(|(s, _)| s < seq);
+        match seen.get(k) {
+            Some((_, visible)) => {
+                let us = visible.saturating_duration_since(*at).as_micros();
+                lat.push(us.min(u128::from(u32::MAX)) as u32);
+            }
+            None => invisible += 1,
+        }
+    }
+    lat.sort_unstable();
+    let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
+    let run = Run {
+        ops: lat.len() as u64,
+        units: lat.len() as u64,
+        errors: errors + invisible,
+        first_error: first_error.lock().await.clone().or_else(|| {
+            (invisible > 0).then(|| format!("{invisible} writes never became visible within 10 s"))
+        }),
+        secs: secs.as_secs_f64(),
+        latencies_us: lat,
+    };
+    Ok(run)
+}
+
+pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let plan = ctx.plan.clone();
+    if ctx.create_rate.is_none() {
+        // The load is half the single-create rate: measure that first.
+        single_create::run_briefly(ctx).await?;
+    }
+    let rate = (ctx.create_rate.unwrap_or(100.0) / 2.0).max(1.0);
+    ctx.settle().await?;
+    let main = ctx.main().await?;
+    let run = visible_at(main, rate, plan.visible_secs).await?;
+    run.check("write-to-visible")?;
+    // The same at a quarter of the rate: where the curve bends, for the
+    // note (the target is judged at half).
+    ctx.settle().await?;
+    let main = ctx.main().await?;
+    let quarter = visible_at(main, rate / 2.0, plan.visible_secs / 2).await?;
+    quarter.check("write-to-visible at a quarter")?;
+
+    let p99 = run.quantile_ms(0.99);
+    let mut row = Row::ratio(
+        "write-to-visible",
+        TARGET,
+        Figure {
+            value: p99,
+            unit: "ms p99",
+            p50_ms: Some(run.quantile_ms(0.5)),
+            p99_ms: Some(p99),
+            count: run.ops,
+            secs: run.secs,
+        },
+        Figure::plain(50.0, "ms"),
+        0.0,
+        p99 < 50.0,
+        format!(
+            "{} writes at {rate:.0}/s (half the single-create rate), open loop; visible = the \
+             projector's NOTIFY of a checkpoint >= the write's X-Event-Seq (same transaction as \
+             the row), measured from the 201; at a quarter of the single-create rate ({:.0}/s, \
+             {} writes): p50 {:.1} / p99 {:.1} ms",
+            run.ops,
+            rate / 2.0,
+            quarter.ops,
+            quarter.quantile_ms(0.5),
+            quarter.quantile_ms(0.99),
+        ),
+    );
+    row.raw = None;
+    row.ratio = None;
+    Ok(row)
+}
