@@ -23,12 +23,6 @@ use crate::sandbox::Server;
 
 pub const TARGET: &str = ">= 0.5 ops/s";
 
-// Same statement as query-api's GET /agents/{id}
-const GET_AGENT_SQL: &str = "SELECT c.seq AS projection_seq, a.id, a.name, a.type, a.description, \
-     a.status, a.capabilities, a.config, a.tags, a.project_id, a.version, a.created_at, \
-     a.updated_at, a.created_by FROM (SELECT COALESCE((SELECT last_seq FROM projector_checkpoint \
-     WHERE name = 'main'), 0) AS seq) c LEFT JOIN agents a ON a.id = $1";
-
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     ctx.settle().await?;
     let plan = ctx.plan.clone();
@@ -75,7 +69,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
         let id = ids[(n as usize * 7919) % ids.len()];
         let pool = pool.clone();
         async move {
-            let row = sqlx::query(GET_AGENT_SQL).bind(id).fetch_one(&pool).await?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(query_api::agents::GET_AGENT.as_str()))
+                .bind(id)
+                .fetch_one(&pool)
+                .await?;
             anyhow::ensure!(!sqlx::Row::is_empty(&row), "empty row");
             Ok(1)
         }
