@@ -12,7 +12,7 @@ use infra::metrics::Snapshot;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
-use crate::projection::{await_min_seq, with_projection_seq};
+use crate::projection::{MinSeq, MinSeqHeader, await_min_seq, with_projection_seq};
 
 /// A snapshot of this process's metrics.
 ///
@@ -24,10 +24,7 @@ use crate::projection::{await_min_seq, with_projection_seq};
 /// The Prometheus scrape at the root `/metrics` (no token) has the same
 /// figures, with latency histograms by route and status.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    params(
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
-    ),
+    params(MinSeq, MinSeqHeader),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Snapshot, headers(("X-Projection-Seq" = u64))),
