@@ -21,8 +21,8 @@ use crate::error::WriteError;
 use crate::service::AgentWrite;
 use crate::update_body::update_body;
 use crate::verdicts::{Verdicts, invalid};
-use crate::write_request::WriteRequest;
-use crate::write_response::{self, Written};
+use crate::write_request::{IfMatch, WriteRequest};
+use crate::write_response::{self, TargetProblems, Written};
 
 /// The body of `POST /agents`. Unknown fields are rejected (422).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -207,12 +207,12 @@ pub async fn update_agent(
 
 /// Delete an agent.
 #[utoipa::path(delete, path = "/agents/{id}", tag = "agents",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)),
+    params(("id" = Uuid, Path), IfMatch),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted", headers(("X-Event-Seq" = u64))),
+        TargetProblems,
         (status = 404, description = "Unknown or already deleted", body = Problem, content_type = "application/problem+json"),
-        (status = 412, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn delete_agent(
     State(state): State<CommandState>,

@@ -19,7 +19,7 @@ mod update_body;
 pub mod users;
 mod verdicts;
 mod write_request;
-mod write_response;
+pub mod write_response;
 
 use std::sync::Arc;
 
