@@ -16,7 +16,7 @@ use crate::conditional::{ResourceHeaders, ResourceQuery, ResourceResponses, cond
 use crate::filters::Filters;
 use crate::paging::{CreatedCursor, PageParams, PageQuery, keyset_page, newest_first};
 use crate::params::{Params, parse_time};
-use crate::problems::ReadProblems;
+use crate::problems::{RequestProblems, Unavailable};
 use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, projection_seq};
 use crate::rows::{AGENT_COLUMNS, agent_of};
 
@@ -50,7 +50,7 @@ impl Params for AsOf {
     security(("bearer" = [])),
     responses(
         (status = 200, body = AgentView, headers(("ETag" = String), ("X-Projection-Seq" = u64))),
-        ResourceResponses, ReadProblems,
+        ResourceResponses, RequestProblems,
         (status = 503, description = "Projection behind or database down", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_agent(
@@ -119,7 +119,7 @@ impl Params for AgentList {
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<AgentView>, headers(("X-Projection-Seq" = u64))),
-        ReadProblems,
+        RequestProblems, Unavailable,
     ))]
 pub async fn list_agents(
     State(state): State<QueryState>,

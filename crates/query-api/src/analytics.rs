@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::QueryState;
 use crate::params::{Params, one_of, parse_time};
-use crate::problems::ReadProblems;
+use crate::problems::{RequestProblems, Unavailable};
 use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, with_projection_seq};
 
 /// Most buckets one request may ask for.
@@ -313,7 +313,7 @@ async fn events_over_time(
     security(("bearer" = [])),
     responses(
         (status = 200, body = Analytics, headers(("X-Projection-Seq" = u64))),
-        ReadProblems,
+        RequestProblems, Unavailable,
         (status = 400, description = "Bad time, bucket or range (from >= to, more than 10,000 buckets)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn analytics(

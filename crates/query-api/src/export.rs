@@ -31,7 +31,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::QueryState;
 use crate::filters::Filters;
 use crate::params::{Params, one_of};
-use crate::problems::ReadProblems;
+use crate::problems::{RequestProblems, Unavailable};
 use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, with_projection_seq};
 use crate::rows::{AGENT_COLUMNS, agent};
 
@@ -290,7 +290,7 @@ impl Params for ExportParams {
         (status = 200, description = "The file, streamed", content(
             (String = "text/csv"), (String = "application/x-ndjson"), (Vec<AgentView> = "application/json")),
             headers(("Content-Disposition" = String), ("X-Projection-Seq" = u64))),
-        ReadProblems,
+        RequestProblems, Unavailable,
     ))]
 pub async fn export_agents(
     State(state): State<QueryState>,

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::QueryState;
 use crate::paging::{Cursor, PageParams, PageQuery, keyset_page};
-use crate::problems::ReadProblems;
+use crate::problems::{RequestProblems, Unavailable};
 use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, projection_seq};
 
 /// One event in an agent's history.
@@ -142,7 +142,7 @@ fn item_of(row: &PgRow) -> Result<Option<HistoryItem>, sqlx::Error> {
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<HistoryItem>, headers(("X-Projection-Seq" = u64))),
-        ReadProblems,
+        RequestProblems, Unavailable,
         (status = 404, description = "No agent with this id ever existed", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn agent_history(

@@ -7,11 +7,12 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use infra::auth::Viewer;
-use infra::http::{ApiError, Problem, QueryPairs};
+use infra::http::{ApiError, QueryPairs};
 use infra::metrics::Snapshot;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
+use crate::problems::RequestProblems;
 use crate::projection::{MinSeq, MinSeqHeader, await_min_seq, with_projection_seq};
 
 /// A snapshot of this process's metrics.
@@ -28,8 +29,7 @@ use crate::projection::{MinSeq, MinSeqHeader, await_min_seq, with_projection_seq
     security(("bearer" = [])),
     responses(
         (status = 200, body = Snapshot, headers(("X-Projection-Seq" = u64))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        RequestProblems,
     ))]
 pub async fn metrics_json(
     State(state): State<QueryState>,

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::QueryState;
 use crate::conditional::{ResourceHeaders, ResourceQuery, ResourceResponses, conditional};
 use crate::paging::{CreatedCursor, PageParams, PageQuery, keyset_page, newest_first};
-use crate::problems::ReadProblems;
+use crate::problems::{RequestProblems, Unavailable};
 use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, projection_seq};
 
 const PROJECT_COLUMNS: &str = "p.id, p.name, p.description, p.version, p.created_at, \
@@ -48,7 +48,7 @@ fn project_of(row: &PgRow) -> Result<Option<ProjectView>, sqlx::Error> {
     security(("bearer" = [])),
     responses(
         (status = 200, body = ProjectView, headers(("ETag" = String), ("X-Projection-Seq" = u64))),
-        ResourceResponses, ReadProblems,
+        ResourceResponses, RequestProblems, Unavailable,
     ))]
 pub async fn get_project(
     State(state): State<QueryState>,
@@ -82,7 +82,7 @@ pub async fn get_project(
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<ProjectView>, headers(("X-Projection-Seq" = u64))),
-        ReadProblems,
+        RequestProblems, Unavailable,
     ))]
 pub async fn list_projects(
     State(state): State<QueryState>,

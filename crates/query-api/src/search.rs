@@ -43,7 +43,7 @@ use crate::agents::AgentList;
 use crate::filters::Filters;
 use crate::paging::{Cursor, PageQuery, keyset_page, parse_cursor, parse_limit};
 use crate::params::Params;
-use crate::problems::ReadProblems;
+use crate::problems::{RequestProblems, Unavailable};
 use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader};
 use crate::rows::{AGENT_COLUMNS, agent_of};
 
@@ -297,7 +297,7 @@ impl Search {
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<SearchHit>, headers(("X-Projection-Seq" = u64))),
-        ReadProblems,
+        RequestProblems, Unavailable,
         (status = 400, description = "Missing or too long q, bad filter or cursor", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn search_agents(
