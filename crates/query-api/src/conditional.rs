@@ -1,5 +1,6 @@
 //! Conditional GET for single resources: an `ETag` on every answer, and 304
-//! when the reader already holds that version (`If-None-Match`).
+//! when the reader already holds that version (`If-None-Match`); and how a
+//! single resource's read documents its parameters and answers.
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -8,8 +9,9 @@ use utoipa::{IntoParams, IntoResponses};
 
 use crate::projection::with_projection_seq;
 
-/// A single resource's `min_seq`, documented with its description (the
-/// lists document [`MinSeq`](crate::projection::MinSeq) bare).
+/// A single resource's `min_seq`, documented with a description (the
+/// lists show [`MinSeq`](crate::projection::MinSeq) bare). A field's doc
+/// comment is its description.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ResourceQuery {
@@ -17,7 +19,8 @@ pub struct ResourceQuery {
     pub min_seq: Option<u64>,
 }
 
-/// A single resource's headers: `X-Min-Event-Seq` and `If-None-Match`.
+/// A single resource's headers: `X-Min-Event-Seq`, described as above,
+/// and `If-None-Match`.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct ResourceHeaders {
@@ -29,8 +32,9 @@ pub struct ResourceHeaders {
     pub if_none_match: Option<String>,
 }
 
-/// What a single resource's read answers besides the resource and the
-/// problems every read lists. A variant's doc comment is its description.
+/// What a single resource's read answers besides the resource itself and
+/// the [problems](crate::problems) the reads share. A variant's doc comment
+/// is its description.
 #[derive(Debug, IntoResponses)]
 pub enum ResourceResponses {
     /// Not modified

@@ -87,9 +87,10 @@ impl<P: Params> FromRequestParts<QueryState> for Fresh<P> {
     }
 }
 
-/// `?min_seq=` as the lists and most reads document it, bare; [`Fresh`]
-/// honours it. (A single resource's read documents it with a description:
-/// `conditional::ResourceQuery`.)
+/// `?min_seq=`, which [`Fresh`] honours, as the lists and most reads
+/// document it: bare, as the spec has always shown it there. (A field's doc
+/// comment would become the description; single-resource reads document
+/// both forms with descriptions, next to their conditional GET.)
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct MinSeq {
