@@ -17,12 +17,12 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::CommandState;
-use crate::error::WriteError;
+use crate::error::{TargetProblems, WriteError};
 use crate::service::AgentWrite;
 use crate::update_body::update_body;
 use crate::verdicts::{Verdicts, invalid};
 use crate::write_request::{IfMatch, WriteRequest};
-use crate::write_response::{self, TargetProblems, Written};
+use crate::write_response::{self, Written};
 
 /// The body of `POST /agents`. Unknown fields are rejected (422).
 #[derive(Debug, Deserialize, ToSchema)]

@@ -19,7 +19,7 @@ mod update_body;
 pub mod users;
 mod verdicts;
 mod write_request;
-pub mod write_response;
+mod write_response;
 
 use std::sync::Arc;
 

@@ -12,12 +12,12 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use crate::error::WriteError;
+use crate::error::{TargetProblems, WriteError};
 use crate::service::Committed;
 use crate::update_body::update_body;
 use crate::verdicts::{Verdicts, invalid};
 use crate::write_request::{IfMatch, WriteRequest};
-use crate::write_response::{self, TargetProblems, Written};
+use crate::write_response::{self, Written};
 use crate::{CommandState, read_model};
 
 /// The body of `POST /projects`.

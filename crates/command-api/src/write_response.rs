@@ -1,14 +1,13 @@
 //! How a write is answered: with the resource it wrote (or 204 for a
 //! delete), and always with the sequence of its last event in
 //! `X-Event-Seq`, which a client passes as `X-Min-Event-Seq` to read its own
-//! write; and the problems a write to an existing resource documents.
+//! write.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use infra::http::{Problem, X_EVENT_SEQ, etag};
+use infra::http::{X_EVENT_SEQ, etag};
 use serde::Serialize;
-use utoipa::IntoResponses;
 use uuid::Uuid;
 
 /// A resource as a write left it.
@@ -60,16 +59,4 @@ pub(crate) fn with_event_seq(mut response: Response, seq: u64) -> Response {
         .headers_mut()
         .insert(X_EVENT_SEQ.clone(), HeaderValue::from(seq));
     response
-}
-
-/// The problems of a write to one existing resource, bare: it is unknown
-/// or deleted (404), or not at the version `If-Match` names (412). A
-/// variant's doc comment would be its description; an endpoint with more to
-/// say about one lists that status after this set, which replaces it.
-#[derive(Debug, IntoResponses)]
-pub enum TargetProblems {
-    #[response(status = 404, content_type = "application/problem+json")]
-    NotFound(Problem),
-    #[response(status = 412, content_type = "application/problem+json")]
-    PreconditionFailed(Problem),
 }
