@@ -17,11 +17,11 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::CommandState;
-use crate::error::WriteError;
+use crate::error::{TargetProblems, WriteError};
 use crate::service::AgentWrite;
 use crate::update_body::update_body;
 use crate::verdicts::{Verdicts, invalid};
-use crate::write_request::WriteRequest;
+use crate::write_request::{IfMatch, WriteRequest};
 use crate::write_response::{self, Written};
 
 /// The body of `POST /agents`. Unknown fields are rejected (422).
@@ -207,12 +207,12 @@ pub async fn update_agent(
 
 /// Delete an agent.
 #[utoipa::path(delete, path = "/agents/{id}", tag = "agents",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)),
+    params(("id" = Uuid, Path), IfMatch),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted", headers(("X-Event-Seq" = u64))),
+        TargetProblems,
         (status = 404, description = "Unknown or already deleted", body = Problem, content_type = "application/problem+json"),
-        (status = 412, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn delete_agent(
     State(state): State<CommandState>,

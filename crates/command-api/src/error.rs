@@ -4,13 +4,16 @@
 //! The repository and the service return `WriteError`; only handlers and
 //! middleware deal in `ApiError`. The `From` at the bottom is the edge: it
 //! decides each variant's status, and the client sees the variant's text as
-//! the problem's `detail` (except where a variant says otherwise).
+//! the problem's `detail` (except where a variant says otherwise). The
+//! statuses a write to an existing resource documents are listed here too,
+//! next to the mapping that gives them.
 
 use events::AggregateType;
 use events::agent::AgentError;
 use events::project::ProjectError;
 use infra::StoreError;
-use infra::http::{ApiError, ProblemItem};
+use infra::http::{ApiError, Problem, ProblemItem};
+use utoipa::IntoResponses;
 
 /// Every way a command can fail.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,19 @@ impl From<WriteError> for ApiError {
             WriteError::ProjectionBehind(detail) => ApiError::Unavailable(detail),
         }
     }
+}
+
+/// The problems of a write to one existing resource, as its OpenAPI entry
+/// lists them, bare: [`WriteError::NotFound`] (404) and
+/// [`WriteError::PreconditionFailed`] (412). A variant's doc comment would
+/// be its description; an endpoint with more to say about one lists that
+/// status after this set, which replaces it.
+#[derive(Debug, IntoResponses)]
+pub enum TargetProblems {
+    #[response(status = 404, content_type = "application/problem+json")]
+    NotFound(Problem),
+    #[response(status = 412, content_type = "application/problem+json")]
+    PreconditionFailed(Problem),
 }
 
 #[cfg(test)]

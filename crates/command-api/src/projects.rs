@@ -12,11 +12,11 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use crate::error::WriteError;
+use crate::error::{TargetProblems, WriteError};
 use crate::service::Committed;
 use crate::update_body::update_body;
 use crate::verdicts::{Verdicts, invalid};
-use crate::write_request::WriteRequest;
+use crate::write_request::{IfMatch, WriteRequest};
 use crate::write_response::{self, Written};
 use crate::{CommandState, read_model};
 
@@ -115,13 +115,12 @@ pub async fn create_project(
 
 /// Update a project.
 #[utoipa::path(put, path = "/projects/{id}", tag = "projects",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)),
+    params(("id" = Uuid, Path), IfMatch),
     request_body = UpdateProjectRequest,
     security(("bearer" = [])),
     responses(
         (status = 200, body = ProjectView, headers(("ETag" = String), ("X-Event-Seq" = u64))),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 412, body = Problem, content_type = "application/problem+json"),
+        TargetProblems,
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn update_project(
@@ -142,12 +141,11 @@ pub async fn update_project(
 /// Delete a project. Its agents live on, detached (`project_id: null`):
 /// each gets an `agent.updated` event, so the log tells the whole story.
 #[utoipa::path(delete, path = "/projects/{id}", tag = "projects",
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)),
+    params(("id" = Uuid, Path), IfMatch),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted; its agents detached", headers(("X-Event-Seq" = u64))),
-        (status = 404, body = Problem, content_type = "application/problem+json"),
-        (status = 412, body = Problem, content_type = "application/problem+json"),
+        TargetProblems,
     ))]
 pub async fn delete_project(
     State(state): State<CommandState>,

@@ -1,12 +1,14 @@
 //! What every agent and project write carries besides its body: an editor's
 //! token, the context recorded in each event it appends (actor, request id,
-//! trace context) and an optional `If-Match` precondition.
+//! trace context) and an optional `If-Match` precondition, which documents
+//! itself for the updates and deletes that take it.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use infra::http::auth::Editor;
 use infra::http::{ApiError, RequestId};
+use utoipa::IntoParams;
 
 use crate::CommandState;
 use crate::repo::WriteContext;
@@ -17,7 +19,16 @@ use crate::repo::WriteContext;
 pub struct WriteRequest {
     /// Who writes, for which request and trace: recorded in every event.
     pub ctx: WriteContext,
-    if_match: Option<HeaderValue>,
+    if_match: IfMatch,
+}
+
+/// The `If-Match` header of a write, as it came. Also its OpenAPI
+/// parameter, bare (a doc comment on the field would be its description).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IfMatch {
+    #[param(rename = "If-Match", value_type = Option<String>, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)]
+    value: Option<HeaderValue>,
 }
 
 impl FromRequestParts<CommandState> for WriteRequest {
@@ -38,7 +49,9 @@ impl FromRequestParts<CommandState> for WriteRequest {
                 request_id,
                 traceparent: traceparent(&parts.headers),
             },
-            if_match: parts.headers.get(header::IF_MATCH).cloned(),
+            if_match: IfMatch {
+                value: parts.headers.get(header::IF_MATCH).cloned(),
+            },
         })
     }
 }
@@ -57,7 +70,7 @@ impl WriteRequest {
     /// accepted; `*` or no header expects none). A value that names no
     /// version can match nothing: 412.
     pub fn if_match(&self) -> Result<Option<u64>, ApiError> {
-        let Some(value) = &self.if_match else {
+        let Some(value) = &self.if_match.value else {
             return Ok(None);
         };
         let raw = value

@@ -14,11 +14,12 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::QueryState;
-use crate::conditional::conditional;
+use crate::conditional::{ResourceHeaders, ResourceQuery, ResourceResponses, conditional};
 use crate::filters::Filters;
-use crate::paging::{CreatedCursor, PageParams, keyset_page, newest_first};
+use crate::paging::{CreatedCursor, PageParams, PageQuery, keyset_page, newest_first};
 use crate::params::{Params, parse_time};
-use crate::projection::{CHECKPOINT, Fresh, projection_seq};
+use crate::problems::{RequestProblems, Unavailable};
+use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, projection_seq};
 use crate::rows::{AGENT_COLUMNS, agent_of};
 
 /// `GET /agents/{id}`'s parameter: the past time to rebuild the agent at,
@@ -46,17 +47,12 @@ impl Params for AsOf {
     params(
         ("id" = Uuid, Path),
         ("as_of" = Option<String>, Query, format = DateTime, description = "RFC 3339 time: the agent as it was then, rebuilt from its events"),
-        ("min_seq" = Option<u64>, Query, description = "Answer only once the projection has applied this event"),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false, description = "Same as min_seq"),
-        ("If-None-Match" = Option<String>, Header, nullable = false, description = "304 when the ETag matches"),
+        ResourceQuery, ResourceHeaders,
     ),
     security(("bearer" = [])),
     responses(
         (status = 200, body = AgentView, headers(("ETag" = String), ("X-Projection-Seq" = u64))),
-        (status = 304, description = "Not modified"),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown or deleted", body = Problem, content_type = "application/problem+json"),
+        ResourceResponses, RequestProblems,
         (status = 503, description = "Projection behind or database down", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn get_agent(
@@ -127,22 +123,11 @@ impl Params for AgentList {
 
 /// List agents, newest first.
 #[utoipa::path(get, path = "/agents", tag = "agents",
-    params(
-        ("status" = inline(Option<infra::http::schema::AgentStatusName>), Query),
-        ("type" = Option<String>, Query, pattern = "^[a-z0-9_-]{1,64}$"),
-        ("project_id" = Option<Uuid>, Query),
-        ("tag" = inline(Option<Vec<infra::http::schema::TagFilter>>), Query, description = "key:value; repeat for several (all must match)"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
-    ),
+    params(Filters, PageQuery, MinSeq, MinSeqHeader),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<AgentView>, headers(("X-Projection-Seq" = u64))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        RequestProblems, Unavailable,
     ))]
 pub async fn list_agents(
     State(state): State<QueryState>,

@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use crate::QueryState;
 use crate::params::{Params, one_of, parse_time};
-use crate::projection::{CHECKPOINT, Fresh, with_projection_seq};
+use crate::problems::{RequestProblems, Unavailable};
+use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, with_projection_seq};
 
 /// Most buckets one request may ask for.
 pub const MAX_BUCKETS: i64 = 10_000;
@@ -307,15 +308,13 @@ async fn events_over_time(
         ("bucket" = inline(Option<infra::http::schema::BucketName>), Query, description = "minute, hour (default) or day"),
         ("project_id" = Option<Uuid>, Query),
         ("as_of" = Option<String>, Query, format = DateTime, description = "RFC 3339: totals as they stood then, from the event log"),
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
+        MinSeq, MinSeqHeader,
     ),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Analytics, headers(("X-Projection-Seq" = u64))),
+        RequestProblems, Unavailable,
         (status = 400, description = "Bad time, bucket or range (from >= to, more than 10,000 buckets)", body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn analytics(
     State(state): State<QueryState>,

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use futures::stream;
 use infra::http::auth::Viewer;
-use infra::http::{ApiError, Problem, QueryPairs};
+use infra::http::{ApiError, QueryPairs};
 use infra::views::AgentView;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, QueryBuilder, Transaction};
@@ -31,7 +31,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::QueryState;
 use crate::filters::Filters;
 use crate::params::{Params, one_of};
-use crate::projection::{CHECKPOINT, Fresh, with_projection_seq};
+use crate::problems::{RequestProblems, Unavailable};
+use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, with_projection_seq};
 use crate::rows::{AGENT_COLUMNS, agent};
 
 /// Rows fetched from the cursor at a time.
@@ -282,21 +283,14 @@ impl Params for ExportParams {
 #[utoipa::path(get, path = "/agents/export", tag = "agents",
     params(
         ("format" = inline(Option<infra::http::schema::ExportFormat>), Query, description = "csv (default), ndjson or json"),
-        ("status" = inline(Option<infra::http::schema::AgentStatusName>), Query),
-        ("type" = Option<String>, Query, pattern = "^[a-z0-9_-]{1,64}$"),
-        ("project_id" = Option<uuid::Uuid>, Query),
-        ("tag" = inline(Option<Vec<infra::http::schema::TagFilter>>), Query, description = "key:value; repeat for several (all must match)"),
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
+        Filters, MinSeq, MinSeqHeader,
     ),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The file, streamed", content(
             (String = "text/csv"), (String = "application/x-ndjson"), (Vec<AgentView> = "application/json")),
             headers(("Content-Disposition" = String), ("X-Projection-Seq" = u64))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        RequestProblems, Unavailable,
     ))]
 pub async fn export_agents(
     State(state): State<QueryState>,

@@ -1,18 +1,26 @@
 //! The agent filters that list, search and export share: `status`, `type`,
 //! `project_id` and `tag` (repeatable, all must match), parsed once and
-//! appended to a statement as bound parameters.
+//! appended to a statement as bound parameters, and documented once: the
+//! struct they parse into is also their OpenAPI parameters.
 
 use events::fields::{AgentStatus, AgentType};
 use infra::http::{ApiError, QueryPairs};
 use sqlx::{Postgres, QueryBuilder};
+use utoipa::IntoParams;
 use uuid::Uuid;
 
-/// The filters shared by list, search and export.
-#[derive(Debug, Default)]
+/// The filters shared by list, search and export. A field's doc comment is
+/// its parameter's description in the spec.
+#[derive(Debug, Default, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Filters {
+    #[param(value_type = Option<infra::http::schema::AgentStatusName>, inline)]
     pub status: Option<AgentStatus>,
+    #[param(rename = "type", value_type = Option<String>, pattern = "^[a-z0-9_-]{1,64}$")]
     pub agent_type: Option<AgentType>,
     pub project_id: Option<Uuid>,
+    /// key:value; repeat for several (all must match)
+    #[param(rename = "tag", value_type = Option<Vec<infra::http::schema::TagFilter>>, inline)]
     pub tags: serde_json::Map<String, serde_json::Value>,
 }
 

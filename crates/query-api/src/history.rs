@@ -21,8 +21,9 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::QueryState;
-use crate::paging::{Cursor, PageParams, keyset_page};
-use crate::projection::{CHECKPOINT, Fresh, projection_seq};
+use crate::paging::{Cursor, PageParams, PageQuery, keyset_page};
+use crate::problems::{RequestProblems, Unavailable};
+use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, projection_seq};
 
 /// One event in an agent's history.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -137,20 +138,12 @@ fn item_of(row: &PgRow) -> Result<Option<HistoryItem>, sqlx::Error> {
 /// `next_cursor`). A deleted agent still has its history; an id that never
 /// had an event is 404.
 #[utoipa::path(get, path = "/agents/{id}/history", tag = "agents",
-    params(
-        ("id" = Uuid, Path),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
-    ),
+    params(("id" = Uuid, Path), PageQuery, MinSeq, MinSeqHeader),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<HistoryItem>, headers(("X-Projection-Seq" = u64))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        RequestProblems, Unavailable,
         (status = 404, description = "No agent with this id ever existed", body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn agent_history(
     State(state): State<QueryState>,

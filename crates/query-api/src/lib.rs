@@ -20,6 +20,7 @@ pub mod conditional;
 pub mod filters;
 pub mod paging;
 pub mod params;
+pub mod problems;
 pub mod projection;
 pub mod rows;
 

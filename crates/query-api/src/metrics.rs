@@ -8,11 +8,12 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use infra::http::auth::Viewer;
 use infra::http::snapshot::Snapshot;
-use infra::http::{ApiError, Problem, QueryPairs};
+use infra::http::{ApiError, QueryPairs};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
-use crate::projection::{await_min_seq, with_projection_seq};
+use crate::problems::RequestProblems;
+use crate::projection::{MinSeq, MinSeqHeader, await_min_seq, with_projection_seq};
 
 /// A snapshot of this process's metrics.
 ///
@@ -24,15 +25,11 @@ use crate::projection::{await_min_seq, with_projection_seq};
 /// The Prometheus scrape at the root `/metrics` (no token) has the same
 /// figures, with latency histograms by route and status.
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    params(
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
-    ),
+    params(MinSeq, MinSeqHeader),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Snapshot, headers(("X-Projection-Seq" = u64))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        RequestProblems,
     ))]
 pub async fn metrics_json(
     State(state): State<QueryState>,

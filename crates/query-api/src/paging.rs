@@ -13,6 +13,7 @@ use infra::http::{ApiError, QueryPairs};
 use infra::views::Page;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, QueryBuilder};
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use crate::params::Params;
@@ -95,6 +96,19 @@ impl<C: Cursor> PageParams<C> {
             cursor: parse_cursor(q)?,
         })
     }
+}
+
+/// `limit` and `cursor` as the spec documents them, for every list to name
+/// in its `params(...)`; they parse into [`PageParams`]. (`PageParams`
+/// cannot document itself: its cursor type has no schema, only text.)
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// 1..=500, default 50
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<i64>,
+    /// next_cursor of the previous page
+    pub cursor: Option<String>,
 }
 
 /// A list that takes nothing but the page.

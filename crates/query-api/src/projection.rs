@@ -14,6 +14,7 @@ use infra::http::{ApiError, QueryPairs, X_PROJECTION_SEQ, min_seq};
 use infra::projection::MAIN;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
+use utoipa::IntoParams;
 
 use crate::QueryState;
 use crate::params::Params;
@@ -84,4 +85,23 @@ impl<P: Params> FromRequestParts<QueryState> for Fresh<P> {
         await_min_seq(state, &parts.headers, &query).await?;
         Ok(Fresh(params))
     }
+}
+
+/// `?min_seq=`, which [`Fresh`] honours, as the lists and most reads
+/// document it: bare, as the spec has always shown it there. (A field's doc
+/// comment would become the description; single-resource reads document
+/// both forms with descriptions, next to their conditional GET.)
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MinSeq {
+    pub min_seq: Option<u64>,
+}
+
+/// `X-Min-Event-Seq`, the header form of [`MinSeq`], documented bare the
+/// same way.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct MinSeqHeader {
+    #[param(rename = "X-Min-Event-Seq", nullable = false)]
+    pub x_min_event_seq: Option<u64>,
 }

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use infra::http::auth::Viewer;
-use infra::http::{ApiError, ApiPath, Problem, etag};
+use infra::http::{ApiError, ApiPath, etag};
 use infra::views::{Page, ProjectView};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -16,9 +16,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use crate::QueryState;
-use crate::conditional::conditional;
-use crate::paging::{CreatedCursor, PageParams, keyset_page, newest_first};
-use crate::projection::{CHECKPOINT, Fresh, projection_seq};
+use crate::conditional::{ResourceHeaders, ResourceQuery, ResourceResponses, conditional};
+use crate::paging::{CreatedCursor, PageParams, PageQuery, keyset_page, newest_first};
+use crate::problems::{RequestProblems, Unavailable};
+use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, projection_seq};
 
 const PROJECT_COLUMNS: &str = "p.id, p.name, p.description, p.version, p.created_at, \
      p.updated_at, p.created_by, \
@@ -43,20 +44,11 @@ fn project_of(row: &PgRow) -> Result<Option<ProjectView>, sqlx::Error> {
 
 /// Get one project.
 #[utoipa::path(get, path = "/projects/{id}", tag = "projects",
-    params(
-        ("id" = Uuid, Path),
-        ("min_seq" = Option<u64>, Query, description = "Answer only once the projection has applied this event"),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false, description = "Same as min_seq"),
-        ("If-None-Match" = Option<String>, Header, nullable = false, description = "304 when the ETag matches"),
-    ),
+    params(("id" = Uuid, Path), ResourceQuery, ResourceHeaders),
     security(("bearer" = [])),
     responses(
         (status = 200, body = ProjectView, headers(("ETag" = String), ("X-Projection-Seq" = u64))),
-        (status = 304, description = "Not modified"),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown or deleted", body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        ResourceResponses, RequestProblems, Unavailable,
     ))]
 pub async fn get_project(
     State(state): State<QueryState>,
@@ -86,18 +78,11 @@ pub async fn get_project(
 
 /// List projects, newest first.
 #[utoipa::path(get, path = "/projects", tag = "projects",
-    params(
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
-    ),
+    params(PageQuery, MinSeq, MinSeqHeader),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<ProjectView>, headers(("X-Projection-Seq" = u64))),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
+        RequestProblems, Unavailable,
     ))]
 pub async fn list_projects(
     State(state): State<QueryState>,

@@ -41,9 +41,10 @@ use uuid::Uuid;
 use crate::QueryState;
 use crate::agents::AgentList;
 use crate::filters::Filters;
-use crate::paging::{Cursor, keyset_page, parse_cursor, parse_limit};
+use crate::paging::{Cursor, PageQuery, keyset_page, parse_cursor, parse_limit};
 use crate::params::Params;
-use crate::projection::{CHECKPOINT, Fresh};
+use crate::problems::{RequestProblems, Unavailable};
+use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader};
 use crate::rows::{AGENT_COLUMNS, agent_of};
 
 /// How many matches of each kind (words, trigrams) a search scores at
@@ -291,21 +292,13 @@ impl Search {
 #[utoipa::path(get, path = "/agents/search", tag = "agents",
     params(
         ("q" = String, Query, min_length = 1, max_length = 200, pattern = "^[^\\u0000]*[^\\s\\u0000\\u0085][^\\u0000]*$", description = "What to look for: 1..=200 characters"),
-        ("status" = inline(Option<infra::http::schema::AgentStatusName>), Query),
-        ("type" = Option<String>, Query, pattern = "^[a-z0-9_-]{1,64}$"),
-        ("project_id" = Option<Uuid>, Query),
-        ("tag" = inline(Option<Vec<infra::http::schema::TagFilter>>), Query, description = "key:value; repeat for several (all must match)"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "1..=500, default 50"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
-        ("min_seq" = Option<u64>, Query),
-        ("X-Min-Event-Seq" = Option<u64>, Header, nullable = false),
+        Filters, PageQuery, MinSeq, MinSeqHeader,
     ),
     security(("bearer" = [])),
     responses(
         (status = 200, body = Page<SearchHit>, headers(("X-Projection-Seq" = u64))),
+        RequestProblems, Unavailable,
         (status = 400, description = "Missing or too long q, bad filter or cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 503, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn search_agents(
     State(state): State<QueryState>,
