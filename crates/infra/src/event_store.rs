@@ -295,9 +295,12 @@ impl EventStore {
                 headers.insert("Nats-Batch-Commit", "1");
             }
             let subject = item.subject.to_owned();
-            // The first message and every hundredth wait for the server:
-            // flow control, and an early error when the stream refuses.
-            if i == 0 || i == last || i % 100 == 0 {
+            // Every hundredth message waits for the server (flow control,
+            // and an early error when the stream refuses), and the commit
+            // does. A batch of up to a hundred goes out whole before the
+            // first wait, so a commit whose ack is lost was still sent: its
+            // retry finds it in the log.
+            if i == last || (i > 0 && i % 100 == 0) {
                 let request = async_nats::Request::new()
                     .payload(Bytes::from(payload))
                     .headers(headers);
