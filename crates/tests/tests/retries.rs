@@ -38,9 +38,26 @@ struct Retry {
     past_window: bool,
 }
 
+/// The retry comes at once, to the same process.
+const SAME_PROCESS: Retry = Retry {
+    restart: false,
+    past_window: false,
+};
+/// The retry comes to a restarted process, after the duplicate window.
+const RESTARTED_PAST_THE_WINDOW: Retry = Retry {
+    restart: true,
+    past_window: true,
+};
+
 impl Retry {
-    fn window_secs(self) -> u64 {
-        if self.past_window { 1 } else { 120 }
+    /// A process on a private NATS server whose duplicate window suits
+    /// this retry, and an admin token.
+    async fn started(self) -> (PrivateNats, TestApp, String) {
+        let window_secs = if self.past_window { 1 } else { 120 };
+        let (nats, sandbox) = sandbox_on_private_nats(window_secs).await;
+        let app = sandbox.start(Role::All).await;
+        let token = app.admin_token().await;
+        (nats, app, token)
     }
 }
 
@@ -143,9 +160,7 @@ async fn replayed(request: RequestBuilder, first: &(u16, [Option<String>; 4], Va
 }
 
 async fn keyed_create(retry: Retry) {
-    let (nats, sandbox) = sandbox_on_private_nats(retry.window_secs()).await;
-    let app = sandbox.start(Role::All).await;
-    let token = app.admin_token().await;
+    let (nats, app, token) = retry.started().await;
     let body = json!({"name": "Scout", "type": "llm", "tags": {"team": "a"}});
     let send =
         |app: &TestApp| keyed(app, Method::POST, "/api/v1/agents", &token, "create-1").json(&body);
@@ -198,26 +213,16 @@ async fn keyed_create(retry: Retry) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_create_whose_ack_was_lost_is_stored_once() {
-    keyed_create(Retry {
-        restart: false,
-        past_window: false,
-    })
-    .await;
+    keyed_create(SAME_PROCESS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_create_retried_after_a_restart_past_the_duplicate_window_is_stored_once() {
-    keyed_create(Retry {
-        restart: true,
-        past_window: true,
-    })
-    .await;
+    keyed_create(RESTARTED_PAST_THE_WINDOW).await;
 }
 
 async fn keyed_bulk(retry: Retry) {
-    let (nats, sandbox) = sandbox_on_private_nats(retry.window_secs()).await;
-    let app = sandbox.start(Role::All).await;
-    let token = app.admin_token().await;
+    let (nats, app, token) = retry.started().await;
     let agents: Vec<Value> = (0..50).map(|i| agent_body(&format!("bulk {i}"))).collect();
     let body = json!({ "agents": agents });
     let send = |app: &TestApp| {
@@ -261,26 +266,16 @@ async fn keyed_bulk(retry: Retry) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_bulk_whose_ack_was_lost_is_stored_once() {
-    keyed_bulk(Retry {
-        restart: false,
-        past_window: false,
-    })
-    .await;
+    keyed_bulk(SAME_PROCESS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_bulk_retried_after_a_restart_past_the_duplicate_window_is_stored_once() {
-    keyed_bulk(Retry {
-        restart: true,
-        past_window: true,
-    })
-    .await;
+    keyed_bulk(RESTARTED_PAST_THE_WINDOW).await;
 }
 
 async fn keyed_update(retry: Retry) {
-    let (nats, sandbox) = sandbox_on_private_nats(retry.window_secs()).await;
-    let app = sandbox.start(Role::All).await;
-    let token = app.admin_token().await;
+    let (nats, app, token) = retry.started().await;
     let r = app.create_agent(&token, agent_body("Scout")).await;
     assert_eq!(r.status(), 201);
     let id = r.json::<Value>().await.unwrap()["id"]
@@ -318,20 +313,12 @@ async fn keyed_update(retry: Retry) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_update_whose_ack_was_lost_is_applied_once() {
-    keyed_update(Retry {
-        restart: false,
-        past_window: false,
-    })
-    .await;
+    keyed_update(SAME_PROCESS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_update_retried_after_a_restart_past_the_duplicate_window_is_applied_once() {
-    keyed_update(Retry {
-        restart: true,
-        past_window: true,
-    })
-    .await;
+    keyed_update(RESTARTED_PAST_THE_WINDOW).await;
 }
 
 /// A 503 leaves the key's outcome unknown, not forgotten: the same key with
@@ -347,6 +334,41 @@ async fn a_key_whose_outcome_is_unknown_still_refuses_another_request() {
     assert_eq!(r.status(), 422);
     let r = send(agent_body("one")).send().await.unwrap();
     assert_eq!(r.status(), 201);
+    assert_eq!(messages(&app).await, 1);
+}
+
+/// The request timeout fires while the append waits for its ack: the
+/// handler is dropped, the key is marked unknown all the same, and the retry
+/// finds the write in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_write_cut_off_by_the_request_timeout_is_resolved_by_its_retry() {
+    let (nats, mut sandbox) = sandbox_on_private_nats(120).await;
+    sandbox.settings.http.request_timeout_secs = 1;
+    sandbox.settings.nats.request_timeout_ms = 5_000;
+    let app = sandbox.start(Role::All).await;
+    let token = app.admin_token().await;
+    let send =
+        || keyed(&app, Method::POST, "/api/v1/agents", &token, "slow").json(&agent_body("slow"));
+    ack_lost(&nats, &app, send(), 1).await;
+    // Marking the key unknown happens as the handler is dropped; until it
+    // has, the key is still being served (409).
+    let r = eventually(
+        Duration::from_secs(10),
+        "the retry to be served",
+        || async {
+            let r = send().send().await.unwrap();
+            (r.status() != 409).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(
+        agent_events(&app, created["id"].as_str().unwrap())
+            .await
+            .len(),
+        1
+    );
     assert_eq!(messages(&app).await, 1);
 }
 
