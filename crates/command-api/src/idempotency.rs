@@ -39,8 +39,9 @@ pub static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed")
 
 /// How long a key is remembered.
 const RETENTION: &str = "24 hours";
-/// After this long, a first request that never finished (its process died)
-/// no longer blocks retries.
+/// After this long, an attempt that never settled (its process died, or its
+/// response could not be stored) no longer blocks retries: the next one runs
+/// as a retry whose outcome is unknown.
 const ABANDONED_AFTER: Duration = Duration::from_secs(60);
 
 /// The response headers worth replaying.

@@ -255,8 +255,10 @@ impl EventStore {
     /// own expected subject sequence. Returns each event's sequence.
     ///
     /// JetStream refuses `Nats-Msg-Id` inside atomic batches, so a retried
-    /// batch is not deduplicated by the stream; retries are made safe one
-    /// level up, by `Idempotency-Key`.
+    /// batch is not deduplicated by the stream. Retries are made safe one
+    /// level up: under an `Idempotency-Key` a retried batch names the same
+    /// new aggregates, expects their subjects empty, and so is refused (or
+    /// first finds its own events there) rather than stored twice.
     #[tracing::instrument(skip_all, fields(otel.kind = "producer", events = items.len(), last_seq), err)]
     pub async fn append_batch(
         &self,
