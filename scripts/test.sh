@@ -13,6 +13,8 @@ cd "$ROOT"
 export YMERA_NATS_URL YMERA_DATABASE_URL
 export YMERA_TEST_NATS_URL="$YMERA_NATS_URL"
 export YMERA_TEST_DATABASE_URL="$YMERA_DATABASE_URL"
+# A NATS server of their own for tests that pause it (SIGSTOP).
+export YMERA_TEST_NATS_BIN="$ROOT/.data/venv/bin/nats-server"
 
 # Leftover per-test databases (ymera_test_*) from earlier runs.
 PSQL="$(command -v psql || true)"

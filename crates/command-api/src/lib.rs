@@ -3,14 +3,15 @@
 //! events to JetStream. Also login and user management.
 //!
 //! Handlers are thin: extract, build the command, call the service, map the
-//! result. The log decides; no read model is consulted for a decision (the
-//! two reads of one the write side still makes are in `read_model`). The
-//! write model (`repo`, `service`) fails with its own `WriteError`, which
-//! becomes an HTTP problem only at the edge.
+//! result. The log decides and answers: no read model is consulted for a
+//! decision or an answer (the one read of one the write side still makes is
+//! in `read_model`). The write model (`repo`, `service`) fails with its own
+//! `WriteError`, which becomes an HTTP problem only at the edge.
 
 pub mod agents;
 pub mod error;
 pub mod idempotency;
+mod keyed;
 pub mod projects;
 mod read_model;
 pub mod repo;

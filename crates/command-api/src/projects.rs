@@ -2,23 +2,23 @@
 
 use axum::extract::State;
 use axum::response::Response;
+use chrono::{DateTime, Utc};
 use events::fields::{Description, Name};
 use events::project::{ProjectChanges, ProjectCreated, ProjectState};
 use events::{AggregateType, FieldError};
 use infra::http::{ApiError, ApiJson, ApiPath, Problem};
-use infra::views::ProjectView;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
+use crate::CommandState;
 use crate::error::{TargetProblems, WriteError};
 use crate::service::Committed;
 use crate::update_body::update_body;
 use crate::verdicts::{Verdicts, invalid};
 use crate::write_request::{IfMatch, WriteRequest};
 use crate::write_response::{self, Written};
-use crate::{CommandState, read_model};
 
 /// The body of `POST /projects`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -76,20 +76,39 @@ impl UpdateProjectRequest {
     }
 }
 
-/// A written project as its endpoint answers it. `agent_count` comes from
-/// the read model, which may not have applied the very latest writes. The
-/// service returns only live projects from a create or an update.
-async fn written(
-    state: &CommandState,
-    committed: &Committed<ProjectState>,
-) -> Result<Written<ProjectView>, WriteError> {
+/// A project as a write left it: what the write model knows, from the log
+/// alone. Unlike a read (`ProjectView`) it has no `agent_count`: agents name
+/// their project, not the other way round, so only the read model counts
+/// them, and a write's answer never waits for or depends on it. Read the
+/// project (with `X-Min-Event-Seq`) for its count.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WrittenProject {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+/// A written project as its endpoint answers it. The service returns only
+/// live projects from a create or an update.
+fn written(committed: &Committed<ProjectState>) -> Result<Written<WrittenProject>, WriteError> {
     let ProjectState::Live(project) = &committed.state else {
         return Err(WriteError::NotFound(AggregateType::Project));
     };
-    let agent_count = read_model::agent_count(&state.pool, project.id.into()).await?;
     Ok(Written {
         id: project.id,
-        view: ProjectView::new(project, agent_count),
+        view: WrittenProject {
+            id: project.id,
+            name: project.name.to_string(),
+            description: project.description.to_string(),
+            version: project.version,
+            created_at: project.created_at,
+            updated_at: project.updated_at,
+            created_by: project.created_by.clone(),
+        },
         version: project.version,
         seq: committed.seq,
     })
@@ -100,7 +119,7 @@ async fn written(
     request_body = CreateProjectRequest,
     security(("bearer" = [])),
     responses(
-        (status = 201, body = ProjectView, headers(("Location" = String), ("ETag" = String), ("X-Event-Seq" = u64))),
+        (status = 201, description = "Created; without `agent_count`, which only a read gives", body = WrittenProject, headers(("Location" = String), ("ETag" = String), ("X-Event-Seq" = u64))),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn create_project(
@@ -110,7 +129,7 @@ pub async fn create_project(
 ) -> Result<Response, ApiError> {
     let created = body.parse().map_err(invalid)?;
     let project = state.commands.create_project(&write.ctx, created).await?;
-    Ok(written(&state, &project).await?.created("/api/v1/projects"))
+    Ok(written(&project)?.created("/api/v1/projects"))
 }
 
 /// Update a project.
@@ -119,7 +138,7 @@ pub async fn create_project(
     request_body = UpdateProjectRequest,
     security(("bearer" = [])),
     responses(
-        (status = 200, body = ProjectView, headers(("ETag" = String), ("X-Event-Seq" = u64))),
+        (status = 200, description = "The project after the update; without `agent_count`, which only a read gives", body = WrittenProject, headers(("ETag" = String), ("X-Event-Seq" = u64))),
         TargetProblems,
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
@@ -135,7 +154,7 @@ pub async fn update_project(
         .commands
         .update_project(&write.ctx, id.into(), expected, changes)
         .await?;
-    Ok(written(&state, &project).await?.updated())
+    Ok(written(&project)?.updated())
 }
 
 /// Delete a project. Its agents live on, detached (`project_id: null`):

@@ -22,10 +22,11 @@ use chrono::{SubsecRound, Utc};
 use events::agent::AgentState;
 use events::project::ProjectState;
 use events::{AgentId, Aggregate, Envelope, EventMeta, ProjectId, Recorded};
-use infra::{EventStore, StoreError};
+use infra::{EventStore, StoreError, StoredEvent};
 use uuid::Uuid;
 
 use crate::error::WriteError;
+use crate::keyed::KeyedWrite;
 
 /// Who is writing and on behalf of which request: recorded in every event.
 #[derive(Debug, Clone)]
@@ -35,9 +36,41 @@ pub struct WriteContext {
     /// The W3C trace context of the HTTP request, carried into the NATS
     /// headers so the projection continues the same trace.
     pub traceparent: Option<String>,
+    /// Set when the request carries an `Idempotency-Key`: what the write
+    /// appends is then named from it, so a retry cannot store a copy.
+    pub keyed: Option<Arc<KeyedWrite>>,
 }
 
 impl WriteContext {
+    /// The id of the `index`th aggregate this write creates: named from the
+    /// key when there is one, else a fresh UUID v7.
+    pub fn new_id(&self, index: usize) -> Uuid {
+        match &self.keyed {
+            Some(k) => k.keyed().aggregate_id(index),
+            None => Uuid::now_v7(),
+        }
+    }
+
+    /// Whether an earlier attempt at this keyed write may have stored it.
+    pub fn is_retry(&self) -> bool {
+        self.keyed.as_ref().is_some_and(|k| k.keyed().retry)
+    }
+
+    /// The id of the next event this write appends to `aggregate`.
+    pub fn next_event_id(&self, aggregate: Uuid) -> Uuid {
+        match &self.keyed {
+            Some(k) => k.next_event_id(aggregate),
+            None => Uuid::now_v7(),
+        }
+    }
+
+    /// Records that the event [`Self::next_event_id`] named is stored.
+    pub fn appended(&self, aggregate: Uuid) {
+        if let Some(k) = &self.keyed {
+            k.appended(aggregate);
+        }
+    }
+
     /// The metadata of the next event of an aggregate at `version`.
     pub fn meta(&self, id: Uuid, version: u64) -> EventMeta {
         EventMeta {
@@ -124,6 +157,16 @@ where
 
     /// The aggregate's state and subject sequence, straight from the log.
     pub async fn load(&self, id: A::Id) -> Result<(A, u64), WriteError> {
+        self.fold(id, |_, _| {}).await
+    }
+
+    /// Loads the aggregate from the log, calling `each` with every stored
+    /// event and the state right after it.
+    async fn fold(
+        &self,
+        id: A::Id,
+        mut each: impl FnMut(&StoredEvent, &A),
+    ) -> Result<(A, u64), WriteError> {
         let subject = self.store.subject(A::TYPE, id.into());
         let (stored, last) = self.store.load(&subject).await?;
         let mut state = A::default();
@@ -136,8 +179,56 @@ where
                 meta: e.envelope.meta(),
                 event,
             });
+            each(e, &state);
         }
         Ok((state, last))
+    }
+
+    /// What a keyed write already stored on aggregate `id`, found by the
+    /// names of its events: the aggregate as the write's last stored event
+    /// left it, with that event's sequence. `None` when the log holds none
+    /// of them (or the write has no key). Later appends of this write to
+    /// `id` are named after the ones found.
+    pub async fn stored(
+        &self,
+        id: A::Id,
+        ctx: &WriteContext,
+    ) -> Result<Option<Committed<A>>, WriteError> {
+        let Some(keyed) = &ctx.keyed else {
+            return Ok(None);
+        };
+        let aggregate: Uuid = id.into();
+        let mut found = 0;
+        let mut ours = None;
+        let (state, last) = self
+            .fold(id, |e, state| {
+                if e.envelope.event_id == keyed.keyed().event_id(aggregate, found) {
+                    found += 1;
+                    ours = Some((state.clone(), e.seq));
+                }
+            })
+            .await?;
+        keyed.found(aggregate, found);
+        self.remember(id, state, last).await;
+        Ok(ours.map(|(state, seq)| Committed {
+            state,
+            seq,
+            appended: true,
+        }))
+    }
+
+    /// What an earlier attempt at this write stored on `id`, when there may
+    /// have been one (a keyed retry whose first outcome is unknown; see
+    /// [`Self::stored`]). `None` without a read for any other write.
+    pub async fn stored_before(
+        &self,
+        id: A::Id,
+        ctx: &WriteContext,
+    ) -> Result<Option<Committed<A>>, WriteError> {
+        if !ctx.is_retry() {
+            return Ok(None);
+        }
+        self.stored(id, ctx).await
     }
 
     /// Remembers a state just written by other means (a bulk append).
@@ -151,9 +242,9 @@ where
         };
     }
 
-    /// Creates aggregate `id`, a fresh UUID v7, with `command`. A fresh id
-    /// has no events: nothing to load. The append still expects an empty
-    /// subject, so a collision would be a conflict.
+    /// Creates aggregate `id`, a fresh id (see [`WriteContext::new_id`]),
+    /// with `command`. A fresh id has no events: nothing to load. The append
+    /// still expects an empty subject, so a collision would be a conflict.
     pub async fn create(
         &self,
         id: A::Id,
@@ -274,7 +365,7 @@ where
         for event in events {
             let meta = ctx.meta(id.into(), state.version());
             let envelope = Envelope::new(
-                Uuid::now_v7(),
+                ctx.next_event_id(id.into()),
                 A::TYPE,
                 &meta,
                 A::event_type(&event),
@@ -285,6 +376,7 @@ where
                 .store
                 .append(&subject, expected, &envelope, ctx.traceparent.as_deref())
                 .await?;
+            ctx.appended(id.into());
             state = state.evolve(&Recorded { meta, event });
         }
         Ok((state, expected))

@@ -11,9 +11,8 @@ use events::envelope::EventCodec;
 use events::project::{self, ProjectChanges, ProjectCommand, ProjectCreated, ProjectState};
 use events::{AgentId, AggregateType, Envelope, ProjectId, Recorded};
 use infra::projection::ProjectionWatch;
-use infra::{BatchItem, EventStore};
+use infra::{BatchItem, EventStore, StoreError};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use crate::error::{BadField, WriteError};
 use crate::read_model;
@@ -132,13 +131,17 @@ impl Commands {
         created: AgentCreated,
     ) -> Result<AgentWrite, WriteError> {
         let project = created.project_id.map(ProjectId::from);
-        self.require_project(project).await?;
-        let id = AgentId::from(Uuid::now_v7());
+        let id = AgentId::from(ctx.new_id(0));
         tracing::Span::current().record("agent_id", tracing::field::display(id));
-        let written = self
-            .agents
-            .create(id, ctx, AgentCommand::Create(created))
-            .await?;
+        let written = match self.agents.stored_before(id, ctx).await? {
+            Some(stored) => stored,
+            None => {
+                self.require_project(project).await?;
+                self.agents
+                    .create(id, ctx, AgentCommand::Create(created))
+                    .await?
+            }
+        };
         if let Some(p) = project
             && let Some(detached) = self.detach_if_project_gone(ctx, id, p).await?
         {
@@ -156,24 +159,29 @@ impl Commands {
         patch: AgentChanges,
     ) -> Result<AgentWrite, WriteError> {
         let joins = patch.project_id.flatten().map(ProjectId::from);
-        if let Some(p) = joins
-            && !self.project_exists(p).await?
-        {
-            // Tell a missing agent (404) from a missing project (422); an
-            // agent already in that project is a no-op, not an error.
-            let (state, _) = self.agents.load(id).await?;
-            let agent = live(&state)?;
-            if agent.project_id != Some(p.into()) {
-                return Err(WriteError::Invalid(vec![BadField::no_such_project(None)]));
+        let written = match self.agents.stored_before(id, ctx).await? {
+            Some(stored) => stored,
+            None => {
+                if let Some(p) = joins
+                    && !self.project_exists(p).await?
+                {
+                    // Tell a missing agent (404) from a missing project
+                    // (422); an agent already in that project is a no-op,
+                    // not an error.
+                    let (state, _) = self.agents.load(id).await?;
+                    let agent = live(&state)?;
+                    if agent.project_id != Some(p.into()) {
+                        return Err(WriteError::Invalid(vec![BadField::no_such_project(None)]));
+                    }
+                }
+                self.agents
+                    .execute(id, ctx, if_match, |state| {
+                        live(state)?;
+                        Ok(AgentCommand::Update(patch.clone()))
+                    })
+                    .await?
             }
-        }
-        let written = self
-            .agents
-            .execute(id, ctx, if_match, |state| {
-                live(state)?;
-                Ok(AgentCommand::Update(patch.clone()))
-            })
-            .await?;
+        };
         if let Some(p) = joins
             && written.appended
             && let Some(detached) = self.detach_if_project_gone(ctx, id, p).await?
@@ -190,6 +198,9 @@ impl Commands {
         id: AgentId,
         if_match: Option<u64>,
     ) -> Result<AgentWrite, WriteError> {
+        if let Some(stored) = self.agents.stored_before(id, ctx).await? {
+            return Ok(stored);
+        }
         self.agents
             .execute(id, ctx, if_match, |_| Ok(AgentCommand::Delete))
             .await
@@ -202,6 +213,63 @@ impl Commands {
         ctx: &WriteContext,
         items: Vec<AgentCreated>,
     ) -> Result<(Vec<Agent>, u64), WriteError> {
+        let ids: Vec<AgentId> = (0..items.len())
+            .map(|i| AgentId::from(ctx.new_id(i)))
+            .collect();
+        let stored = if ctx.is_retry() {
+            self.bulk_stored(ctx, &ids).await?
+        } else {
+            None
+        };
+        let written = match stored {
+            Some(written) => written,
+            None => match self.append_bulk(ctx, &ids, items).await {
+                // A keyed batch meets its own agents when an earlier
+                // attempt was stored after all: answer with them.
+                Err(WriteError::Store(StoreError::Conflict)) if ctx.keyed.is_some() => self
+                    .bulk_stored(ctx, &ids)
+                    .await?
+                    .ok_or(WriteError::Store(StoreError::Conflict))?,
+                outcome => outcome?,
+            },
+        };
+
+        let mut agents = Vec::with_capacity(written.len());
+        let mut by_project: BTreeMap<ProjectId, Vec<usize>> = BTreeMap::new();
+        let mut last = 0;
+        for w in &written {
+            last = last.max(w.seq);
+            if let Some(agent) = w.state.live() {
+                if let Some(p) = agent.project_id {
+                    by_project.entry(p.into()).or_default().push(agents.len());
+                }
+                agents.push(agent.clone());
+            }
+        }
+        for (project, indexes) in by_project {
+            if self.project_exists(project).await? {
+                continue;
+            }
+            for i in indexes {
+                if let Some(w) = self.detach(ctx, agents[i].id.into(), project).await? {
+                    last = last.max(w.seq);
+                    if let Some(a) = w.state.live() {
+                        agents[i] = a.clone();
+                    }
+                }
+            }
+        }
+        Ok((agents, last))
+    }
+
+    /// Appends one `agent.created` per item, named `ids`, as one atomic
+    /// batch, after checking every referenced project exists.
+    async fn append_bulk(
+        &self,
+        ctx: &WriteContext,
+        ids: &[AgentId],
+        items: Vec<AgentCreated>,
+    ) -> Result<Vec<AgentWrite>, WriteError> {
         // Every referenced project must exist; list each item that names a
         // missing one.
         let projects: BTreeSet<ProjectId> = items
@@ -228,20 +296,19 @@ impl Commands {
         }
 
         let mut prepared = Vec::with_capacity(items.len());
-        for created in items {
-            let id = AgentId::from(Uuid::now_v7());
-            let meta = ctx.meta(id.into(), 0);
+        for (created, id) in items.into_iter().zip(ids) {
+            let meta = ctx.meta((*id).into(), 0);
             let event = AgentEvent::Created(created);
             let envelope = Envelope::new(
-                Uuid::now_v7(),
+                ctx.next_event_id((*id).into()),
                 AggregateType::Agent,
                 &meta,
                 event.event_type(),
                 AgentEvent::SCHEMA_VERSION,
                 event.to_data(),
             );
-            let subject = self.store.subject(AggregateType::Agent, id.into());
-            prepared.push((id, subject, envelope, Recorded { meta, event }));
+            let subject = self.store.subject(AggregateType::Agent, (*id).into());
+            prepared.push((*id, subject, envelope, Recorded { meta, event }));
         }
         let batch: Vec<BatchItem<'_>> = prepared
             .iter()
@@ -256,34 +323,43 @@ impl Commands {
             .append_batch(&batch, ctx.traceparent.as_deref())
             .await?;
 
-        let mut agents = Vec::with_capacity(prepared.len());
-        let mut by_project: BTreeMap<ProjectId, Vec<usize>> = BTreeMap::new();
-        for (i, ((id, _, _, recorded), seq)) in prepared.into_iter().zip(&seqs).enumerate() {
-            let state = AgentState::Absent;
-            let state = events::Aggregate::evolve(state, &recorded);
-            if let Some(agent) = state.live() {
-                agents.push(agent.clone());
-                if let Some(p) = agent.project_id {
-                    by_project.entry(p.into()).or_default().push(i);
-                }
-            }
-            self.agents.remember(id, state, *seq).await;
+        let mut written = Vec::with_capacity(prepared.len());
+        for ((id, _, _, recorded), seq) in prepared.into_iter().zip(seqs) {
+            ctx.appended(id.into());
+            let state = events::Aggregate::evolve(AgentState::Absent, &recorded);
+            self.agents.remember(id, state.clone(), seq).await;
+            written.push(AgentWrite {
+                state,
+                seq,
+                appended: true,
+            });
         }
-        let mut last = seqs.last().copied().unwrap_or(0);
-        for (project, indexes) in by_project {
-            if self.project_exists(project).await? {
-                continue;
-            }
-            for i in indexes {
-                if let Some(w) = self.detach(ctx, agents[i].id.into(), project).await? {
-                    last = last.max(w.seq);
-                    if let Some(a) = w.state.live() {
-                        agents[i] = a.clone();
-                    }
-                }
-            }
+        Ok(written)
+    }
+
+    /// What an earlier attempt at this keyed bulk stored: each agent as
+    /// that attempt left it, or `None` when its batch is not in the log. The
+    /// batch was atomic, so its first agent tells.
+    async fn bulk_stored(
+        &self,
+        ctx: &WriteContext,
+        ids: &[AgentId],
+    ) -> Result<Option<Vec<AgentWrite>>, WriteError> {
+        let Some((first, rest)) = ids.split_first() else {
+            return Ok(None);
+        };
+        let Some(stored) = self.agents.stored(*first, ctx).await? else {
+            return Ok(None);
+        };
+        let mut written = Vec::with_capacity(ids.len());
+        written.push(stored);
+        for id in rest {
+            let stored = self.agents.stored(*id, ctx).await?.ok_or_else(|| {
+                StoreError::Unavailable(format!("agent {id} of a stored batch is not in the log"))
+            })?;
+            written.push(stored);
         }
-        Ok((agents, last))
+        Ok(Some(written))
     }
 
     pub async fn create_project(
@@ -291,7 +367,10 @@ impl Commands {
         ctx: &WriteContext,
         created: ProjectCreated,
     ) -> Result<Committed<ProjectState>, WriteError> {
-        let id = ProjectId::from(Uuid::now_v7());
+        let id = ProjectId::from(ctx.new_id(0));
+        if let Some(stored) = self.projects.stored_before(id, ctx).await? {
+            return Ok(stored);
+        }
         self.projects
             .create(id, ctx, ProjectCommand::Create(created))
             .await
@@ -304,6 +383,9 @@ impl Commands {
         if_match: Option<u64>,
         patch: ProjectChanges,
     ) -> Result<Committed<ProjectState>, WriteError> {
+        if let Some(stored) = self.projects.stored_before(id, ctx).await? {
+            return Ok(stored);
+        }
         self.projects
             .execute(id, ctx, if_match, |_| {
                 Ok(ProjectCommand::Update(patch.clone()))
@@ -324,10 +406,14 @@ impl Commands {
         id: ProjectId,
         if_match: Option<u64>,
     ) -> Result<u64, WriteError> {
-        let deleted = self
-            .projects
-            .execute(id, ctx, if_match, |_| Ok(ProjectCommand::Delete))
-            .await?;
+        let deleted = match self.projects.stored_before(id, ctx).await? {
+            Some(stored) => stored,
+            None => {
+                self.projects
+                    .execute(id, ctx, if_match, |_| Ok(ProjectCommand::Delete))
+                    .await?
+            }
+        };
         match self.detach_members(ctx, id, deleted.seq).await {
             Ok(last) => Ok(last.max(deleted.seq)),
             Err(e) => {

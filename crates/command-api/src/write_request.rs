@@ -1,7 +1,10 @@
 //! What every agent and project write carries besides its body: an editor's
 //! token, the context recorded in each event it appends (actor, request id,
-//! trace context) and an optional `If-Match` precondition, which documents
-//! itself for the updates and deletes that take it.
+//! trace context, and how a keyed write names what it appends) and an
+//! optional `If-Match` precondition, which documents itself for the updates
+//! and deletes that take it.
+
+use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -11,6 +14,7 @@ use infra::http::{ApiError, RequestId};
 use utoipa::IntoParams;
 
 use crate::CommandState;
+use crate::keyed::{Keyed, KeyedWrite};
 use crate::repo::WriteContext;
 
 /// An editor's write request. Extracting it refuses a missing or bad token
@@ -48,6 +52,11 @@ impl FromRequestParts<CommandState> for WriteRequest {
                 actor: claims.sub,
                 request_id,
                 traceparent: traceparent(&parts.headers),
+                // Set by the idempotency middleware on a keyed write.
+                keyed: parts
+                    .extensions
+                    .get::<Keyed>()
+                    .map(|k| Arc::new(KeyedWrite::new(k.clone()))),
             },
             if_match: IfMatch {
                 value: parts.headers.get(header::IF_MATCH).cloned(),

@@ -255,8 +255,10 @@ impl EventStore {
     /// own expected subject sequence. Returns each event's sequence.
     ///
     /// JetStream refuses `Nats-Msg-Id` inside atomic batches, so a retried
-    /// batch is not deduplicated by the stream; retries are made safe one
-    /// level up, by `Idempotency-Key`.
+    /// batch is not deduplicated by the stream. Retries are made safe one
+    /// level up: under an `Idempotency-Key` a retried batch names the same
+    /// new aggregates, expects their subjects empty, and so is refused (or
+    /// first finds its own events there) rather than stored twice.
     #[tracing::instrument(skip_all, fields(otel.kind = "producer", events = items.len(), last_seq), err)]
     pub async fn append_batch(
         &self,
@@ -295,9 +297,12 @@ impl EventStore {
                 headers.insert("Nats-Batch-Commit", "1");
             }
             let subject = item.subject.to_owned();
-            // The first message and every hundredth wait for the server:
-            // flow control, and an early error when the stream refuses.
-            if i == 0 || i == last || i % 100 == 0 {
+            // Every hundredth message waits for the server (flow control,
+            // and an early error when the stream refuses), and the commit
+            // does. A batch of up to a hundred goes out whole before the
+            // first wait, so a commit whose ack is lost was still sent: its
+            // retry finds it in the log.
+            if i == last || (i > 0 && i % 100 == 0) {
                 let request = async_nats::Request::new()
                     .payload(Bytes::from(payload))
                     .headers(headers);

@@ -527,7 +527,10 @@ async fn projects_and_what_deleting_one_does_to_its_agents() {
     let project: Value = r.json().await.unwrap();
     let pid = project["id"].as_str().unwrap().to_owned();
     assert_eq!(project["name"], "Apollo");
-    assert_eq!(project["agent_count"], 0);
+    assert!(
+        project.get("agent_count").is_none(),
+        "a write answers from the log; only reads count agents"
+    );
     assert_eq!(project["version"], 1);
     let ppath = format!("/api/v1/projects/{pid}");
 

@@ -123,8 +123,11 @@ fn too_large_headers() -> Response {
 }
 
 /// Renders a pending problem, or converts an error response that is not yet
-/// problem+json (axum's own rejections, limits, timeouts).
-fn finish_problem(mut response: Response, path: &str, request_id: &str) -> Response {
+/// problem+json (axum's own rejections, limits, timeouts). `path` and
+/// `request_id` are the request's, for `instance` and `request_id`. Also
+/// used by the idempotency middleware, which stores a response as the
+/// client receives it.
+pub fn finish_problem(mut response: Response, path: &str, request_id: &str) -> Response {
     let status = response.status();
     let pending = response.extensions_mut().remove::<PendingProblem>();
     let pending = match pending {

@@ -10,7 +10,7 @@ pub mod ratelimit;
 pub mod schema;
 pub mod snapshot;
 
-pub use context::{RequestId, request_context};
+pub use context::{RequestId, finish_problem, request_context};
 pub use error::{ApiError, ApiResult, Problem, ProblemItem};
 pub use extract::{ApiJson, ApiPath, QueryPairs};
 
