@@ -4,7 +4,7 @@
 //!
 //! Handlers are thin: extract, build the command, call the service, map the
 //! result. The log decides; no read model is consulted for a decision (the
-//! two reads of one the write side still makes are in `read_model`). The
+//! one read of one the write side still makes is in `read_model`). The
 //! write model (`repo`, `service`) fails with its own `WriteError`, which
 //! becomes an HTTP problem only at the edge.
 
@@ -28,7 +28,6 @@ use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::HttpConfig;
 use infra::http::ratelimit::Limits;
-use infra::projection::ProjectionWatch;
 use sqlx::PgPool;
 use sqlx::migrate::{MigrateError, Migrator};
 use utoipa_axum::router::OpenApiRouter;
@@ -49,10 +48,9 @@ impl CommandState {
         pool: PgPool,
         auth: Arc<Auth>,
         http: Arc<HttpConfig>,
-        watch: ProjectionWatch,
         limits: Arc<Limits>,
     ) -> Self {
-        let commands = service::Commands::new(store, pool.clone(), watch, http.min_seq_wait());
+        let commands = service::Commands::new(store);
         CommandState {
             commands: Arc::new(commands),
             pool,
