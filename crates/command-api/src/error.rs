@@ -41,14 +41,6 @@ pub enum WriteError {
     /// answered as every store error is.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The read model could not be consulted (see `read_model`): 503 when
-    /// PostgreSQL is unreachable, else 500, logged.
-    #[error(transparent)]
-    ReadModel(#[from] sqlx::Error),
-    /// The projection did not apply an event in time, so the read model
-    /// cannot be consulted yet. 503 with this detail.
-    #[error("{0}")]
-    ProjectionBehind(String),
 }
 
 /// One thing wrong with a command: the field and, in a bulk command, the
@@ -108,8 +100,6 @@ impl From<WriteError> for ApiError {
                     .collect(),
             ),
             WriteError::Store(e) => e.into(),
-            WriteError::ReadModel(e) => e.into(),
-            WriteError::ProjectionBehind(detail) => ApiError::Unavailable(detail),
         }
     }
 }

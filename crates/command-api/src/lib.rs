@@ -4,16 +4,14 @@
 //!
 //! Handlers are thin: extract, build the command, call the service, map the
 //! result. The log decides and answers: no read model is consulted for a
-//! decision or an answer (the one read of one the write side still makes is
-//! in `read_model`). The write model (`repo`, `service`) fails with its own
-//! `WriteError`, which becomes an HTTP problem only at the edge.
+//! decision or an answer. The write model (`repo`, `service`) fails with
+//! its own `WriteError`, which becomes an HTTP problem only at the edge.
 
 pub mod agents;
 pub mod error;
 pub mod idempotency;
 mod keyed;
 pub mod projects;
-mod read_model;
 pub mod repo;
 pub mod service;
 mod update_body;
@@ -29,7 +27,6 @@ use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::HttpConfig;
 use infra::http::ratelimit::Limits;
-use infra::projection::ProjectionWatch;
 use sqlx::PgPool;
 use sqlx::migrate::{MigrateError, Migrator};
 use utoipa_axum::router::OpenApiRouter;
@@ -50,10 +47,9 @@ impl CommandState {
         pool: PgPool,
         auth: Arc<Auth>,
         http: Arc<HttpConfig>,
-        watch: ProjectionWatch,
         limits: Arc<Limits>,
     ) -> Self {
-        let commands = service::Commands::new(store, pool.clone(), watch, http.min_seq_wait());
+        let commands = service::Commands::new(store);
         CommandState {
             commands: Arc::new(commands),
             pool,

@@ -4,18 +4,14 @@
 //! a project detaches its agents.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use events::agent::{Agent, AgentChanges, AgentCommand, AgentCreated, AgentEvent, AgentState};
 use events::envelope::EventCodec;
 use events::project::{self, ProjectChanges, ProjectCommand, ProjectCreated, ProjectState};
 use events::{AgentId, AggregateType, Envelope, ProjectId, Recorded};
-use infra::projection::ProjectionWatch;
 use infra::{BatchItem, EventStore, StoreError};
-use sqlx::PgPool;
 
 use crate::error::{BadField, WriteError};
-use crate::read_model;
 pub use crate::repo::{Committed, Repository, WriteContext};
 
 /// Every write the API can make.
@@ -24,9 +20,6 @@ pub struct Commands {
     pub agents: Repository<AgentState>,
     pub projects: Repository<ProjectState>,
     store: EventStore,
-    pool: PgPool,
-    watch: ProjectionWatch,
-    projection_wait: Duration,
 }
 
 /// A created, updated or deleted agent and the sequence of the last event.
@@ -39,19 +32,11 @@ fn live(state: &AgentState) -> Result<&Agent, WriteError> {
 }
 
 impl Commands {
-    pub fn new(
-        store: EventStore,
-        pool: PgPool,
-        watch: ProjectionWatch,
-        projection_wait: Duration,
-    ) -> Self {
+    pub fn new(store: EventStore) -> Self {
         Commands {
             agents: Repository::new(store.clone()),
             projects: Repository::new(store.clone()),
             store,
-            pool,
-            watch,
-            projection_wait,
         }
     }
 
@@ -393,13 +378,10 @@ impl Commands {
             .await
     }
 
-    /// Deletes a project and detaches its agents (they live on with
-    /// `project_id: null`, each through an `agent.updated` event, so the log
-    /// stays the whole truth). The members are found in the read model once
-    /// it has applied the deletion: any agent that joined before the
-    /// deletion is in it by then, and any that joins after is refused or
-    /// detached by its own write. Returns the sequence of the last event
-    /// appended.
+    /// Deletes a project. Its agents live on, detached (`project_id: null`)
+    /// by the projector's process manager (`projector::detach`), which
+    /// reacts to the deletion in the log: durably, whatever happens to this
+    /// process after it answers. Returns the deletion's sequence.
     pub async fn delete_project(
         &self,
         ctx: &WriteContext,
@@ -414,58 +396,6 @@ impl Commands {
                     .await?
             }
         };
-        match self.detach_members(ctx, id, deleted.seq).await {
-            Ok(last) => Ok(last.max(deleted.seq)),
-            Err(e) => {
-                // The deletion stands; finish detaching in the background
-                // rather than fail a request whose write already happened.
-                tracing::warn!(project = %id, error = %e, "detaching agents later");
-                let this = self.background();
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    for attempt in 1..=30u32 {
-                        match this.detach_members(&ctx, id, deleted.seq).await {
-                            Ok(_) => return,
-                            Err(e) => {
-                                tracing::warn!(project = %id, attempt, error = %e, "detaching agents failed")
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    }
-                });
-                Ok(deleted.seq)
-            }
-        }
-    }
-
-    async fn detach_members(
-        &self,
-        ctx: &WriteContext,
-        project: ProjectId,
-        after: u64,
-    ) -> Result<u64, WriteError> {
-        self.watch
-            .wait_for(after, self.projection_wait)
-            .await
-            .map_err(|behind| WriteError::ProjectionBehind(behind.to_string()))?;
-        let members = read_model::project_members(&self.pool, project).await?;
-        let mut last = 0;
-        for agent in members {
-            if let Some(w) = self.detach(ctx, agent, project).await? {
-                last = last.max(w.seq);
-            }
-        }
-        Ok(last)
-    }
-
-    /// A copy that shares the event store and database but not the caches,
-    /// for work that outlives a request.
-    fn background(&self) -> Commands {
-        Commands::new(
-            self.store.clone(),
-            self.pool.clone(),
-            self.watch.clone(),
-            self.projection_wait,
-        )
+        Ok(deleted.seq)
     }
 }

@@ -35,6 +35,11 @@ pub fn subject(prefix: &str, aggregate_type: AggregateType, id: uuid::Uuid) -> S
     format!("{prefix}.{}.{id}", aggregate_type.as_str())
 }
 
+/// The wildcard that matches every event of one aggregate type.
+pub fn type_subjects(prefix: &str, aggregate_type: AggregateType) -> String {
+    format!("{prefix}.{}.*", aggregate_type.as_str())
+}
+
 /// The wildcard that matches every event of the system under `prefix`.
 pub fn all_subjects(prefix: &str) -> String {
     format!("{prefix}.>")

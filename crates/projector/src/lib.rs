@@ -11,6 +11,7 @@
 //! a crash at any instant neither loses nor doubles an event.
 
 mod apply;
+pub mod detach;
 pub mod parked;
 pub mod rebuild;
 

@@ -23,6 +23,7 @@ pub use ymera;
 
 pub mod faults;
 pub mod nats;
+pub mod process;
 pub mod proxy;
 pub mod seed;
 

@@ -4,11 +4,12 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use events::AggregateType;
 use reqwest::{Method, Response};
 use serde_json::{Value, json};
-use tests::{Sandbox, TestApp, agent_body, header, header_u64};
+use tests::{Sandbox, TestApp, agent_body, eventually, header, header_u64};
 use uuid::Uuid;
 use ymera::Role;
 
@@ -589,8 +590,9 @@ async fn projects_and_what_deleting_one_does_to_its_agents() {
         .unwrap();
     assert_eq!(r.status(), 412);
 
-    // Deleting the project detaches its agents: they live on, unassigned,
-    // and the log records it.
+    // Deleting the project answers once its own event is stored; the
+    // projector's process manager then detaches its agents, which live on
+    // unassigned, each by one event in the log.
     let r = app
         .request(Method::DELETE, &ppath, Some(&token))
         .send()
@@ -598,28 +600,34 @@ async fn projects_and_what_deleting_one_does_to_its_agents() {
         .unwrap();
     assert_eq!(r.status(), 204);
     let seq = header_u64(&r, "x-event-seq");
-    assert_eq!(seq, app.last_seq().await);
+    let deletion = app.deps.store.get(seq).await.unwrap();
+    assert_eq!(deletion.envelope.event_type, "project.deleted");
     for agent in [&a1, &a2] {
+        let h = eventually(Duration::from_secs(10), "the agent is detached", || async {
+            let h = history(&app, agent).await;
+            (h.last().unwrap().0 == "agent.updated").then_some(h)
+        })
+        .await;
+        assert_eq!(
+            h.last().unwrap(),
+            &("agent.updated".to_owned(), json!({"project_id": null}))
+        );
+        let detaches = h
+            .iter()
+            .filter(|(_, data)| data == &json!({"project_id": null}));
+        assert_eq!(detaches.count(), 1, "agent {agent} is detached once");
         let r = app
-            .request(
-                Method::GET,
+            .read_at(
                 &format!("/api/v1/agents/{agent}"),
-                Some(&token),
+                &token,
+                app.last_seq().await,
             )
-            .header("x-min-event-seq", seq.to_string())
-            .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200);
         assert_eq!(
             r.json::<Value>().await.unwrap()["project_id"],
             Value::Null,
             "agent {agent} detached"
-        );
-        let h = history(&app, agent).await;
-        assert_eq!(
-            h.last().unwrap(),
-            &("agent.updated".to_owned(), json!({"project_id": null}))
         );
     }
     let r = app

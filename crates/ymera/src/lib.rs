@@ -139,7 +139,6 @@ pub fn app(
             deps.pool.clone(),
             auth.clone(),
             http.clone(),
-            watch.clone(),
             limits.clone(),
         );
         api = api.merge(command_api::router(state).layer(limited()));
@@ -334,6 +333,8 @@ pub async fn start(
             projector::Settings::default(),
         );
         tasks.spawn(projector.run(shutdown.clone()));
+        let detacher = projector::detach::Detacher::new(deps.store.clone(), deps.pool.clone());
+        tasks.spawn(detacher.run(shutdown.clone()));
     }
     let watch = ProjectionWatch::spawn(deps.pool.clone(), shutdown.clone());
     let router = app(

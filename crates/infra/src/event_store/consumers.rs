@@ -134,7 +134,18 @@ impl Subscription {
         next_stored(&mut self.messages).await
     }
 
-    /// Acknowledges `message` and every message delivered before it.
+    /// Tells the server `message` is still being worked on, so it is not
+    /// delivered again when [`ACK_WAIT`] passes before the acknowledgement.
+    pub async fn still_working_on(&self, message: &StoredMessage) -> Result<(), StoreError> {
+        message
+            .message
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Acknowledges `message`, and on a subscription from
+    /// [`EventStore::subscribe`] every message delivered before it.
     pub async fn ack_through(&self, message: &StoredMessage) -> Result<(), StoreError> {
         message
             .message
@@ -228,6 +239,48 @@ impl EventStore {
                 inactive_threshold: INACTIVE_THRESHOLD,
                 ..Default::default()
             })
+            .await
+            .map_err(unavailable)?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch_size)
+            .heartbeat(HEARTBEAT)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        Ok(Subscription { messages })
+    }
+
+    /// Follows `subjects` durably as `name`, from where that subscription
+    /// left off (or from the start of the log, the first time): the server
+    /// keeps its position, so what it acknowledged is its checkpoint, across
+    /// restarts of every process. Unlike [`EventStore::subscribe`], which a
+    /// projector points at its own checkpoint on every start, this keeps an
+    /// existing subscription as it is, and the server never drops it for
+    /// being idle: a reaction must not miss an event because its process was
+    /// down for a while. Messages come one at a time, each acknowledged on
+    /// its own with [`Subscription::ack_through`].
+    pub async fn follow(&self, name: &str, subjects: &str) -> Result<Subscription, StoreError> {
+        let batch_size = 1;
+        let consumer: jetstream::consumer::PullConsumer = self
+            .stream()
+            .await?
+            .get_or_create_consumer(
+                name,
+                pull::Config {
+                    durable_name: Some(name.to_owned()),
+                    filter_subject: subjects.to_owned(),
+                    deliver_policy: DeliverPolicy::All,
+                    // One message at a time, acknowledged on its own: when
+                    // several processes follow, none acknowledges another's
+                    // unfinished work.
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending: 1,
+                    ..Default::default()
+                },
+            )
             .await
             .map_err(unavailable)?;
         let messages = consumer
