@@ -22,6 +22,7 @@ use ymera::{Deps, Role, Running, Settings};
 pub use ymera;
 
 pub mod faults;
+pub mod process;
 pub mod proxy;
 pub mod seed;
 

@@ -5,54 +5,17 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use projector::rebuild::{self, Until};
 use reqwest::Method;
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tests::{Sandbox, agent_body, eventually};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use ymera::Role;
 
-/// The `ymera` binary: `YMERA_BIN`, or the debug build in the target dir.
-fn ymera_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("YMERA_BIN") {
-        return PathBuf::from(p);
-    }
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let bin = target.join("debug/ymera");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p ymera` first (scripts/test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
 fn spawn_projector(sandbox: &Sandbox) -> Child {
-    let s = &sandbox.settings;
-    Command::new(ymera_bin())
-        .arg("projector")
-        .env("YMERA_NATS_URL", &s.nats.nats_url)
-        .env("YMERA_STREAM", &s.nats.stream)
-        .env("YMERA_SUBJECT_PREFIX", &s.nats.subject_prefix)
-        .env("YMERA_DATABASE_URL", &s.db.database_url)
-        .env("YMERA_BIND", "127.0.0.1:0")
-        .env(
-            "YMERA_JWT_SECRET",
-            s.auth.jwt_secret.as_ref().unwrap().expose_secret(),
-        )
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start ymera projector")
+    tests::process::spawn(sandbox, "projector").0
 }
 
 /// Cheap pseudo-random pauses, different every run.

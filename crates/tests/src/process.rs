@@ -1,0 +1,54 @@
+//! `ymera` as a real child process of a test, for what only a separate
+//! process shows: a SIGKILL at any instant, two processes competing for one
+//! projection.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use secrecy::ExposeSecret;
+use tokio::process::{Child, Command};
+
+use crate::Sandbox;
+
+/// The `ymera` binary: `YMERA_BIN`, or the debug build in the target dir.
+pub fn ymera_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("YMERA_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let bin = target.join("debug/ymera");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p ymera` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Starts `ymera <command>` (say `projector`) in `sandbox`, serving HTTP on
+/// a free port, which is returned with the child. Killed on drop.
+pub fn spawn(sandbox: &Sandbox, command: &str) -> (Child, SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let s = &sandbox.settings;
+    let secret = s.auth.jwt_secret.as_ref().expect("sandboxes have a secret");
+    let child = Command::new(ymera_bin())
+        .arg(command)
+        .env("YMERA_NATS_URL", &s.nats.nats_url)
+        .env("YMERA_STREAM", &s.nats.stream)
+        .env("YMERA_SUBJECT_PREFIX", &s.nats.subject_prefix)
+        .env("YMERA_DATABASE_URL", &s.db.database_url)
+        .env("YMERA_BIND", addr.to_string())
+        .env("YMERA_JWT_SECRET", secret.expose_secret())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ymera");
+    (child, addr)
+}
