@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use projector::rebuild::{self, Until};
 use reqwest::Method;
 use serde_json::{Value, json};
 use tests::{Sandbox, eventually, process};
@@ -191,15 +190,7 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
     })
     .await;
 
-    eventually(
-        Duration::from_secs(30),
-        "the projection to catch up",
-        || async {
-            let cp = infra::projection::checkpoint(&app.deps.pool).await.ok()?;
-            (cp == last).then_some(())
-        },
-    )
-    .await;
+    app.caught_up_to(last, Duration::from_secs(30)).await;
     done.cancel();
     let samples = sampler.await.unwrap();
 
@@ -249,19 +240,6 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
         child.start_kill().unwrap();
         child.wait().await.unwrap();
     }
-    rebuild::replay(
-        &app.deps.store,
-        &sandbox.settings.db,
-        &app.deps.pool,
-        "fold_of_the_log",
-        Until::End,
-    )
-    .await
-    .unwrap();
-    let mut conn = app.deps.pool.acquire().await.unwrap();
-    let live = rebuild::checksums(&mut conn, "ymera_read").await.unwrap();
-    let fold = rebuild::checksums(&mut conn, "fold_of_the_log")
-        .await
-        .unwrap();
+    let (live, fold) = app.live_and_replayed("fold_of_the_log").await;
     assert_eq!(live, fold, "the read models equal a fold of the log");
 }
