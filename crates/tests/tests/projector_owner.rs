@@ -34,8 +34,9 @@ async fn lease(client: &reqwest::Client, addr: SocketAddr) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The `ymera_projector_owner` gauge of the process at `addr`.
-async fn owner_gauge(client: &reqwest::Client, addr: SocketAddr) -> f64 {
+/// The sample `series` (a metric's name and labels) of the process at
+/// `addr`; `None` when it has not been recorded.
+async fn metric(client: &reqwest::Client, addr: SocketAddr, series: &str) -> Option<f64> {
     let text = client
         .get(format!("http://{addr}/metrics"))
         .send()
@@ -46,9 +47,20 @@ async fn owner_gauge(client: &reqwest::Client, addr: SocketAddr) -> f64 {
         .unwrap();
     let line = text
         .lines()
-        .find(|l| l.starts_with("ymera_projector_owner{projection=\"main\"}"))
-        .unwrap_or_else(|| panic!("no owner gauge in:\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
+        .find(|l| l.rsplit_once(' ').is_some_and(|(s, _)| s == series))?;
+    Some(line.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+/// The `ymera_projector_owner` gauge of the process at `addr`.
+async fn owner_gauge(client: &reqwest::Client, addr: SocketAddr) -> Option<f64> {
+    metric(client, addr, "ymera_projector_owner{projection=\"main\"}").await
+}
+
+/// How many events the process at `addr` has applied.
+async fn applied(client: &reqwest::Client, addr: SocketAddr) -> u64 {
+    metric(client, addr, "ymera_projector_events_applied_total")
+        .await
+        .unwrap_or(0.0) as u64
 }
 
 /// One look at both processes and the checkpoint.
@@ -94,8 +106,8 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
         lease(&client, addrs[standby]).await.as_deref(),
         Some("standby")
     );
-    assert_eq!(owner_gauge(&client, addrs[owner]).await, 1.0);
-    assert_eq!(owner_gauge(&client, addrs[standby]).await, 0.0);
+    assert_eq!(owner_gauge(&client, addrs[owner]).await, Some(1.0));
+    assert_eq!(owner_gauge(&client, addrs[standby]).await, Some(0.0));
 
     // Both processes and the checkpoint, looked at all along.
     let done = CancellationToken::new();
@@ -152,6 +164,12 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
         (written.load(Ordering::SeqCst) >= UPDATES / 2).then_some(())
     })
     .await;
+    assert_eq!(
+        applied(&client, addrs[standby]).await,
+        0,
+        "the standby applied nothing while it stood by"
+    );
+    let before_kill = infra::projection::checkpoint(&app.deps.pool).await.unwrap();
     let mut killed = children[owner].take().unwrap();
     killed.start_kill().unwrap(); // SIGKILL: no chance to give the lease up
     killed.wait().await.unwrap();
@@ -168,7 +186,7 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
         takeover < Duration::from_secs(3),
         "the standby took over after {takeover:?}"
     );
-    assert_eq!(owner_gauge(&client, addrs[standby]).await, 1.0);
+    assert_eq!(owner_gauge(&client, addrs[standby]).await, Some(1.0));
 
     let mut per_writer = Vec::new();
     for w in writers {
@@ -193,6 +211,14 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
     app.caught_up_to(last, Duration::from_secs(30)).await;
     done.cancel();
     let samples = sampler.await.unwrap();
+    // The new owner applied what was left, and nothing the old one had
+    // committed.
+    let by_survivor = applied(&client, addrs[standby]).await;
+    assert!(
+        (1..=last - before_kill).contains(&by_survivor),
+        "the new owner applied {by_survivor} events; {} were left",
+        last - before_kill
+    );
 
     // The checkpoint never moved backwards.
     for pair in samples.windows(2) {
