@@ -27,7 +27,10 @@ const KEEPALIVE: Duration = Duration::from_millis(500);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The first half of every lease's key, so that the leases (two 32-bit
-/// keys) stand apart from the other advisory locks of the database.
+/// keys) stand apart from the other advisory locks of the database. The
+/// second half is the projection name's `hashtext`: two names that
+/// collided would share one lease, so one of them would wait for the other
+/// to be given up, never run twice.
 const LEASE_CLASS: i32 = 0x796d_6c73; // "ymls"
 
 /// Held while this process owns a projection; dropping it gives the lease
@@ -47,8 +50,9 @@ impl Lease {
         loop {
             match try_lock(pool, &mut session, name).await {
                 Ok(true) => {
-                    let conn = session.take()?;
-                    return Some(Lease::keep(conn, name));
+                    if let Some(conn) = session.take() {
+                        return Some(Lease::keep(conn, name));
+                    }
                 }
                 Ok(false) if !told => {
                     tracing::info!(
