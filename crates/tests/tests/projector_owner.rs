@@ -2,7 +2,8 @@
 //! together against one database and stream. Exactly one applies events
 //! while the other stands by; killed with SIGKILL mid-load, the owner is
 //! replaced by the standby within seconds, and the read models still equal
-//! a fold of the log, with a checkpoint that never moved backwards.
+//! a fold of the log, with a checkpoint that never moved backwards. And a
+//! former owner that has not noticed it lost the projection cannot commit.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -11,9 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use projector::{Outcome, Projector, ProjectorError, Settings};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tests::{Sandbox, eventually, process};
+use tests::{Sandbox, agent_body, eventually, process};
 use tokio_util::sync::CancellationToken;
 use ymera::Role;
 
@@ -265,6 +267,63 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
     for child in children.iter_mut().flatten() {
         child.start_kill().unwrap();
         child.wait().await.unwrap();
+    }
+    let (live, fold) = app.live_and_replayed("fold_of_the_log").await;
+    assert_eq!(live, fold, "the read models equal a fold of the log");
+}
+
+/// One step of `projector`, which must apply a batch; its checkpoint.
+async fn applied_batch(projector: &mut Projector) -> u64 {
+    match projector
+        .process_next_batch(Duration::from_secs(5))
+        .await
+        .unwrap()
+    {
+        Outcome::Applied { checkpoint, .. } => checkpoint,
+        Outcome::Idle => panic!("events were waiting"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_owner_cannot_commit_once_another_has_claimed_the_projection() {
+    let sandbox = Sandbox::new().await;
+    // The write API alone: the projectors are driven by the test.
+    let app = sandbox.start(Role::Command).await;
+    let token = app.admin_token().await;
+    for i in 0..20 {
+        let r = app.create_agent(&token, agent_body(&format!("a{i}"))).await;
+        assert_eq!(r.status(), 201);
+    }
+    // Two projectors of the one projection, each reading the log through a
+    // subscription of its own, as two processes would around a takeover.
+    let settings = |consumer: &str| Settings {
+        batch_size: 5,
+        consumer: consumer.to_owned(),
+        ..Settings::default()
+    };
+    let (store, pool) = (&app.deps.store, &app.deps.pool);
+    let mut former = Projector::new(store.clone(), pool.clone(), settings("former"));
+    let left_at = applied_batch(&mut former).await;
+
+    // Another claims the projection and moves on from the checkpoint, past
+    // anything the former owner's next batch could reach.
+    let mut current = Projector::new(store.clone(), pool.clone(), settings("current"));
+    let mut now_at = left_at;
+    while now_at <= left_at + 5 {
+        now_at = applied_batch(&mut current).await;
+    }
+
+    // The former owner's next batch (from `left_at + 1` again) is refused,
+    // whole: the checkpoint stays where the current owner put it.
+    let refused = former.process_next_batch(Duration::from_secs(5)).await;
+    assert!(
+        matches!(refused, Err(ProjectorError::Fenced(_))),
+        "{refused:?}"
+    );
+    assert_eq!(infra::projection::checkpoint(pool).await.unwrap(), now_at);
+
+    while now_at < 20 {
+        now_at = applied_batch(&mut current).await;
     }
     let (live, fold) = app.live_and_replayed("fold_of_the_log").await;
     assert_eq!(live, fold, "the read models equal a fold of the log");
