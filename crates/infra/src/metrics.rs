@@ -140,6 +140,10 @@ fn describe() {
     );
     describe_gauge!("ymera_uptime_seconds", "Seconds since the process started");
     describe_gauge!(
+        "ymera_projector_owner",
+        "1 while this process owns the projection (label `projection`), 0 while it stands by"
+    );
+    describe_gauge!(
         "ymera_projector_parked_events",
         "Events the projector could not apply, parked for `ymera parked retry`"
     );
@@ -417,6 +421,17 @@ pub fn record_read_time(g: &ReadTimeGauges) {
     if let Some(v) = g.projector_lag_seconds {
         gauge!("ymera_projector_lag_seconds").set(v);
     }
+}
+
+/// Records whether this process's projector owns projection `name` (1) or
+/// stands by (0). One series per projection (or, later, partition): a
+/// bounded label set.
+pub fn record_projector_owner(name: &str, owner: bool) {
+    metrics::gauge!("ymera_projector_owner", "projection" => name.to_owned()).set(if owner {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 /// Records how many events the projector has parked.

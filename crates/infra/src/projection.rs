@@ -10,6 +10,8 @@
 //! not here: each read schema (the live one, a rebuild's, a replay's) has a
 //! checkpoint table of its own, made with the read models it describes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -75,40 +77,92 @@ pub async fn checkpoint_with_time(
     Ok((seq.max(0) as u64, at))
 }
 
-/// Where projection `name` starts: its checkpoint, which is registered at
-/// 0 on its first start.
-pub async fn start(pool: &PgPool, name: &str) -> Result<u64, sqlx::Error> {
+/// A projector's claim on projection `name`: where it starts, and the
+/// epoch that fences every checkpoint move it makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// The checkpoint when the claim was made.
+    pub checkpoint: u64,
+    /// Raised by each claim; see [`advance`].
+    pub epoch: i64,
+}
+
+/// Claims projection `name` (registered at checkpoint 0 on its first
+/// start): raises its epoch, so that a projector that claimed it earlier
+/// can no longer move its checkpoint. The claim waits for a batch that a
+/// former owner is committing, and starts after it.
+pub async fn claim(pool: &PgPool, name: &str) -> Result<Claim, sqlx::Error> {
     sqlx::query("INSERT INTO projector_checkpoint (name) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(name)
         .execute(pool)
         .await?;
-    checkpoint_of(pool, name).await
+    let (seq, epoch): (i64, i64) = sqlx::query_as(
+        "UPDATE projector_checkpoint SET epoch = epoch + 1 WHERE name = $1 \
+         RETURNING last_seq, epoch",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?;
+    Ok(Claim {
+        checkpoint: seq.max(0) as u64,
+        epoch,
+    })
 }
 
-/// Moves projection `name`'s checkpoint to `seq` in the transaction that
-/// applies the events up to it. With `notify`, every [`ProjectionWatch`]
-/// learns of it when the transaction commits, and not before.
+/// Moves projection `name`'s checkpoint from `from` to `to` in the
+/// transaction that applies the events between them, if the row still
+/// carries `claim`'s epoch and `from`: `false` when it does not (another
+/// projector has claimed the projection since, or moved it), and the
+/// transaction must then be rolled back. So the checkpoint only ever moves
+/// forward, by one owner's batches. Takes the row's lock until commit:
+/// call it before applying the batch, so a fenced batch does no work.
+/// With `notify`, every [`ProjectionWatch`] learns of the new checkpoint
+/// when the transaction commits, and not before.
 pub async fn advance(
     tx: &mut Tx<'_>,
     name: &str,
-    seq: u64,
+    claim: Claim,
+    to: u64,
     notify: bool,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE projector_checkpoint SET last_seq = $2, updated_at = now() WHERE name = $1",
+) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query(
+        "UPDATE projector_checkpoint SET last_seq = $4, updated_at = now() \
+         WHERE name = $1 AND epoch = $2 AND last_seq = $3 AND $4 > last_seq",
     )
     .bind(name)
-    .bind(seq as i64)
+    .bind(claim.epoch)
+    .bind(claim.checkpoint as i64)
+    .bind(to as i64)
     .execute(&mut **tx)
-    .await?;
-    if notify {
+    .await?
+    .rows_affected()
+        == 1;
+    if moved && notify {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
-            .bind(seq.to_string())
+            .bind(to.to_string())
             .execute(&mut **tx)
             .await?;
     }
-    Ok(())
+    Ok(moved)
+}
+
+/// Whether this process's projector owns its projection (one process does;
+/// any other waits as a hot standby): what `/health` and the metrics show.
+#[derive(Debug, Clone, Default)]
+pub struct Ownership(Arc<AtomicBool>);
+
+impl Ownership {
+    /// Records that this process now owns projection `name`, or stands by.
+    pub fn set(&self, name: &str, owner: bool) {
+        self.0.store(owner, Ordering::SeqCst);
+        crate::metrics::record_projector_owner(name, owner);
+    }
+
+    /// Whether this process owns the projection now.
+    pub fn is_owner(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// How many events the projector has parked as impossible to apply.
@@ -191,18 +245,29 @@ async fn listen(pool: &PgPool, tx: &watch::Sender<u64>) -> sqlx::Error {
     if let Err(e) = listener.listen(CHANNEL).await {
         return e;
     }
-    match checkpoint(pool).await {
-        Ok(seq) => see(tx, seq),
-        Err(e) => return e,
-    }
     loop {
-        match listener.recv().await {
-            Ok(n) => {
-                if let Ok(seq) = n.payload().parse::<u64>() {
-                    see(tx, seq);
-                }
-            }
+        // Listening (again): whatever was notified while not listening is
+        // lost, so the checkpoint is read afresh.
+        match checkpoint(pool).await {
+            Ok(seq) => see(tx, seq),
             Err(e) => return e,
+        }
+        // `try_recv` answers `None` when the connection dropped and was
+        // made again (`recv` would carry on silently, past the lost
+        // notifications, and a read waiting for them would time out).
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    if let Ok(seq) = n.payload().parse::<u64>() {
+                        see(tx, seq);
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!("projection listener reconnected; reading the checkpoint");
+                    break;
+                }
+                Err(e) => return e,
+            }
         }
     }
 }

@@ -9,9 +9,15 @@
 //! after any error, the consumer is recreated to deliver from
 //! `checkpoint + 1`, and any event at or below the checkpoint is skipped. So
 //! a crash at any instant neither loses nor doubles an event.
+//!
+//! One process at a time owns a projection: [`Projector::run`] consumes only
+//! while it holds the projection's [`lease::Lease`], and waits as a hot
+//! standby otherwise. Each checkpoint move is fenced by the epoch the owner
+//! claimed the projection with, so a former owner's late batch fails.
 
 mod apply;
 pub mod detach;
+pub mod lease;
 pub mod parked;
 pub mod rebuild;
 
@@ -20,6 +26,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use infra::db::Tx;
 use infra::event_store::{StoredMessage, Subscription};
+use infra::projection::{Claim, Ownership};
 use infra::{EventStore, StoreError, projection};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -92,6 +99,11 @@ pub enum ProjectorError {
     /// PostgreSQL failed; the transaction rolled back, nothing was acked.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// Another projector has claimed the projection since this one did (or
+    /// moved its checkpoint): the batch rolled back, and this projector no
+    /// longer owns the projection.
+    #[error("projection {0} has been claimed by another projector")]
+    Fenced(String),
 }
 
 /// The projector of one projection.
@@ -100,6 +112,8 @@ pub struct Projector {
     pool: PgPool,
     pub(crate) settings: Settings,
     checkpoint: u64,
+    /// The epoch this projector claimed the projection with.
+    epoch: i64,
     messages: Option<Subscription>,
     finished: bool,
 }
@@ -120,6 +134,7 @@ impl Projector {
             pool,
             settings,
             checkpoint: 0,
+            epoch: 0,
             messages: None,
             finished: false,
         }
@@ -136,12 +151,16 @@ impl Projector {
         self.finished
     }
 
-    /// Reads the checkpoint from PostgreSQL and subscribes afresh from the
-    /// event after it.
-    #[tracing::instrument(skip_all, fields(name = %self.settings.name, checkpoint), err)]
+    /// Claims the projection in PostgreSQL, which gives its checkpoint, and
+    /// subscribes afresh from the event after it.
+    #[tracing::instrument(skip_all, fields(name = %self.settings.name, checkpoint, epoch), err)]
     async fn connect(&mut self) -> Result<(), ProjectorError> {
-        self.checkpoint = projection::start(&self.pool, &self.settings.name).await?;
-        tracing::Span::current().record("checkpoint", self.checkpoint);
+        let claim = projection::claim(&self.pool, &self.settings.name).await?;
+        self.checkpoint = claim.checkpoint;
+        self.epoch = claim.epoch;
+        tracing::Span::current()
+            .record("checkpoint", self.checkpoint)
+            .record("epoch", self.epoch);
         // The subscription replaces any left by an earlier run, which may
         // point anywhere: ours starts exactly after the checkpoint.
         let messages = self
@@ -265,15 +284,29 @@ impl Projector {
             checkpoint = seq;
         }
         let applied = incoming.len();
+        if checkpoint > self.checkpoint {
+            let claim = Claim {
+                checkpoint: self.checkpoint,
+                epoch: self.epoch,
+            };
+            let moved = projection::advance(
+                &mut tx,
+                &self.settings.name,
+                claim,
+                checkpoint,
+                self.settings.live,
+            )
+            .await?;
+            if !moved {
+                tx.rollback().await?;
+                return Err(ProjectorError::Fenced(self.settings.name.clone()));
+            }
+        }
         let occurred: Vec<_> = apply::apply_all(&mut tx, &incoming)
             .await?
             .into_iter()
             .flatten()
             .collect();
-        if checkpoint > self.checkpoint {
-            projection::advance(&mut tx, &self.settings.name, checkpoint, self.settings.live)
-                .await?;
-        }
         tx.commit().await?;
         if self.settings.live {
             infra::metrics::record_projector_batch(&infra::metrics::ProjectorBatch {
@@ -306,24 +339,57 @@ impl Projector {
         serde_json::from_slice::<When>(payload).is_ok_and(|w| w.occurred_at > after)
     }
 
-    /// Applies events until `shutdown`, backing off while a dependency is
-    /// down and resuming from the checkpoint when it returns.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Owns the projection whenever it can until `shutdown`: waits as a hot
+    /// standby while another process holds the projection's lease, and
+    /// applies events while this one does. `ownership` says which, for
+    /// `/health` and the metrics.
+    pub async fn run(mut self, ownership: Ownership, shutdown: CancellationToken) {
         if self.settings.live {
             tokio::spawn(tidy_search_indexes(self.pool.clone(), shutdown.clone()));
         }
+        let name = self.settings.name.clone();
+        ownership.set(&name, false);
+        loop {
+            let Some(lease) = lease::Lease::acquire(&self.pool, &name, &shutdown).await else {
+                return;
+            };
+            tracing::info!(projection = %name, "this process owns the projection");
+            ownership.set(&name, true);
+            self.own(&lease, &shutdown).await;
+            ownership.set(&name, false);
+            // Whoever owns the projection next claims it and subscribes
+            // afresh, as does this process if it owns it again.
+            self.messages = None;
+            drop(lease);
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Applies events while `lease` holds, backing off while a dependency
+    /// is down and resuming from the checkpoint when it returns. Returns
+    /// at `shutdown`, or as soon as the projection is no longer this
+    /// process's to apply.
+    async fn own(&mut self, lease: &lease::Lease, shutdown: &CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let step = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = lease.lost() => return,
                 step = self.process_next_batch(Duration::from_secs(1)) => step,
             };
             match step {
                 Ok(_) => backoff = Duration::from_millis(100),
+                Err(e @ ProjectorError::Fenced(_)) => {
+                    tracing::error!(error = %e, "giving the projection up");
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, checkpoint = self.checkpoint, "projector step failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
+                        _ = lease.lost() => return,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -281,6 +281,15 @@ async fn rebuild_into(
             });
         }
     }
+    // The live projector goes on with the new models' checkpoint row: it
+    // carries the epoch the live owner claimed the projection with, so the
+    // owner's next batch is not taken for a former owner's.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {schema}.projector_checkpoint n SET epoch = l.epoch \
+         FROM {READ_SCHEMA}.projector_checkpoint l WHERE n.name = l.name"
+    )))
+    .execute(&mut *tx)
+    .await?;
     let retired = fresh_schema("ymera_read_retired");
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "ALTER SCHEMA {READ_SCHEMA} RENAME TO {retired}"

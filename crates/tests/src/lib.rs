@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use infra::auth::Role as UserRole;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use projector::rebuild::{self, Until};
 use reqwest::{Method, RequestBuilder, Response};
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -296,6 +297,36 @@ impl TestApp {
     /// The stream's last sequence, straight from JetStream.
     pub async fn last_seq(&self) -> u64 {
         self.deps.store.last_seq().await.expect("stream state")
+    }
+
+    /// Waits, at most `deadline`, until the live projection has applied
+    /// exactly up to event `seq`.
+    pub async fn caught_up_to(&self, seq: u64, deadline: Duration) {
+        eventually(deadline, "the projection to catch up", || async {
+            let cp = infra::projection::checkpoint(&self.deps.pool).await.ok()?;
+            (cp == seq).then_some(())
+        })
+        .await;
+    }
+
+    /// The checksums of the live read models, and of a fresh replay of the
+    /// whole log into `schema`: equal when the live models are exactly a
+    /// fold of the log.
+    pub async fn live_and_replayed(
+        &self,
+        schema: &str,
+    ) -> (Vec<rebuild::TableCheck>, Vec<rebuild::TableCheck>) {
+        let db = &self.sandbox.settings.db;
+        rebuild::replay(&self.deps.store, db, &self.deps.pool, schema, Until::End)
+            .await
+            .expect("replay the log");
+        let mut conn = self.deps.pool.acquire().await.expect("a connection");
+        let live = rebuild::checksums(&mut conn, infra::db::READ_SCHEMA).await;
+        let replayed = rebuild::checksums(&mut conn, schema).await;
+        (
+            live.expect("live checksums"),
+            replayed.expect("replayed checksums"),
+        )
     }
 
     /// Stops the process gracefully and waits for it.

@@ -1,7 +1,8 @@
-//! `ymera` as a real child process of a test, for what an in-process app
-//! cannot show: a process killed with SIGKILL takes nothing with it but what
-//! it had not made durable.
+//! `ymera` as a real child process of a test, for what only a separate
+//! process shows: a SIGKILL at any instant, two processes competing for one
+//! projection.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 
@@ -27,35 +28,28 @@ pub fn ymera_bin() -> PathBuf {
     bin
 }
 
-/// Starts `ymera <role>` in `sandbox`, serving on `bind`, quiet, and killed
-/// when dropped.
-pub fn spawn(sandbox: &Sandbox, role: &str, bind: &str) -> Child {
+/// Starts `ymera <command>` (say `projector`) in `sandbox`, serving HTTP on
+/// a free port, which is returned with the child. Killed on drop.
+pub fn spawn(sandbox: &Sandbox, command: &str) -> (Child, SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
     let s = &sandbox.settings;
-    let mut command = Command::new(ymera_bin());
-    command
-        .arg(role)
+    let secret = s.auth.jwt_secret.as_ref().expect("sandboxes have a secret");
+    let child = Command::new(ymera_bin())
+        .arg(command)
         .env("YMERA_NATS_URL", &s.nats.nats_url)
         .env("YMERA_STREAM", &s.nats.stream)
         .env("YMERA_SUBJECT_PREFIX", &s.nats.subject_prefix)
         .env("YMERA_DATABASE_URL", &s.db.database_url)
-        .env("YMERA_BIND", bind)
+        .env("YMERA_BIND", addr.to_string())
+        .env("YMERA_JWT_SECRET", secret.expose_secret())
+        .env("YMERA_ADMIN_PASSWORD", crate::ADMIN_PASSWORD)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true);
-    if let Some(secret) = &s.auth.jwt_secret {
-        command.env("YMERA_JWT_SECRET", secret.expose_secret());
-    }
-    if let Some(password) = &s.auth.admin_password {
-        command.env("YMERA_ADMIN_PASSWORD", password.expose_secret());
-    }
-    command.spawn().expect("start ymera")
-}
-
-/// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ymera");
+    (child, addr)
 }

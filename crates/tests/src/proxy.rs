@@ -3,17 +3,28 @@
 //! process sees it, without stopping the server other tests share.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
+
+/// What the proxy does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Forwards it.
+    Up,
+    /// Refuses it.
+    Down,
+    /// Keeps it open without an answer until the proxy is up (or down).
+    Held,
+}
 
 /// A proxy to one upstream address.
 #[derive(Debug)]
 pub struct Proxy {
     pub addr: SocketAddr,
-    up: Arc<AtomicBool>,
+    state: Arc<watch::Sender<State>>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accept: AbortHandle,
 }
@@ -24,18 +35,25 @@ impl Proxy {
     pub async fn start(upstream: String) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
-        let up = Arc::new(AtomicBool::new(true));
+        let state = Arc::new(watch::Sender::new(State::Up));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let accept = {
-            let (up, links) = (up.clone(), links.clone());
+            let (state, links) = (state.clone(), links.clone());
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
-                    if !up.load(Ordering::SeqCst) {
+                    if *state.borrow() == State::Down {
                         drop(client); // refused, as a stopped server would
                         continue;
                     }
                     let upstream = upstream.clone();
+                    let mut now = state.subscribe();
                     let link = tokio::spawn(async move {
+                        let Ok(now) = now.wait_for(|s| *s != State::Held).await.map(|s| *s) else {
+                            return;
+                        };
+                        if now == State::Down {
+                            return;
+                        }
                         if let Ok(mut server) = TcpStream::connect(&upstream).await {
                             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                         }
@@ -47,7 +65,7 @@ impl Proxy {
         };
         Proxy {
             addr,
-            up,
+            state,
             links,
             accept,
         }
@@ -55,24 +73,34 @@ impl Proxy {
 
     /// The outage: every open connection is cut and new ones are refused.
     pub fn down(&self) {
-        self.up.store(false, Ordering::SeqCst);
+        self.state.send_replace(State::Down);
+        self.cut();
+    }
+
+    /// Every open connection is cut, and new ones are held without an
+    /// answer until [`Proxy::up`]: a connection dropped by the network
+    /// while the server itself is still there, and slow to answer.
+    pub fn hold(&self) {
+        self.state.send_replace(State::Held);
+        self.cut();
+    }
+
+    /// The server is back; held connections go through.
+    pub fn up(&self) {
+        self.state.send_replace(State::Up);
+    }
+
+    fn cut(&self) {
         for link in self.links.lock().expect("links").drain(..) {
             link.abort();
         }
-    }
-
-    /// The server is back.
-    pub fn up(&self) {
-        self.up.store(true, Ordering::SeqCst);
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.accept.abort();
-        for link in self.links.lock().expect("links").drain(..) {
-            link.abort();
-        }
+        self.cut();
     }
 }
 

@@ -103,9 +103,8 @@ async fn a_deleted_projects_agents_are_detached_once_whatever_restarts_in_betwee
     let pool = writer.deps.pool.clone();
     let store = writer.deps.store.clone();
     writer.stop().await;
-    let port = tests::process::free_port();
-    let mut child = tests::process::spawn(&sandbox, "command-api", &format!("127.0.0.1:{port}"));
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut child, addr) = tests::process::spawn(&sandbox, "command-api");
+    let base = format!("http://{addr}");
     let client = reqwest::Client::new();
     eventually(
         Duration::from_secs(20),

@@ -178,3 +178,60 @@ async fn postgres_outage_gives_fast_503s_on_reads_and_the_projection_catches_up(
         .unwrap();
     assert_eq!(rows as usize, acked.len(), "each acknowledged agent once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_lost_while_the_listener_reconnects_does_not_stall_reads() {
+    let sandbox = Sandbox::new().await;
+    // Writes and the projector reach PostgreSQL directly; the reader goes
+    // through a proxy, and waits long enough for a connection to get
+    // through it after a hold.
+    let writer = sandbox.start(Role::All).await;
+    let token = writer.admin_token().await;
+    let (proxied, _nats, pg) = sandbox.behind_proxies().await;
+    let mut settings = proxied.settings.clone();
+    settings.db.db_acquire_timeout_ms = 10_000;
+    settings.http.min_seq_wait_ms = 3_000;
+    let reader = proxied.start_with(Role::Query, &settings).await;
+
+    let (status, before, _) = write(&writer, &token, "before").await;
+    assert_eq!(status, 201);
+    let (id, seq) = before.unwrap();
+    let r = reader
+        .read_at(&format!("/api/v1/agents/{id}"), &token, seq)
+        .await;
+    assert_eq!(r.status(), 200, "the reader's watch follows the projection");
+    // A pooled connection idle for over a second is checked before use
+    // (infra::db). Once the reader's have aged past that, its listener,
+    // cut off, reconnects through the proxy (and is held there) instead of
+    // failing at once on a pooled connection the cut has killed.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // The listener's connection drops; its new one is held while the
+    // projector commits, so that commit's notification never reaches it.
+    pg.hold();
+    let (status, during, _) = write(&writer, &token, "during").await;
+    assert_eq!(status, 201);
+    let (id, seq) = during.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the projector to apply it",
+        || async {
+            let cp = infra::projection::checkpoint(&writer.deps.pool)
+                .await
+                .ok()?;
+            (cp >= seq).then_some(())
+        },
+    )
+    .await;
+    pg.up();
+
+    // The listener, connected again, has read the checkpoint afresh.
+    let r = reader
+        .read_at(&format!("/api/v1/agents/{id}"), &token, seq)
+        .await;
+    assert_eq!(
+        r.status(),
+        200,
+        "a read at a sequence applied while the listener was away is served"
+    );
+}

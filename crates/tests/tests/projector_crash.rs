@@ -7,15 +7,14 @@
 
 use std::time::Duration;
 
-use projector::rebuild::{self, Until};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tests::{Sandbox, agent_body, eventually};
+use tests::{Sandbox, agent_body};
 use tokio::process::Child;
 use ymera::Role;
 
 fn spawn_projector(sandbox: &Sandbox) -> Child {
-    tests::process::spawn(sandbox, "projector", "127.0.0.1:0")
+    tests::process::spawn(sandbox, "projector").0
 }
 
 /// Cheap pseudo-random pauses, different every run.
@@ -87,30 +86,11 @@ async fn sigkilled_projector_leaves_read_models_equal_to_a_fresh_replay() {
     let (kills, mut child) = killer.await.unwrap();
     assert!(kills >= 3, "the projector was killed {kills} times");
     // The last projector, left running, catches up.
-    eventually(
-        Duration::from_secs(60),
-        "the projection to catch up",
-        || async {
-            let cp = infra::projection::checkpoint(&app.deps.pool).await.ok()?;
-            (cp == last).then_some(())
-        },
-    )
-    .await;
+    app.caught_up_to(last, Duration::from_secs(60)).await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 
-    rebuild::replay(
-        &app.deps.store,
-        &sandbox.settings.db,
-        &app.deps.pool,
-        "fresh_replay",
-        Until::End,
-    )
-    .await
-    .unwrap();
-    let mut conn = app.deps.pool.acquire().await.unwrap();
-    let live = rebuild::checksums(&mut conn, "ymera_read").await.unwrap();
-    let fresh = rebuild::checksums(&mut conn, "fresh_replay").await.unwrap();
+    let (live, fresh) = app.live_and_replayed("fresh_replay").await;
     assert_eq!(
         live, fresh,
         "read models after {kills} kills equal a fresh replay"

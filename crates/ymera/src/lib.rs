@@ -16,7 +16,7 @@ use infra::auth::Auth;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
 use infra::http::ops::{self, Ops};
 use infra::http::ratelimit::{self, Limits};
-use infra::projection::ProjectionWatch;
+use infra::projection::{Ownership, ProjectionWatch};
 use query_api::QueryState;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -108,12 +108,15 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// The HTTP application of `role`: its API routes under `/api/v1`, the
 /// operational routes at the root and under `/api/v1`, the OpenAPI spec at
 /// `/api/v1/openapi.json`, and the middleware every request passes.
+/// `projector` is the ownership of this process's projector, if it runs
+/// one.
 pub fn app(
     role: Role,
     deps: &Deps,
     auth: Arc<Auth>,
     http: Arc<HttpConfig>,
     watch: ProjectionWatch,
+    projector: Option<Ownership>,
     shutdown: CancellationToken,
 ) -> Router {
     let ops_state = Arc::new(Ops {
@@ -123,6 +126,7 @@ pub fn app(
         git_sha: GIT_SHA,
         started_at: Utc::now(),
         degraded_lag_events: http.degraded_lag_events,
+        projector,
     });
     let limits = Arc::new(Limits::new(auth.clone(), &http));
     let limited = || axum::middleware::from_fn_with_state(limits.clone(), ratelimit::rate_limit);
@@ -326,13 +330,14 @@ pub async fn start(
     };
     infra::metrics::spawn_upkeep(shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
-    if role.projects() {
+    let ownership = role.projects().then(Ownership::default);
+    if let Some(ownership) = &ownership {
         let projector = projector::Projector::new(
             deps.store.clone(),
             deps.pool.clone(),
             projector::Settings::default(),
         );
-        tasks.spawn(projector.run(shutdown.clone()));
+        tasks.spawn(projector.run(ownership.clone(), shutdown.clone()));
         let detacher = projector::detach::Detacher::new(deps.store.clone(), deps.pool.clone());
         tasks.spawn(detacher.run(shutdown.clone()));
     }
@@ -343,6 +348,7 @@ pub async fn start(
         auth.clone(),
         Arc::new(settings.http.clone()),
         watch,
+        ownership,
         shutdown.clone(),
     );
     let addr = listener.local_addr()?;

@@ -32,6 +32,9 @@ pub struct Ops {
     pub git_sha: &'static str,
     pub started_at: DateTime<Utc>,
     pub degraded_lag_events: u64,
+    /// Whether this process's projector owns the projection; `None` in a
+    /// process that runs no projector.
+    pub projector: Option<projection::Ownership>,
 }
 
 pub type OpsState = Arc<Ops>;
@@ -56,6 +59,11 @@ pub struct Check {
     /// `ymera parked retry`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parked_events: Option<u64>,
+    /// Projector, in a process that runs one: `owner` while this process
+    /// applies the events, `standby` while another one does (it takes over
+    /// within seconds if the owner dies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<&'static str>,
 }
 
 impl Check {
@@ -68,6 +76,7 @@ impl Check {
             last_seq: None,
             lag_events: None,
             parked_events: None,
+            lease: None,
         }
     }
 
@@ -80,6 +89,7 @@ impl Check {
             last_seq: None,
             lag_events: None,
             parked_events: None,
+            lease: None,
         }
     }
 }
@@ -140,10 +150,15 @@ impl Ops {
         };
         checks.insert("nats", nats.map_or_else(Check::down, |_| Check::up(nats_t)));
         checks.insert("postgres", pg.map_or_else(Check::down, |_| Check::up(pg_t)));
+        let lease = self
+            .projector
+            .as_ref()
+            .map(|p| if p.is_owner() { "owner" } else { "standby" });
         checks.insert(
             "projector",
             Check {
                 latency_ms: None,
+                lease,
                 ..projector
             },
         );
