@@ -410,19 +410,22 @@ async fn the_feed_reads_the_stream_only_while_a_client_listens() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    // A write goes through the projector: its consumer exists.
+    // A write goes through the projector: its subscription exists, and so
+    // does the detacher's (projector::detach), which follows the project
+    // subjects for as long as the process runs.
+    let background = 2;
     let r = app.create_agent(&token, agent_body("before")).await;
     assert_eq!(r.status(), 201);
-    wait_for(1).await;
+    wait_for(background).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         consumers().await,
-        1,
+        background,
         "no client, yet the feed reads the stream"
     );
 
     let mut ws = ws_connect(&app, "", Some(&token)).await.unwrap();
-    wait_for(2).await;
+    wait_for(background + 1).await;
     let r = app.create_agent(&token, agent_body("after")).await;
     let seq = header_u64(&r, "x-event-seq");
     let e = next_event(&mut ws, Duration::from_secs(2)).await;
