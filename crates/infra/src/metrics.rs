@@ -41,6 +41,7 @@ pub struct Registry {
     appended: AtomicU64,
     applied: AtomicU64,
     live: AtomicI64,
+    live_consumers: AtomicI64,
 }
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -66,6 +67,7 @@ pub fn install() -> &'static Registry {
             appended: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             live: AtomicI64::new(0),
+            live_consumers: AtomicI64::new(0),
         }
     })
 }
@@ -137,6 +139,10 @@ fn describe() {
     describe_gauge!(
         "ymera_live_connections",
         "Open live-feed connections (WebSocket and SSE)"
+    );
+    describe_gauge!(
+        "ymera_live_consumers",
+        "JetStream consumers the live feed holds: its reader of the stream, and the replays in progress"
     );
     describe_gauge!("ymera_uptime_seconds", "Seconds since the process started");
     describe_gauge!(
@@ -254,6 +260,24 @@ pub fn live_connection(delta: i64) {
     install().live.fetch_add(delta, Ordering::Relaxed);
 }
 
+/// Counts one JetStream consumer the live feed holds (its reader of the
+/// stream, or a client's replay) while alive.
+#[derive(Debug)]
+pub struct LiveConsumer(());
+
+impl LiveConsumer {
+    pub fn open() -> LiveConsumer {
+        install().live_consumers.fetch_add(1, Ordering::Relaxed);
+        LiveConsumer(())
+    }
+}
+
+impl Drop for LiveConsumer {
+    fn drop(&mut self) {
+        install().live_consumers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Seconds from `from` to `to`, 0 if `to` is earlier.
 pub fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
     ((to - from).num_microseconds().unwrap_or(0) as f64 / 1e6).max(0.0)
@@ -357,6 +381,8 @@ pub struct Recorded {
     pub applied_total: u64,
     /// Open live-feed connections.
     pub live_connections: i64,
+    /// JetStream consumers the live feed holds.
+    pub live_consumers: i64,
 }
 
 /// Reads this process's figures.
@@ -376,6 +402,7 @@ pub fn recorded() -> Recorded {
         appended_total: r.appended.load(Ordering::Relaxed),
         applied_total: r.applied.load(Ordering::Relaxed),
         live_connections: r.live.load(Ordering::Relaxed),
+        live_consumers: r.live_consumers.load(Ordering::Relaxed),
     }
 }
 
@@ -388,6 +415,7 @@ pub struct ReadTimeGauges {
     pub db_pool_connections: u32,
     pub db_pool_idle: u32,
     pub live_connections: i64,
+    pub live_consumers: i64,
     pub stream_last_seq: Option<u64>,
     pub stream_messages: Option<u64>,
     pub stream_bytes: Option<u64>,
@@ -403,6 +431,7 @@ pub fn record_read_time(g: &ReadTimeGauges) {
     gauge!("ymera_db_pool_connections").set(f64::from(g.db_pool_connections));
     gauge!("ymera_db_pool_idle").set(f64::from(g.db_pool_idle));
     gauge!("ymera_live_connections").set(g.live_connections as f64);
+    gauge!("ymera_live_consumers").set(g.live_consumers as f64);
     if let Some(v) = g.stream_last_seq {
         gauge!("ymera_stream_last_seq").set(v as f64);
     }

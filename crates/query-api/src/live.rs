@@ -15,7 +15,18 @@
 //!
 //! Memory is bounded whatever clients do: the ring holds at most
 //! `YMERA_LIVE_BUFFER` events, and a client that falls further behind is
-//! disconnected with a reason that says where to resume.
+//! disconnected with a reason that says where to resume. A client that
+//! takes no bytes for `YMERA_LIVE_PING_SECS` is dropped, over WebSocket by
+//! a timeout on each send, over SSE by the connection's send timeout
+//! ([`infra::http::send_timeout`]: hyper stops polling a body whose socket
+//! is full, so the body itself cannot notice).
+//!
+//! A client's task ends as soon as the client goes away, whatever its
+//! filter: it watches the client's end of the feed, not only its sends
+//! (a filter that matches nothing never sends). A replay reads what is
+//! stored and ends, however rarely its aggregate is written to. The reader
+//! and each replay are consumers on the stream, deleted when they end, and
+//! counted (`ymera_live_consumers`).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -32,6 +43,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, Stream, StreamExt};
 use infra::config::HttpConfig;
 use infra::http::auth::{LiveViewer, TokenSource};
+use infra::http::send_timeout::SendTimeout;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::{EventStore, StoreError};
 use tokio::sync::{broadcast, mpsc};
@@ -216,6 +228,7 @@ impl LiveHub {
     async fn follow_once(&self) -> Result<(), FeedError> {
         let start = self.last.load(Ordering::SeqCst) + 1;
         let mut messages = self.store.read_log(start).await?;
+        let _counted = infra::metrics::LiveConsumer::open();
         let mut idle_check = tokio::time::interval(IDLE_STOP);
         idle_check.tick().await;
         loop {
@@ -271,9 +284,13 @@ impl LiveHub {
         let (out, rx) = mpsc::channel(64);
         let hub = self.clone();
         tokio::spawn(async move {
+            let client = out.clone();
             let work = hub.clone().pump(filter, since, out, live, sent);
             tokio::select! {
                 _ = hub.shutdown.cancelled() => {}
+                // The client went away (its session dropped `rx`): noticed
+                // here, not only when a send fails.
+                _ = client.closed() => {}
                 _ = work => {}
             }
         });
@@ -316,8 +333,9 @@ impl LiveHub {
         }
     }
 
-    /// Replays events after `since` up to the stream's end; returns the
-    /// last sequence read.
+    /// Replays the stored events after `since` that `filter` may match, up
+    /// to the stream's end or the filtered subject's (whichever comes
+    /// first); returns the last sequence read.
     async fn replay(
         &self,
         filter: &Filter,
@@ -332,11 +350,12 @@ impl LiveHub {
         if end <= since {
             return Ok(since);
         }
-        let mut messages = self.store.read(&subject, since + 1).await?;
+        let mut messages = self.store.read_stored(&subject, since + 1).await?;
+        let _counted = infra::metrics::LiveConsumer::open();
         let mut last = since;
         while let Some(message) = messages.next().await {
             let message = message?;
-            let (seq, pending) = (message.seq, message.pending);
+            let seq = message.seq;
             last = seq;
             if let Some(event) = LiveEvent::parse(seq, message.payload())
                 && filter.matches(&event)
@@ -344,7 +363,7 @@ impl LiveHub {
             {
                 return Err(FeedError::ClientGone);
             }
-            if pending == 0 || seq >= end {
+            if seq >= end {
                 break;
             }
         }
@@ -490,7 +509,7 @@ async fn ws_session(
     ),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "text/event-stream: `id` is the sequence, `event` the type, `data` the envelope with its `seq`. A client that falls too far behind gets an `error` event and the stream ends; reconnect with Last-Event-ID.", content_type = "text/event-stream"),
+        (status = 200, description = "text/event-stream: `id` is the sequence, `event` the type, `data` the envelope with its `seq`; a comment every YMERA_LIVE_PING_SECS keeps it alive. A client that falls too far behind gets an `error` event and the stream ends; reconnect with Last-Event-ID. A client that takes no bytes for YMERA_LIVE_PING_SECS is disconnected.", content_type = "text/event-stream"),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json"),
@@ -498,6 +517,7 @@ async fn ws_session(
 pub async fn event_stream(
     State(state): State<QueryState>,
     _viewer: LiveViewer,
+    send_timeout: SendTimeout,
     query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -517,6 +537,9 @@ pub async fn event_stream(
     let buffer = state.live.buffer;
     let ping = state.live.ping;
     let feed = state.live.feed(filter, last_event_id.or(since)).await?;
+    // The same bound as a WebSocket send: a client that takes nothing for
+    // a ping interval is not reading.
+    send_timeout.set(ping);
     let stream = futures::stream::unfold((feed, Some(slot)), move |(mut feed, slot)| async move {
         let slot = slot?;
         match feed.recv().await {

@@ -299,6 +299,24 @@ impl TestApp {
         self.deps.store.last_seq().await.expect("stream state")
     }
 
+    /// The sample `series` (a metric's name, with its labels if it has
+    /// any) of this process's Prometheus scrape; `None` when it has not
+    /// been recorded.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self
+            .request(Method::GET, "/metrics", None)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the scrape");
+        text.lines()
+            .filter_map(|l| l.rsplit_once(' '))
+            .find(|(s, _)| *s == series)
+            .map(|(_, v)| v.parse().expect("a sample value"))
+    }
+
     /// Waits, at most `deadline`, until the live projection has applied
     /// exactly up to event `seq`.
     pub async fn caught_up_to(&self, seq: u64, deadline: Duration) {

@@ -1,15 +1,19 @@
 //! The live feed over WebSocket and SSE: latency, replay-then-live without
-//! gap or duplicate, filters, auth before upgrade, slow clients, caps.
+//! gap or duplicate, filters, auth before upgrade, slow clients, caps, and
+//! clients that go away or stop reading releasing all they held.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tests::{Sandbox, TestApp, agent_body, header_u64};
+use tests::{Sandbox, TestApp, agent_body, eventually, header_u64};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
+use uuid::Uuid;
 use ymera::Role;
 
 type Ws =
@@ -433,4 +437,181 @@ async fn the_feed_reads_the_stream_only_while_a_client_listens() {
         e["seq"], seq,
         "the first event after connecting is the write"
     );
+}
+
+/// What the process holds for the live feed while one client that stays is
+/// connected: consumers on the stream (the projector's and the detacher's
+/// durable ones, and the feed's reader), and the feed's connection and
+/// consumer gauges. Clients that come and go must bring it back to this.
+#[derive(Debug, PartialEq)]
+struct LiveLoad {
+    stream_consumers: usize,
+    connections: Option<f64>,
+    feed_consumers: Option<f64>,
+}
+
+async fn live_load(app: &TestApp) -> LiveLoad {
+    LiveLoad {
+        stream_consumers: app.deps.store.stream_state().await.unwrap().consumer_count,
+        connections: app.metric("ymera_live_connections").await,
+        feed_consumers: app.metric("ymera_live_consumers").await,
+    }
+}
+
+/// A few events, then one client that stays (so the process keeps reading
+/// the stream for the feed throughout): returns it and the baseline.
+async fn stay_connected(app: &TestApp, token: &str) -> (Ws, LiveLoad) {
+    for i in 0..3 {
+        app.create_agent(token, agent_body(&format!("stored {i}")))
+            .await;
+    }
+    let mut stays = ws_connect(app, "", Some(token)).await.unwrap();
+    app.create_agent(token, agent_body("seen")).await;
+    next_event(&mut stays, Duration::from_secs(2)).await;
+    let background = 2; // the projector's and the detacher's
+    let baseline = eventually(Duration::from_secs(10), "the baseline", || async {
+        let load = live_load(app).await;
+        (load.stream_consumers == background + 1).then_some(load)
+    })
+    .await;
+    assert_eq!(baseline.connections, Some(1.0));
+    assert_eq!(baseline.feed_consumers, Some(1.0), "the feed's reader");
+    (stays, baseline)
+}
+
+/// Waits until the process holds no more than `baseline` for the feed.
+async fn released(app: &TestApp, baseline: &LiveLoad) {
+    let started = Instant::now();
+    let last = std::sync::Mutex::new(None);
+    eventually(
+        Duration::from_secs(10),
+        "the stream's consumers and the feed's gauges back to their baseline",
+        || async {
+            let load = live_load(app).await;
+            let mut last = last.lock().unwrap();
+            if last.as_ref() != Some(&load) {
+                println!("{:?} after {:?}", load, started.elapsed());
+            }
+            let done = load == *baseline;
+            *last = Some(load);
+            done.then_some(())
+        },
+    )
+    .await;
+    println!("released within {:?}", started.elapsed());
+}
+
+/// 60 clients that follow an aggregate nothing is ever appended to, with
+/// history (`since_seq=1`), and leave after 50 ms: each one's replay
+/// consumer and task go with it, although nothing was ever sent to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_filtered_websocket_feeds_release_their_consumers() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let (_stays, baseline) = stay_connected(&app, &token).await;
+    let query = format!("?aggregate_id={}&since_seq=1", Uuid::now_v7());
+    futures::future::join_all((0..60).map(|i| {
+        let (app, token, query) = (&app, &token, &query);
+        async move {
+            let mut ws = ws_connect(app, query, Some(token)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await; // the client's whole life
+            if i % 2 == 0 {
+                ws.close(None).await.unwrap();
+            } // else: the socket just closes, without a close frame
+        }
+    }))
+    .await;
+    released(&app, &baseline).await;
+}
+
+/// The same over SSE: the client's going away is noticed on the socket,
+/// though no event is ever written to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_filtered_sse_feeds_release_their_consumers() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let (_stays, baseline) = stay_connected(&app, &token).await;
+    let query = format!(
+        "?aggregate_id={}&since_seq=1&access_token={token}",
+        Uuid::now_v7()
+    );
+    futures::future::join_all((0..60).map(|_| async {
+        let r = sse(&app, &query, None).await;
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(50)).await; // the client's whole life
+        drop(r);
+    }))
+    .await;
+    released(&app, &baseline).await;
+}
+
+/// 40 SSE clients with a 4 KiB receive buffer that send their request and
+/// never read: while writes go on, the server drops each once it has taken
+/// no bytes for `YMERA_LIVE_PING_SECS` (the WebSocket send timeout), and the
+/// writes keep succeeding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_clients_that_never_read_are_dropped_while_writes_go_on() {
+    let sandbox = Sandbox::new().await;
+    let mut settings = sandbox.settings.clone();
+    settings.http.live_ping_secs = 1;
+    let app = sandbox.start_with(Role::All, &settings).await;
+    let token = app.admin_token().await;
+    let addr: SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let request =
+        format!("GET /api/v1/events/stream?access_token={token} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4 * 1024).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        clients.push(stream);
+    }
+    let connections = || async { app.metric("ymera_live_connections").await };
+    eventually(Duration::from_secs(10), "40 live connections", || async {
+        (connections().await == Some(40.0)).then_some(())
+    })
+    .await;
+
+    // Far more than any buffer holds, in rounds, until every client that
+    // never read is gone.
+    let description = "x".repeat(3_900);
+    let started = Instant::now();
+    let mut rounds = 0;
+    loop {
+        let agents: Vec<Value> = (0..1000)
+            .map(|i| json!({"name": format!("{rounds}-{i}"), "type": "t", "description": description}))
+            .collect();
+        let r = app
+            .request(Method::POST, "/api/v1/agents/bulk", Some(&token))
+            .json(&json!({ "agents": agents }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "writes go on");
+        rounds += 1;
+        let now = connections().await;
+        if now == Some(0.0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{now:?} of 40 clients that never read still connected after {rounds} rounds of 1,000 writes"
+        );
+    }
+    println!(
+        "40 stalled SSE clients dropped within {:?} ({rounds} rounds of 1,000 writes)",
+        started.elapsed()
+    );
+
+    // Dropped, not only forgotten: each socket reaches its end.
+    futures::future::join_all(clients.into_iter().map(|mut stream| async move {
+        let drained = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::copy(&mut stream, &mut tokio::io::sink()),
+        )
+        .await;
+        assert!(drained.is_ok(), "the server closed the connection");
+    }))
+    .await;
 }

@@ -81,6 +81,7 @@ async fn metrics_move_with_requests_and_events() {
         "/db_pool/size",
         "/db_pool/idle",
         "/live/connections",
+        "/live/consumers",
     ] {
         assert!(before.pointer(path).is_some(), "{path} missing: {before}");
     }
@@ -89,6 +90,7 @@ async fn metrics_move_with_requests_and_events() {
         "this request"
     );
     assert_eq!(before["live"]["connections"], 0);
+    assert_eq!(before["live"]["consumers"], 0);
     let text_before = prometheus(&app).await;
 
     let mut seq = 0;
@@ -152,6 +154,7 @@ async fn metrics_move_with_requests_and_events() {
         "ymera_db_pool_connections ",
         "ymera_db_pool_idle ",
         "ymera_live_connections ",
+        "ymera_live_consumers ",
         "ymera_http_requests_in_flight ",
         "ymera_stream_last_seq ",
         "ymera_uptime_seconds ",

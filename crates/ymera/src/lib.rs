@@ -354,8 +354,7 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let stop = shutdown.clone();
     tasks.spawn(async move {
-        let router = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let served = axum::serve(listener, router)
+        let served = infra::http::send_timeout::serve(listener, router)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await;
         if let Err(e) = served {

@@ -1,6 +1,6 @@
-//! Reading the log through JetStream consumers: ordered reads, which leave
-//! nothing behind on the server once dropped, and the durable subscription
-//! that a projector acknowledges as it applies.
+//! Reading the log through JetStream consumers: ordered reads, whose
+//! consumer is deleted from the server as soon as the read is dropped, and
+//! the durable subscription that a projector acknowledges as it applies.
 //!
 //! Both hand out [`StoredMessage`]s, not decoded events: a projector must
 //! see (and park) a payload that is not a valid event, and the live feed
@@ -93,23 +93,71 @@ async fn next_stored<E: std::fmt::Display>(
 }
 
 /// An ordered read of the log: every message on its subjects from a
-/// sequence on, in stream order, for as long as it is held. The server
-/// forgets it soon after it is dropped.
+/// sequence on, in stream order, for as long as it is held (or, from
+/// [`EventStore::read_stored`], up to the end of what is stored). Its
+/// consumer is deleted from the server when it is dropped.
 pub struct Reader {
-    messages: pull::Ordered,
+    /// `None` once a read of what is stored has delivered the last of it.
+    messages: Option<pull::Ordered>,
+    /// Whether the read ends after the message the server had nothing more
+    /// pending after.
+    to_end: bool,
+    /// Dropped after `messages`, which stops pulling first.
+    _consumer: Ephemeral,
 }
 
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reader").finish_non_exhaustive()
+        f.debug_struct("Reader")
+            .field("consumer", &self._consumer.name)
+            .field("to_end", &self.to_end)
+            .finish_non_exhaustive()
     }
 }
 
 impl Reader {
     /// The next message, waiting for it to be appended if need be; `None`
-    /// if the server ended the read. Cancel-safe.
+    /// if the server ended the read, or a read of what is stored has
+    /// delivered all of it. Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<StoredMessage, StoreError>> {
-        next_stored(&mut self.messages).await
+        let message = next_stored(self.messages.as_mut()?).await;
+        if self.to_end && matches!(&message, Some(Ok(m)) if m.pending == 0) {
+            self.messages = None;
+        }
+        message
+    }
+}
+
+/// An ordered read's consumer on the server, deleted when this is dropped.
+///
+/// The server would drop an ordered consumer nobody pulls from only after
+/// its inactivity threshold (30 s, which `async-nats` does not let us set),
+/// so readers that come and go (live-feed clients) would pile consumers up.
+/// It is made before the consumer is created, under the name the consumer
+/// is then created with: a read cancelled while its consumer was being
+/// created leaves nothing either. A consumer the client library recreated
+/// after a failure (`<name>_<n>`) is left to the threshold.
+struct Ephemeral {
+    js: jetstream::Context,
+    stream: String,
+    name: String,
+}
+
+impl Drop for Ephemeral {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime left: the server's threshold applies
+        };
+        let js = self.js.clone();
+        let (stream, name) = (
+            std::mem::take(&mut self.stream),
+            std::mem::take(&mut self.name),
+        );
+        runtime.spawn(async move {
+            if let Err(e) = js.delete_consumer_from_stream(&name, &stream).await {
+                tracing::debug!(error = %e, consumer = %name, "could not delete a read's consumer");
+            }
+        });
     }
 }
 
@@ -157,27 +205,65 @@ impl Subscription {
 
 impl EventStore {
     /// Reads the messages on `subjects` (one subject, or a filter with
-    /// wildcards) from sequence `from` on, in order.
+    /// wildcards) from sequence `from` on, in order, waiting for new ones
+    /// once it has read what is stored.
     pub async fn read(&self, subjects: &str, from: u64) -> Result<Reader, StoreError> {
-        let consumer = self.ordered(subjects, from).await?;
+        let (consumer, ephemeral) = self.ordered(subjects, from).await?;
         let messages = consumer.messages().await.map_err(unavailable)?;
-        Ok(Reader { messages })
+        Ok(Reader {
+            messages: Some(messages),
+            to_end: false,
+            _consumer: ephemeral,
+        })
     }
 
-    /// Reads the whole log from sequence `from` on, in order.
+    /// Reads the whole log from sequence `from` on, in order, waiting for
+    /// new messages once it has read what is stored.
     pub async fn read_log(&self, from: u64) -> Result<Reader, StoreError> {
         self.read(&events::all_subjects(&self.prefix), from).await
     }
 
-    /// An ordered consumer of `subjects` from sequence `from`.
+    /// Reads what is stored on `subjects` from sequence `from` on, in
+    /// order, and ends after the last of it (messages appended meanwhile
+    /// may come too): a read that never waits for the next append, however
+    /// rarely its subjects are written to.
+    pub async fn read_stored(&self, subjects: &str, from: u64) -> Result<Reader, StoreError> {
+        let (consumer, ephemeral) = self.ordered(subjects, from).await?;
+        // Nothing there: done, without opening a pull that would wait.
+        let messages = match consumer.cached_info().num_pending {
+            0 => None,
+            _ => Some(consumer.messages().await.map_err(unavailable)?),
+        };
+        Ok(Reader {
+            messages,
+            to_end: true,
+            _consumer: ephemeral,
+        })
+    }
+
+    /// An ordered consumer of `subjects` from sequence `from`, and what
+    /// deletes it.
     async fn ordered(
         &self,
         subjects: &str,
         from: u64,
-    ) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>, StoreError> {
-        self.stream()
+    ) -> Result<
+        (
+            jetstream::consumer::Consumer<pull::OrderedConfig>,
+            Ephemeral,
+        ),
+        StoreError,
+    > {
+        let ephemeral = Ephemeral {
+            js: self.js.clone(),
+            stream: self.stream.clone(),
+            name: format!("read-{}", uuid::Uuid::now_v7().simple()),
+        };
+        let consumer = self
+            .stream()
             .await?
             .create_consumer(pull::OrderedConfig {
+                name: Some(ephemeral.name.clone()),
                 filter_subject: subjects.to_owned(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from.max(1),
@@ -185,7 +271,8 @@ impl EventStore {
                 ..Default::default()
             })
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok((consumer, ephemeral))
     }
 
     /// The events of `subject` from sequence `from` on, appended to `out`:
@@ -197,20 +284,9 @@ impl EventStore {
         from: u64,
         out: &mut Vec<StoredEvent>,
     ) -> Result<(), StoreError> {
-        let consumer = self.ordered(subject, from).await?;
-        // Nothing more: done, without opening a pull that would wait.
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(());
-        }
-        let mut reader = Reader {
-            messages: consumer.messages().await.map_err(unavailable)?,
-        };
+        let mut reader = self.read_stored(subject, from).await?;
         while let Some(message) = reader.next().await {
-            let message = message?;
-            out.push(message.decode()?);
-            if message.pending == 0 {
-                break;
-            }
+            out.push(message?.decode()?);
         }
         Ok(())
     }

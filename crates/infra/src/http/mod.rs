@@ -1,5 +1,6 @@
 //! HTTP plumbing shared by the APIs: the error type, our extractors, the
-//! request context middleware, and the operational endpoints.
+//! request context middleware, the operational endpoints, and serving
+//! connections with a send timeout.
 
 pub mod auth;
 pub mod context;
@@ -8,6 +9,7 @@ pub mod extract;
 pub mod ops;
 pub mod ratelimit;
 pub mod schema;
+pub mod send_timeout;
 pub mod snapshot;
 
 pub use context::{RequestId, finish_problem, request_context};

@@ -79,6 +79,10 @@ pub struct DbPoolSnapshot {
 pub struct LiveSnapshot {
     /// Open live-feed connections.
     pub connections: i64,
+    /// JetStream consumers the live feed holds: its reader of the stream
+    /// (while any client is connected, and for 30 s after the last), and
+    /// one per replay in progress.
+    pub consumers: i64,
 }
 
 /// Gathers the snapshot (NATS and PostgreSQL probed concurrently, a second
@@ -134,6 +138,7 @@ pub async fn take(pool: &PgPool, store: &EventStore) -> Snapshot {
         },
         live: LiveSnapshot {
             connections: r.live_connections,
+            consumers: r.live_consumers,
         },
     };
     metrics::record_read_time(&ReadTimeGauges {
@@ -141,6 +146,7 @@ pub async fn take(pool: &PgPool, store: &EventStore) -> Snapshot {
         db_pool_connections: snap.db_pool.size,
         db_pool_idle: snap.db_pool.idle,
         live_connections: snap.live.connections,
+        live_consumers: snap.live.consumers,
         stream_last_seq: snap.events.last_seq,
         stream_messages: snap.events.stream_messages,
         stream_bytes: snap.events.stream_bytes,
