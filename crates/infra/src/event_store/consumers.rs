@@ -254,14 +254,13 @@ impl EventStore {
         ),
         StoreError,
     > {
+        let stream = self.stream().await?;
         let ephemeral = Ephemeral {
             js: self.js.clone(),
             stream: self.stream.clone(),
             name: format!("read-{}", uuid::Uuid::now_v7().simple()),
         };
-        let consumer = self
-            .stream()
-            .await?
+        let consumer = stream
             .create_consumer(pull::OrderedConfig {
                 name: Some(ephemeral.name.clone()),
                 filter_subject: subjects.to_owned(),
