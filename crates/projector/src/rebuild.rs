@@ -2,13 +2,23 @@
 //!
 //! A rebuild projects the whole log into a fresh schema while the live read
 //! models keep serving, never running ahead of the live projection. Once it
-//! has caught up, it takes [`SWAP_LOCK`] exclusively (the live projector
-//! finishes its batch and waits), brings the new models to exactly the live
-//! checkpoint, checks that both agree table by table (row counts and
-//! checksums), and swaps the schemas by renaming them in one transaction.
+//! has caught up, it compares the new models with the live ones table by
+//! table (row counts and checksums) at one event, still without holding the
+//! live projector: the live models are read in one snapshot, and the new
+//! ones are brought to that snapshot's checkpoint. The checksums are chains
+//! of hashes over bounded chunks of rows, so they work at any size. Then it
+//! takes [`SWAP_LOCK`] exclusively (the live projector finishes its batch
+//! and waits), brings the new models to exactly the live checkpoint,
+//! compares only the rows that the events since the comparison changed,
+//! and swaps the schemas by renaming them in one transaction. So the live
+//! projector is held for the last few events, whatever the size of the log.
 //! Readers and the live projector then resolve their unqualified names in
 //! the new schema (PostgreSQL drops cached plans when a schema is renamed);
 //! the old one is dropped.
+//!
+//! The comparison of changed rows trusts that only the projectors write
+//! the read models: a row changed behind the live projector's back after
+//! the full comparison is not seen (the next rebuild sees it).
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -21,7 +31,8 @@ use sqlx::PgPool;
 
 use crate::{MIGRATIONS, Projector, SWAP_LOCK, Settings};
 
-/// The gap (events) a rebuild closes while holding the live projector.
+/// The gap (events) a rebuild closes while holding the live projector, and
+/// about as many events' changed rows are compared then.
 const SWAP_GAP: u64 = 1_000;
 
 /// What a rebuild did.
@@ -30,6 +41,11 @@ pub struct RebuildReport {
     pub events: u64,
     pub checkpoint: u64,
     pub elapsed: Duration,
+    /// The event at which every row of the rebuilt models was compared
+    /// with the live ones (rows changed after it were compared again up to
+    /// the swap).
+    pub checked_at: u64,
+    /// The rebuilt tables' checks at `checked_at`.
     pub tables: Vec<TableCheck>,
 }
 
@@ -59,14 +75,76 @@ pub enum RebuildError {
     Invalid(String),
 }
 
-/// Each read-model table, the columns that must agree (not the moment a
-/// row was written) and its key for ordering.
-const TABLES: [(&str, &str, &str); 5] = [
-    ("agents", "t.*", "id"),
-    ("projects", "t.*", "id"),
-    ("events", "t.*", "seq"),
-    ("parked_events", "t.seq, t.subject, t.error", "seq"),
-    ("projector_checkpoint", "t.name, t.last_seq", "name"),
+/// Rows per checksum chunk. A table's checksum is a chain of chunk hashes,
+/// each over at most this many rows' hashes (about 330 kB), so no value
+/// grows with the table: one `string_agg` over a whole table passes
+/// PostgreSQL's 1 GB value limit at about 33 million rows.
+const CHUNK: i64 = 10_000;
+
+/// At most this many comparisons of the rows changed since the previous one
+/// are made before the swap lock is taken, even if the live projection
+/// keeps outrunning them (each is quicker than the last, unless writes come
+/// faster than they can be compared).
+const TAIL_ROUNDS: usize = 10;
+
+/// A read-model table: the columns that must agree (not the moment a row
+/// was written), its key for ordering, and the rows a comparison limited to
+/// the changes after some event covers.
+struct Table {
+    name: &'static str,
+    cols: &'static str,
+    key: &'static str,
+    key_type: &'static str,
+    changed: Changed,
+}
+
+/// How to find a table's rows changed after an event.
+enum Changed {
+    /// Rows of the aggregates that events after it belong to, taken from
+    /// the `events` table (so a row deleted since counts too).
+    Aggregate(&'static str),
+    /// Rows keyed by a stream sequence after it.
+    Seq,
+    /// A table small enough to compare whole every time.
+    All,
+}
+
+const TABLES: [Table; 5] = [
+    Table {
+        name: "agents",
+        cols: "t.*",
+        key: "id",
+        key_type: "uuid",
+        changed: Changed::Aggregate("agent"),
+    },
+    Table {
+        name: "projects",
+        cols: "t.*",
+        key: "id",
+        key_type: "uuid",
+        changed: Changed::Aggregate("project"),
+    },
+    Table {
+        name: "events",
+        cols: "t.*",
+        key: "seq",
+        key_type: "int8",
+        changed: Changed::Seq,
+    },
+    Table {
+        name: "parked_events",
+        cols: "t.seq, t.subject, t.error",
+        key: "seq",
+        key_type: "int8",
+        changed: Changed::Seq,
+    },
+    Table {
+        name: "projector_checkpoint",
+        cols: "t.name, t.last_seq",
+        key: "name",
+        key_type: "text",
+        changed: Changed::All,
+    },
 ];
 
 /// Counts and checksums of every read-model table in `schema`.
@@ -74,23 +152,87 @@ pub async fn checksums(
     conn: &mut sqlx::PgConnection,
     schema: &str,
 ) -> Result<Vec<TableCheck>, sqlx::Error> {
+    checksums_since(conn, schema, None).await
+}
+
+/// Counts and checksums of the rows of every read-model table in `schema`
+/// that events after `since` changed (every row with `None`). Each table is
+/// read in chunks of [`CHUNK`] rows in key order, and its checksum chains
+/// the chunks' hashes: equal tables give equal checksums, whatever their
+/// size.
+async fn checksums_since(
+    conn: &mut sqlx::PgConnection,
+    schema: &str,
+    since: Option<u64>,
+) -> Result<Vec<TableCheck>, sqlx::Error> {
     db::assert_identifier(schema);
     let mut out = Vec::new();
-    for (table, cols, key) in TABLES {
-        let sql = format!(
-            "SELECT count(*), coalesce(md5(string_agg(md5(row({cols})::text), '' ORDER BY t.{key})), '') \
-             FROM {schema}.{table} t"
-        );
-        let (rows, checksum): (i64, String) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&mut *conn)
-            .await?;
+    for table in &TABLES {
+        let (name, cols, key, key_type) = (table.name, table.cols, table.key, table.key_type);
+        // `since` is a number, written into the statement as one.
+        let filter = match (since, &table.changed) {
+            (None, _) | (Some(_), Changed::All) => "true".to_owned(),
+            (Some(s), Changed::Seq) => format!("t.{key} > {s}"),
+            (Some(s), Changed::Aggregate(kind)) => format!(
+                "t.{key} IN (SELECT e.aggregate_id FROM {schema}.events e \
+                 WHERE e.seq > {s} AND e.aggregate_type = '{kind}')"
+            ),
+        };
+        let chunk = |after: bool| {
+            let after = if after {
+                format!("AND t.{key} > $2::{key_type}")
+            } else {
+                String::new()
+            };
+            format!(
+                "SELECT count(*), (array_agg(t.{key}::text ORDER BY t.{key} DESC))[1], \
+                        md5($1 || coalesce(string_agg(md5(row({cols})::text), '' ORDER BY t.{key}), '')) \
+                 FROM (SELECT * FROM {schema}.{name} t WHERE {filter} {after} \
+                       ORDER BY t.{key} LIMIT {CHUNK}) t"
+            )
+        };
+        let (first, next) = (chunk(false), chunk(true));
+        let (mut rows, mut checksum, mut last) = (0i64, String::new(), None::<String>);
+        loop {
+            let query = match &last {
+                None => sqlx::query_as(sqlx::AssertSqlSafe(first.as_str())).bind(&checksum),
+                Some(key) => sqlx::query_as(sqlx::AssertSqlSafe(next.as_str()))
+                    .bind(&checksum)
+                    .bind(key),
+            };
+            let (n, chunk_last, chained): (i64, Option<String>, String) =
+                query.fetch_one(&mut *conn).await?;
+            rows += n;
+            checksum = chained;
+            last = chunk_last;
+            if n < CHUNK {
+                break;
+            }
+        }
         out.push(TableCheck {
-            table,
+            table: name,
             rows,
             checksum,
         });
     }
     Ok(out)
+}
+
+/// What differs between the live tables' checks and the rebuilt ones'.
+fn differences(live: &[TableCheck], rebuilt: &[TableCheck], since: Option<u64>) -> Vec<String> {
+    let which = since.map_or(String::new(), |s| {
+        format!(" (rows changed after event {s})")
+    });
+    live.iter()
+        .zip(rebuilt)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| {
+            format!(
+                "{}{which}: live {} rows, rebuilt {} rows",
+                a.table, a.rows, b.rows
+            )
+        })
+        .collect()
 }
 
 /// Progress lines: a bar on a terminal, plain lines otherwise.
@@ -224,62 +366,54 @@ async fn rebuild_into(
     // rebuild follows the live checkpoint and never runs past it (a live
     // projector that is behind, or not running, is caught up with later,
     // by itself, on the swapped-in models).
-    let mut live_at = projection::checkpoint(live).await?;
-    let mut progress = Progress::new(live_at);
-    let mut projector = Projector::new(
-        store.clone(),
-        pool.clone(),
-        bounded(consumer.to_owned(), Some(live_at), None),
-    );
+    let live_at = projection::checkpoint(live).await?;
+    let mut rebuild = Rebuilding {
+        projector: Projector::new(
+            store.clone(),
+            pool.clone(),
+            bounded(consumer.to_owned(), Some(live_at), None),
+        ),
+        progress: Progress::new(live_at),
+        live,
+        pool,
+        schema,
+        force,
+    };
 
-    // Catch up at full speed while the live models keep serving, until
-    // the gap is small enough to close with the live projector held.
-    loop {
-        while projector.checkpoint() < live_at {
-            projector.process_next_batch(Duration::from_secs(2)).await?;
-            progress.show(projector.checkpoint(), false);
-        }
-        live_at = projection::checkpoint(live).await?;
-        progress.total = progress.total.max(live_at);
-        if live_at.saturating_sub(projector.checkpoint()) <= SWAP_GAP {
+    // Everything but the last few events is built and compared while the
+    // live projector goes on: first every row, at one event, then, while
+    // many events came after, the rows those changed.
+    rebuild.catch_up().await?;
+    let (checked_at, tables) = rebuild.compare_at_live_snapshot(None).await?;
+    let mut compared = checked_at;
+    for _ in 0..TAIL_ROUNDS {
+        let live_at = rebuild.catch_up().await?;
+        if live_at.saturating_sub(compared) <= SWAP_GAP {
             break;
         }
-        projector.settings.stop_at = Some(live_at);
+        compared = rebuild.compare_at_live_snapshot(Some(compared)).await?.0;
     }
 
     // Swap, between two live batches: with the live projector held, bring
-    // the new models to exactly its checkpoint.
+    // the new models to exactly its checkpoint, and compare the rows
+    // changed since the last comparison.
     let mut tx = live.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(SWAP_LOCK)
         .execute(&mut *tx)
         .await?;
     let live_at = projection::checkpoint_in(&mut tx, READ_SCHEMA, projection::MAIN).await?;
-    projector.settings.stop_at = Some(live_at);
-    while projector.checkpoint() < live_at {
-        projector.process_next_batch(Duration::from_secs(2)).await?;
-        progress.show(projector.checkpoint(), false);
-    }
-    progress.show(projector.checkpoint(), true);
-
-    let old = checksums(&mut tx, READ_SCHEMA).await?;
-    let new = checksums(&mut tx, schema).await?;
-    if old != new {
-        let details: Vec<String> = old
-            .iter()
-            .zip(&new)
-            .filter(|(a, b)| a != b)
-            .map(|(a, b)| format!("{}: live {} rows, rebuilt {} rows", a.table, a.rows, b.rows))
-            .collect();
-        if force {
-            tracing::warn!(seq = live_at, differences = %details.join("; "), "swapping despite differences (--force)");
-        } else {
-            tx.rollback().await?;
-            return Err(RebuildError::Mismatch {
-                seq: live_at,
-                details: details.join("; "),
-            });
-        }
+    rebuild.advance_to(live_at).await?;
+    rebuild.progress.show(live_at, true);
+    let mut conn = pool.acquire().await?;
+    let (old, new) = tokio::try_join!(
+        checksums_since(&mut tx, READ_SCHEMA, Some(compared)),
+        checksums_since(&mut conn, schema, Some(compared)),
+    )?;
+    drop(conn);
+    if let Err(mismatch) = rebuild.judge(live_at, &old, &new, Some(compared)) {
+        tx.rollback().await?;
+        return Err(mismatch);
     }
     // The live projector goes on with the new models' checkpoint row: it
     // carries the epoch the live owner claimed the projection with, so the
@@ -312,8 +446,97 @@ async fn rebuild_into(
         events: live_at,
         checkpoint: live_at,
         elapsed: started.elapsed(),
-        tables: new,
+        checked_at,
+        tables,
     })
+}
+
+/// A rebuild under way: its projector into the new schema, and what it is
+/// compared with.
+struct Rebuilding<'a> {
+    projector: Projector,
+    progress: Progress,
+    live: &'a PgPool,
+    pool: &'a PgPool,
+    schema: &'a str,
+    force: bool,
+}
+
+impl Rebuilding<'_> {
+    /// Applies events until the new models are exactly at event `seq`
+    /// (which the live projection has reached).
+    async fn advance_to(&mut self, seq: u64) -> Result<(), RebuildError> {
+        self.projector.settings.stop_at = Some(seq);
+        while self.projector.checkpoint() < seq {
+            self.projector
+                .process_next_batch(Duration::from_secs(2))
+                .await?;
+            self.progress.show(self.projector.checkpoint(), false);
+        }
+        Ok(())
+    }
+
+    /// Catches up at full speed while the live models keep serving, until
+    /// the gap to the live checkpoint is small enough to close with the
+    /// live projector held. Returns the live checkpoint last read.
+    async fn catch_up(&mut self) -> Result<u64, RebuildError> {
+        loop {
+            let live_at = projection::checkpoint(self.live).await?;
+            self.progress.total = self.progress.total.max(live_at);
+            if live_at.saturating_sub(self.projector.checkpoint()) <= SWAP_GAP {
+                return Ok(live_at);
+            }
+            self.advance_to(live_at).await?;
+        }
+    }
+
+    /// Compares the new models with the live ones at one event, without
+    /// holding the live projector: the live models are read in one
+    /// snapshot (which shows the rows of the checkpoint it shows, as the
+    /// projector commits them together), and the new ones are brought to
+    /// that checkpoint first. Compares the rows changed after `since`
+    /// (every row with `None`). Returns the event compared at, and the
+    /// rebuilt tables' checks.
+    async fn compare_at_live_snapshot(
+        &mut self,
+        since: Option<u64>,
+    ) -> Result<(u64, Vec<TableCheck>), RebuildError> {
+        let mut snapshot = self.live.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *snapshot)
+            .await?;
+        let at = projection::checkpoint_in(&mut snapshot, READ_SCHEMA, projection::MAIN).await?;
+        self.advance_to(at).await?;
+        let mut conn = self.pool.acquire().await?;
+        let (old, new) = tokio::try_join!(
+            checksums_since(&mut snapshot, READ_SCHEMA, since),
+            checksums_since(&mut conn, self.schema, since),
+        )?;
+        snapshot.commit().await?;
+        self.judge(at, &old, &new, since)?;
+        Ok((at, new))
+    }
+
+    /// Refuses the swap when the checks differ, unless forced (to repair
+    /// corrupted models), when the differences are logged.
+    fn judge(
+        &self,
+        seq: u64,
+        live: &[TableCheck],
+        rebuilt: &[TableCheck],
+        since: Option<u64>,
+    ) -> Result<(), RebuildError> {
+        let details = differences(live, rebuilt, since);
+        if details.is_empty() {
+            return Ok(());
+        }
+        let details = details.join("; ");
+        if self.force {
+            tracing::warn!(seq, differences = %details, "swapping despite differences (--force)");
+            return Ok(());
+        }
+        Err(RebuildError::Mismatch { seq, details })
+    }
 }
 
 /// Where a replay stops.

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use events::{AggregateType, Envelope, EventMeta};
-use infra::EventStore;
+use futures::{StreamExt, TryStreamExt};
+use infra::event_store::MAX_BATCH;
+use infra::{BatchItem, EventStore};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -87,6 +89,54 @@ impl Seeder {
         self.append(AggregateType::Project, id, event_type, data, at)
             .await
     }
+}
+
+/// Appends `count` `agent.created` events, each making an agent of its own,
+/// in atomic batches of [`MAX_BATCH`] with a few batches in flight: the
+/// quickest way to a long log. Returns the last sequence.
+pub async fn agents_in_bulk(store: &EventStore, count: usize) -> u64 {
+    let batches = (0..count).step_by(MAX_BATCH).map(|from| {
+        let store = store.clone();
+        async move {
+            let made: Vec<(String, Envelope)> = (from..(from + MAX_BATCH).min(count))
+                .map(|i| {
+                    let id = Uuid::now_v7();
+                    let meta = EventMeta {
+                        aggregate_id: id,
+                        aggregate_version: 1,
+                        occurred_at: Utc::now(),
+                        actor: "seeder".into(),
+                        request_id: "seed-request".into(),
+                    };
+                    let data = agent_created(&format!("bulk {i}"), "seed", "active", &[], None);
+                    let env = Envelope::new(
+                        Uuid::now_v7(),
+                        AggregateType::Agent,
+                        &meta,
+                        "agent.created",
+                        1,
+                        data,
+                    );
+                    (store.subject(AggregateType::Agent, id), env)
+                })
+                .collect();
+            let items: Vec<BatchItem<'_>> = made
+                .iter()
+                .map(|(subject, envelope)| BatchItem {
+                    subject,
+                    expected: 0,
+                    envelope,
+                })
+                .collect();
+            store.append_batch(&items, None).await
+        }
+    });
+    let seqs: Vec<Vec<u64>> = futures::stream::iter(batches)
+        .buffer_unordered(4)
+        .try_collect()
+        .await
+        .expect("append a batch");
+    seqs.into_iter().flatten().max().unwrap_or(0)
 }
 
 /// The data of an `agent.created` event with every field given.

@@ -169,6 +169,10 @@ async fn main() -> anyhow::Result<()> {
                 report.events,
                 report.elapsed.as_secs_f64()
             );
+            println!(
+                "every row agreed with the live models at event {} (and the rows changed since, at the swap):",
+                report.checked_at
+            );
             for t in &report.tables {
                 println!("  {:<22} {:>10} rows  {}", t.table, t.rows, t.checksum);
             }
