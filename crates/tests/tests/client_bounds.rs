@@ -19,22 +19,6 @@ fn addr(app: &TestApp) -> SocketAddr {
     app.running.as_ref().unwrap().addr
 }
 
-/// Twenty thousand agents of about a kilobyte each: an export of some
-/// 20 MB, far more than the socket buffers between a server and a client
-/// that never reads, so such an export stalls with its snapshot open.
-async fn seed_big_agents(app: &TestApp) {
-    sqlx::query(
-        "INSERT INTO agents (id, name, type, description, status, capabilities, config, tags, \
-           project_id, version, created_at, updated_at, created_by, last_seq) \
-         SELECT gen_random_uuid(), 'agent ' || i, 'llm', repeat('x', 1000), 'active', \
-           ARRAY['all'], '{}'::jsonb, '{}'::jsonb, NULL, 1, now(), now(), 'seed', 0 \
-         FROM generate_series(1, 20000) AS i",
-    )
-    .execute(&app.deps.pool)
-    .await
-    .unwrap();
-}
-
 /// An export requested by a client with a 4 KiB receive buffer that reads
 /// the response head and then nothing: the stream and the head.
 async fn stalled_export(addr: SocketAddr, token: &str) -> (TcpStream, String) {
@@ -64,18 +48,6 @@ fn status_of(head: &str) -> u16 {
     head.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Sessions of the test's database with a transaction open and idle: what
-/// a stalled export holds.
-async fn open_transactions(app: &TestApp) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND state LIKE 'idle in transaction%'",
-    )
-    .fetch_one(&app.deps.pool)
-    .await
-    .unwrap()
-}
-
 /// 24 exports whose clients never read: a few run, the rest are refused
 /// with 503 and `Retry-After`, and neither reads nor read-your-writes wait
 /// on them (before: the exports held every pooled connection and `GET
@@ -84,7 +56,10 @@ async fn open_transactions(app: &TestApp) -> i64 {
 async fn stalled_exports_leave_reads_working() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
-    seed_big_agents(&app).await;
+    // Some 20 MB to export, far more than the socket buffers between the
+    // server and a client that never reads: such an export stalls with its
+    // snapshot open.
+    app.seed_read_model_agents(20_000, 1_000).await;
 
     // One after another, so that each holds its snapshot before the next asks.
     let mut exports = Vec::new();
@@ -94,35 +69,20 @@ async fn stalled_exports_leave_reads_working() {
 
     for _ in 0..5 {
         let started = Instant::now();
-        let r = app
-            .request(Method::GET, "/api/v1/agents?limit=1", Some(&token))
-            .send()
-            .await
-            .unwrap();
+        let r = app.read_at("/api/v1/agents?limit=1", &token, 0).await;
         assert_eq!(r.status(), 200);
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            started.elapsed()
-        );
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
     }
+    // Read-your-writes: the projector's connections are not the exports'.
     let started = Instant::now();
     let created = app.create_agent(&token, agent_body("written")).await;
     assert_eq!(created.status(), 201);
     let seq = header_u64(&created, "x-event-seq");
-    let id = created.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let r = app
-        .read_at(&format!("/api/v1/agents/{id}"), &token, seq)
-        .await;
+    let r = app.read_at("/api/v1/agents?limit=1", &token, seq).await;
     assert_eq!(r.status(), 200);
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(1), "{elapsed:?}");
     let running = exports.iter().filter(|(_, h)| status_of(h) == 200).count();
     for (_, head) in exports.iter().filter(|(_, h)| status_of(h) != 200) {
         assert_eq!(status_of(head), 503, "{head}");
@@ -144,7 +104,10 @@ async fn a_stalled_export_is_released_after_the_stall_timeout() {
     settings.http.export_stall_timeout_ms = 500;
     let app = sandbox.start_with(Role::All, &settings).await;
     let token = app.admin_token().await;
-    seed_big_agents(&app).await;
+    // Some 20 MB to export, far more than the socket buffers between the
+    // server and a client that never reads: such an export stalls with its
+    // snapshot open.
+    app.seed_read_model_agents(20_000, 1_000).await;
 
     let (mut stalled, head) = stalled_export(addr(&app), &token).await;
     assert_eq!(status_of(&head), 200, "{head}");
@@ -173,7 +136,7 @@ async fn a_stalled_export_is_released_after_the_stall_timeout() {
     eventually(
         Duration::from_secs(10),
         "no export transaction left open",
-        || async { (open_transactions(&app).await == 0).then_some(()) },
+        || async { (app.transactions_left_open().await == 0).then_some(()) },
     )
     .await;
 
@@ -206,14 +169,8 @@ async fn made_up_methods_make_no_metrics_series() {
         let method = Method::from_bytes(m.as_bytes()).unwrap();
         app.request(method, "/livez", None).send().await.unwrap();
     }
-    let text = app
-        .request(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = app.request(Method::GET, "/metrics", None).send();
+    let text = scrape.await.unwrap().text().await.unwrap();
     for m in ["M1", "M2", "FROBNICATE"] {
         assert!(
             !text.contains(&format!("method=\"{m}\"")),
