@@ -157,11 +157,11 @@ pub struct HttpConfig {
     /// not answer two in a row is dropped.
     #[arg(long, env = "YMERA_LIVE_PING_SECS", default_value_t = 15)]
     pub live_ping_secs: u64,
-    /// Most exports (`GET /agents/export`) running at once; more get 503
-    /// with `Retry-After`. Exports use a database pool of this many
-    /// connections of their own, on top of `YMERA_DB_MAX_CONNECTIONS`, so a
-    /// slow download never holds a connection the reads or the projector
-    /// need.
+    /// Most exports (`GET /agents/export`) running at once (at least 1);
+    /// more get 503 with `Retry-After`. Exports use a database pool of this
+    /// many connections of their own, on top of `YMERA_DB_MAX_CONNECTIONS`,
+    /// so a slow download never holds a connection the reads or the
+    /// projector need.
     #[arg(long, env = "YMERA_EXPORT_MAX_CONCURRENT", default_value_t = 4)]
     pub export_max_concurrent: u32,
     /// How long an export waits for its client to take the next chunk, in

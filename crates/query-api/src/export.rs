@@ -21,19 +21,19 @@
 //! chunked body never ends properly), which every HTTP client reports as an
 //! error: a truncated export never looks complete.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use futures::stream;
+use infra::config::HttpConfig;
 use infra::http::auth::Viewer;
 use infra::http::{ApiError, QueryPairs};
 use infra::views::AgentView;
-use std::sync::Arc;
-use std::time::Duration;
-
-use infra::config::HttpConfig;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -250,6 +250,20 @@ async fn fetch_chunks(
     stall_timeout: Duration,
     _slot: OwnedSemaphorePermit,
 ) {
+    // Whether the response took `chunk` in time; every send is bounded,
+    // the last one too, or a stalled client would keep its slot.
+    let send = |chunk| async {
+        match tokio::time::timeout(stall_timeout, chunks.send(chunk)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!(
+                    ?stall_timeout,
+                    "export client stopped reading; releasing its snapshot"
+                );
+                false
+            }
+        }
+    };
     loop {
         let fetched = sqlx::query(sqlx::AssertSqlSafe(format!(
             "FETCH FORWARD {CHUNK_ROWS} FROM agents_export"
@@ -259,22 +273,16 @@ async fn fetch_chunks(
         match fetched {
             Ok(rows) if rows.is_empty() => {
                 let end = tx.commit().await.map(|()| rows).map_err(Into::into);
-                let _ = chunks.send(end).await;
+                send(end).await;
                 return;
             }
-            Ok(rows) => match tokio::time::timeout(stall_timeout, chunks.send(Ok(rows))).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    tracing::warn!(
-                        ?stall_timeout,
-                        "export client stopped reading; releasing its snapshot"
-                    );
+            Ok(rows) => {
+                if !send(Ok(rows)).await {
                     return;
                 }
-            },
+            }
             Err(e) => {
-                let _ = chunks.send(Err(e.into())).await;
+                send(Err(e.into())).await;
                 return;
             }
         }
