@@ -233,7 +233,55 @@ pub async fn delete_agent(
 pub struct BulkCreateRequest {
     /// 1..=1,000 create bodies.
     #[schema(value_type = Vec<CreateAgentRequest>, min_items = 1, max_items = 1000)]
-    pub agents: Vec<serde_json::Value>,
+    pub agents: BulkItems,
+}
+
+/// The items of a bulk request, each kept as JSON so that every bad one
+/// can be reported with its index. Parsing refuses an array longer than
+/// [`infra::event_store::MAX_BATCH`] the moment its next item begins: a
+/// body of millions of tiny items (`[0,0,…]`) would otherwise become
+/// millions of JSON values, many times the body's own size, before the
+/// count was checked.
+#[derive(Debug)]
+pub struct BulkItems(pub Vec<serde_json::Value>);
+
+/// What a bulk request must hold; the message of the 422 for any other
+/// count.
+const BULK_COUNT: &str = "must hold 1 to 1000 agents";
+
+impl<'de> Deserialize<'de> for BulkItems {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Items;
+
+        impl<'de> serde::de::Visitor<'de> for Items {
+            type Value = BulkItems;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of agents")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<BulkItems, A::Error> {
+                let max = infra::event_store::MAX_BATCH;
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(max));
+                while items.len() < max {
+                    match seq.next_element()? {
+                        Some(item) => items.push(item),
+                        None => return Ok(BulkItems(items)),
+                    }
+                }
+                // One more item is one too many; it is skipped, not kept.
+                match seq.next_element::<serde::de::IgnoredAny>()? {
+                    Some(_) => Err(serde::de::Error::custom(BULK_COUNT)),
+                    None => Ok(BulkItems(items)),
+                }
+            }
+        }
+
+        deserializer.deserialize_seq(Items)
+    }
 }
 
 #[derive(Debug, serde::Serialize, ToSchema)]
@@ -257,16 +305,14 @@ pub async fn bulk_create(
     write: WriteRequest,
     ApiJson(body): ApiJson<BulkCreateRequest>,
 ) -> Result<Response, ApiError> {
-    let n = body.agents.len();
+    let BulkItems(agents) = body.agents;
+    let n = agents.len();
     if !(1..=infra::event_store::MAX_BATCH).contains(&n) {
-        return Err(ApiError::invalid_field(
-            "agents",
-            "must hold 1 to 1000 agents",
-        ));
+        return Err(ApiError::invalid_field("agents", BULK_COUNT));
     }
     let mut items = Vec::with_capacity(n);
     let mut errors = Vec::new();
-    for (index, raw) in body.agents.into_iter().enumerate() {
+    for (index, raw) in agents.into_iter().enumerate() {
         let parsed = serde_json::from_value::<CreateAgentRequest>(raw)
             .map_err(|e| vec![FieldError::new("body", e.to_string())])
             .and_then(CreateAgentRequest::parse);

@@ -157,6 +157,19 @@ pub struct HttpConfig {
     /// not answer two in a row is dropped.
     #[arg(long, env = "YMERA_LIVE_PING_SECS", default_value_t = 15)]
     pub live_ping_secs: u64,
+    /// Most exports (`GET /agents/export`) running at once (at least 1);
+    /// more get 503 with `Retry-After`. Exports use a database pool of this
+    /// many connections of their own, on top of `YMERA_DB_MAX_CONNECTIONS`,
+    /// so a slow download never holds a connection the reads or the
+    /// projector need.
+    #[arg(long, env = "YMERA_EXPORT_MAX_CONCURRENT", default_value_t = 4)]
+    pub export_max_concurrent: u32,
+    /// How long an export waits for its client to take the next chunk, in
+    /// milliseconds, before it gives up: its transaction and connection are
+    /// released and the response is cut off (a truncated download, never
+    /// one that looks complete).
+    #[arg(long, env = "YMERA_EXPORT_STALL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub export_stall_timeout_ms: u64,
     /// Requests per second each token may make to the API, sustained
     /// (bursts of twice that are allowed). 0 turns the limit off.
     #[arg(long, env = "YMERA_RATE_LIMIT_PER_TOKEN", default_value_t = 1_000)]
@@ -186,6 +199,8 @@ impl HttpConfig {
             live_max_connections: 1_000,
             live_buffer: 1_024,
             live_ping_secs: 15,
+            export_max_concurrent: 4,
+            export_stall_timeout_ms: 30_000,
             rate_limit_per_token: 1_000,
             rate_limit_per_ip: 100,
             login_attempts_per_minute: 60,
@@ -199,5 +214,9 @@ impl HttpConfig {
 
     pub fn min_seq_wait(&self) -> Duration {
         Duration::from_millis(self.min_seq_wait_ms)
+    }
+
+    pub fn export_stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.export_stall_timeout_ms)
     }
 }

@@ -34,12 +34,29 @@ pub fn pool_reading(cfg: &DbConfig, read_schema: &str) -> Result<PgPool, sqlx::E
     let options = options
         .application_name("ymera")
         .options([("search_path", format!("{read_schema},{CORE_SCHEMA},public"))]);
-    Ok(PgPoolOptions::new()
-        .max_connections(cfg.db_max_connections)
-        // A couple kept open: the first requests after start (or after an
-        // outage) need not all wait to connect.
-        .min_connections(2.min(cfg.db_max_connections))
-        .acquire_timeout(Duration::from_millis(cfg.db_acquire_timeout_ms))
+    Ok(pool_options(
+        cfg.db_max_connections,
+        Duration::from_millis(cfg.db_acquire_timeout_ms),
+    )
+    // A couple kept open: the first requests after start (or after an
+    // outage) need not all wait to connect.
+    .min_connections(2.min(cfg.db_max_connections))
+    .connect_lazy_with(options))
+}
+
+/// A pool of its own, on `pool`'s database with its settings, holding at
+/// most `max` connections: for work that holds a connection as long as a
+/// client takes (exports), so that it can never take the connections the
+/// reads and the projector need.
+pub fn side_pool(pool: &PgPool, max: u32) -> PgPool {
+    pool_options(max, pool.options().get_acquire_timeout())
+        .connect_lazy_with(pool.connect_options().as_ref().clone())
+}
+
+fn pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
         // sqlx pings every connection it hands out by default: a second
         // round trip for every query, which under load cost as much as the
         // query itself. A connection that was busy a moment ago is alive;
@@ -55,7 +72,6 @@ pub fn pool_reading(cfg: &DbConfig, read_schema: &str) -> Result<PgPool, sqlx::E
                 Ok(true)
             })
         })
-        .connect_lazy_with(options))
 }
 
 /// How long a pooled connection may sit idle before it is pinged on its

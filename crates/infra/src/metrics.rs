@@ -192,19 +192,41 @@ impl Drop for InFlight {
     }
 }
 
-/// Records one served request. `route` is the matched route template
-/// (bounded cardinality), never the raw path.
+/// Records one served request. Every label is bounded, because each value
+/// a label takes is a series kept for the life of the process, and these
+/// come from unauthenticated requests: `method` is one of the standard
+/// methods or `OTHER` ([`method_label`]), `route` the matched route
+/// template (or `unmatched`), never the raw path, and `status` a code this
+/// server answers with.
 pub fn record_http(method: &str, route: &str, status: u16, elapsed: Duration) {
     let r = install();
     r.http.record(status, elapsed);
     let labels = [
-        ("method", method.to_owned()),
+        ("method", method_label(method).to_owned()),
         ("route", route.to_owned()),
         ("status", status.to_string()),
     ];
     metrics::counter!("ymera_http_requests_total", &labels).increment(1);
     metrics::histogram!("ymera_http_request_duration_seconds", &labels)
         .record(elapsed.as_secs_f64());
+}
+
+/// How a request method is labelled: itself when standard, else `OTHER`.
+/// A client may send any token as a method (`curl -X M1`), and each one
+/// would otherwise make a series of its own.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "OTHER",
+    }
 }
 
 /// Records one acknowledged append that was started at `started`.
@@ -478,6 +500,14 @@ pub fn render() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_standard_methods_are_labelled_as_themselves() {
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("PATCH"), "PATCH");
+        assert_eq!(method_label("M1"), "OTHER");
+        assert_eq!(method_label("get"), "OTHER");
+    }
 
     #[test]
     fn percentiles_are_within_a_bucket() {

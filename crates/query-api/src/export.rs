@@ -10,9 +10,19 @@
 //! memory stays constant whatever the row count, and a slow client only
 //! slows the export down. The route is mounted outside the request timeout.
 //!
+//! An export holds its connection and snapshot for as long as its client
+//! takes, so exports are bounded apart from everything else ([`Exports`]):
+//! a pool of their own, a cap on how many run at once (503 with
+//! `Retry-After` beyond it), and a stall timeout: a client that takes no
+//! chunk for that long loses its export (transaction rolled back,
+//! connection and slot given back, the response cut off).
+//!
 //! Should the database fail mid-stream, the response is cut off (the
 //! chunked body never ends properly), which every HTTP client reports as an
 //! error: a truncated export never looks complete.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -20,12 +30,13 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use futures::stream;
+use infra::config::HttpConfig;
 use infra::http::auth::Viewer;
 use infra::http::{ApiError, QueryPairs};
 use infra::views::AgentView;
 use sqlx::postgres::PgRow;
-use sqlx::{Postgres, QueryBuilder, Transaction};
-use tokio::sync::mpsc;
+use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
@@ -41,6 +52,37 @@ const CHUNK_ROWS: usize = 1_000;
 /// busy while the response encodes, few enough to bound memory (a chunk of
 /// 1,000 agents is about half a megabyte).
 const CHUNKS_AHEAD: usize = 2;
+
+/// What every export of a process shares: the bounds that keep slow or
+/// stalled downloads from taking what other requests need.
+#[derive(Debug)]
+pub struct Exports {
+    /// The exports' own connections; never the reads' or the projector's.
+    pool: PgPool,
+    /// One permit per export running. Refusing at once beyond the cap
+    /// (rather than queueing on the pool) tells the client to come back.
+    slots: Arc<Semaphore>,
+    /// How long a client may leave the next chunk untaken.
+    stall_timeout: Duration,
+}
+
+impl Exports {
+    /// Exports on a pool of their own beside `pool`, as `http` bounds them.
+    pub fn new(pool: &PgPool, http: &HttpConfig) -> Exports {
+        let max = http.export_max_concurrent.max(1);
+        Exports {
+            pool: infra::db::side_pool(pool, max),
+            slots: Arc::new(Semaphore::new(max as usize)),
+            stall_timeout: http.export_stall_timeout(),
+        }
+    }
+
+    fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Unavailable("too many exports are running; try again shortly".into())
+        })
+    }
+}
 
 /// The export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,12 +239,31 @@ impl Export {
 
 /// Fetches the cursor chunk by chunk into `chunks` until it is exhausted
 /// (then commits, and ends with an empty chunk) or fails (then sends the
-/// error). Stops as soon as the response is gone: the transaction is
-/// dropped, which rolls it back and returns the connection.
+/// error). Stops as soon as the response is gone, or has taken no chunk for
+/// `stall_timeout`: the transaction is dropped, which rolls it back and
+/// returns the connection, and the export's slot is given back with it.
+/// The response then ends in an error once the chunks already fetched are
+/// sent.
 async fn fetch_chunks(
     mut tx: Transaction<'static, Postgres>,
     chunks: mpsc::Sender<Result<Vec<PgRow>, anyhow::Error>>,
+    stall_timeout: Duration,
+    _slot: OwnedSemaphorePermit,
 ) {
+    // Whether the response took `chunk` in time; every send is bounded,
+    // the last one too, or a stalled client would keep its slot.
+    let send = |chunk| async {
+        match tokio::time::timeout(stall_timeout, chunks.send(chunk)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!(
+                    ?stall_timeout,
+                    "export client stopped reading; releasing its snapshot"
+                );
+                false
+            }
+        }
+    };
     loop {
         let fetched = sqlx::query(sqlx::AssertSqlSafe(format!(
             "FETCH FORWARD {CHUNK_ROWS} FROM agents_export"
@@ -212,16 +273,16 @@ async fn fetch_chunks(
         match fetched {
             Ok(rows) if rows.is_empty() => {
                 let end = tx.commit().await.map(|()| rows).map_err(Into::into);
-                let _ = chunks.send(end).await;
+                send(end).await;
                 return;
             }
             Ok(rows) => {
-                if chunks.send(Ok(rows)).await.is_err() {
+                if !send(Ok(rows)).await {
                     return;
                 }
             }
             Err(e) => {
-                let _ = chunks.send(Err(e.into())).await;
+                send(Err(e.into())).await;
                 return;
             }
         }
@@ -230,10 +291,10 @@ async fn fetch_chunks(
 
 /// Opens the snapshot and the cursor; returns the checkpoint it reflects.
 async fn open(
-    state: &QueryState,
+    exports: &Exports,
     filters: &Filters,
 ) -> Result<(Transaction<'static, Postgres>, u64), ApiError> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = exports.pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
@@ -275,7 +336,9 @@ impl Params for ExportParams {
 ///
 /// Every agent matching the filters, newest first, from one consistent
 /// snapshot (its sequence is `X-Projection-Seq`), streamed with constant
-/// memory whatever the count, and exempt from the request timeout.
+/// memory whatever the count, and exempt from the request timeout. A few
+/// run at once (more get 503 with `Retry-After`); a client that takes no
+/// data for the stall timeout has its download cut off.
 /// `csv` (default): RFC 4180 with a header row and CRLF line ends;
 /// `capabilities`, `config` and `tags` are JSON text, `project_id` is empty
 /// when null. `ndjson`: one agent object per line. `json`: one array of
@@ -297,10 +360,12 @@ pub async fn export_agents(
     _viewer: Viewer,
     Fresh(ExportParams { format, filters }): Fresh<ExportParams>,
 ) -> Result<Response, ApiError> {
-    let (tx, seq) = open(&state, &filters).await?;
+    let exports = &state.exports;
+    let slot = exports.slot()?;
+    let (tx, seq) = open(exports, &filters).await?;
 
     let (sender, chunks) = mpsc::channel(CHUNKS_AHEAD);
-    tokio::spawn(fetch_chunks(tx, sender));
+    tokio::spawn(fetch_chunks(tx, sender, exports.stall_timeout, slot));
     let export = Export {
         format,
         rows_sent: 0,

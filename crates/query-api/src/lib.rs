@@ -45,6 +45,7 @@ pub struct QueryState {
     pub watch: ProjectionWatch,
     pub http: Arc<HttpConfig>,
     pub live: Arc<live::LiveHub>,
+    pub exports: Arc<export::Exports>,
 }
 
 impl FromRef<QueryState> for Arc<Auth> {

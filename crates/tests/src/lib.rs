@@ -327,6 +327,36 @@ impl TestApp {
         .await;
     }
 
+    /// Inserts `count` agents straight into the read model (no events),
+    /// each with a description of `description_chars` characters: for
+    /// tests that need many rows to read, fast.
+    pub async fn seed_read_model_agents(&self, count: u32, description_chars: u32) {
+        sqlx::query(
+            "INSERT INTO agents (id, name, type, description, status, capabilities, config, tags, \
+               project_id, version, created_at, updated_at, created_by, last_seq) \
+             SELECT gen_random_uuid(), 'agent ' || i, 'llm', repeat('x', $2), 'active', \
+               ARRAY['all'], '{}'::jsonb, '{}'::jsonb, NULL, 1, now(), now(), 'seed', 0 \
+             FROM generate_series(1, $1) AS i",
+        )
+        .bind(count as i32)
+        .bind(description_chars as i32)
+        .execute(&self.deps.pool)
+        .await
+        .expect("seed the read model");
+    }
+
+    /// Sessions of the sandbox's database sitting idle inside a
+    /// transaction: what an export, or anything else, left open.
+    pub async fn transactions_left_open(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&self.deps.pool)
+        .await
+        .expect("pg_stat_activity")
+    }
+
     /// The checksums of the live read models, and of a fresh replay of the
     /// whole log into `schema`: equal when the live models are exactly a
     /// fold of the log.

@@ -419,16 +419,7 @@ async fn csv_quotes_commas_quotes_and_newlines_and_formats_agree() {
 async fn abandoned_exports_give_their_connections_back() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
-    sqlx::query(
-        "INSERT INTO agents (id, name, type, description, status, capabilities, config, tags, \
-           project_id, version, created_at, updated_at, created_by, last_seq) \
-         SELECT gen_random_uuid(), 'agent ' || i, 'llm', repeat('x', 200), 'active', \
-           ARRAY['all'], '{}'::jsonb, '{}'::jsonb, NULL, 1, now(), now(), 'seed', 0 \
-         FROM generate_series(1, 20000) AS i",
-    )
-    .execute(&app.deps.pool)
-    .await
-    .unwrap();
+    app.seed_read_model_agents(20_000, 200).await;
 
     for _ in 0..40 {
         let mut r = app
@@ -441,21 +432,12 @@ async fn abandoned_exports_give_their_connections_back() {
         drop(r); // hang up after the first chunk
     }
 
-    let open_transactions = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND state LIKE 'idle in transaction%'",
-        )
-        .fetch_one(&app.deps.pool)
-        .await
-        .unwrap()
-    };
     let started = std::time::Instant::now();
-    while open_transactions().await > 0 {
+    while app.transactions_left_open().await > 0 {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(10),
             "abandoned exports still hold {} transactions",
-            open_transactions().await
+            app.transactions_left_open().await
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

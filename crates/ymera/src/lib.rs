@@ -154,6 +154,7 @@ pub fn app(
         watch,
         http: http.clone(),
         live: query_api::live::LiveHub::spawn(deps.store.clone(), &http, shutdown.clone()),
+        exports: Arc::new(query_api::export::Exports::new(&deps.pool, &http)),
     });
     if let Some(state) = &query_state {
         api = api.merge(query_api::router(state.clone()).layer(limited()));

@@ -57,7 +57,8 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
 
     let span = tracing::info_span!(
         "http",
-        otel.name = %format!("{method} {route}"),
+        // Trace backends index span names: bounded like the metrics.
+        otel.name = %format!("{} {route}", crate::metrics::method_label(method.as_str())),
         otel.kind = "server",
         %method,
         route = %route,
