@@ -32,6 +32,7 @@ use chrono::SecondsFormat;
 use futures::stream;
 use infra::config::HttpConfig;
 use infra::http::auth::Viewer;
+use infra::http::send_timeout::SendTimeout;
 use infra::http::{ApiError, QueryPairs};
 use infra::views::AgentView;
 use sqlx::postgres::PgRow;
@@ -359,9 +360,13 @@ pub async fn export_agents(
     State(state): State<QueryState>,
     _viewer: Viewer,
     Fresh(ExportParams { format, filters }): Fresh<ExportParams>,
+    send_timeout: SendTimeout,
 ) -> Result<Response, ApiError> {
     let exports = &state.exports;
     let slot = exports.slot()?;
+    // The connection too: a client that takes no bytes for as long is cut
+    // off, rather than keep the chunks already fetched until TCP gives up.
+    send_timeout.set(exports.stall_timeout);
     let (tx, seq) = open(exports, &filters).await?;
 
     let (sender, chunks) = mpsc::channel(CHUNKS_AHEAD);
