@@ -178,12 +178,7 @@ async fn checksums_since(
                  WHERE e.seq > {s} AND e.aggregate_type = '{kind}')"
             ),
         };
-        let chunk = |after: bool| {
-            let after = if after {
-                format!("AND t.{key} > $2::{key_type}")
-            } else {
-                String::new()
-            };
+        let chunk = |after: &str| {
             format!(
                 "SELECT count(*), (array_agg(t.{key}::text ORDER BY t.{key} DESC))[1], \
                         md5($1 || coalesce(string_agg(md5(row({cols})::text), '' ORDER BY t.{key}), '')) \
@@ -191,13 +186,14 @@ async fn checksums_since(
                        ORDER BY t.{key} LIMIT {CHUNK}) t"
             )
         };
-        let (first, next) = (chunk(false), chunk(true));
+        let first = chunk("");
+        let next = chunk(&format!("AND t.{key} > $2::{key_type}"));
         let (mut rows, mut checksum, mut last) = (0i64, String::new(), None::<String>);
         loop {
-            let query = match &last {
-                None => sqlx::query_as(sqlx::AssertSqlSafe(first.as_str())).bind(&checksum),
-                Some(key) => sqlx::query_as(sqlx::AssertSqlSafe(next.as_str()))
-                    .bind(&checksum)
+            let query = match last.take() {
+                None => sqlx::query_as(sqlx::AssertSqlSafe(first.clone())).bind(checksum),
+                Some(key) => sqlx::query_as(sqlx::AssertSqlSafe(next.clone()))
+                    .bind(checksum)
                     .bind(key),
             };
             let (n, chunk_last, chained): (i64, Option<String>, String) =
