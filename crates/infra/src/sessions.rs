@@ -19,6 +19,7 @@
 //! is what all of them reach.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -57,11 +58,18 @@ struct Cache {
     users: HashMap<String, Standing>,
 }
 
+/// Misses are read in turns, by username: the burst of requests that
+/// follows a change or a reconnect makes one query per user, not one per
+/// request (which would empty the pool).
+const READ_TURNS: usize = 64;
+
 /// The cache of users' token epochs, kept current by a `LISTEN` task.
 #[derive(Debug)]
 pub struct Sessions {
     pool: PgPool,
     cache: RwLock<Cache>,
+    turns: Box<[tokio::sync::Mutex<()>]>,
+    turn_of: RandomState,
 }
 
 impl Sessions {
@@ -70,6 +78,10 @@ impl Sessions {
         let sessions = Arc::new(Sessions {
             pool,
             cache: RwLock::default(),
+            turns: (0..READ_TURNS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            turn_of: RandomState::new(),
         });
         let listening = sessions.clone();
         tokio::spawn(async move {
@@ -93,17 +105,15 @@ impl Sessions {
     /// Whether `claims` (whose signature has been verified) still speak for
     /// their user: same epoch and role as the users table has now.
     pub async fn check(&self, claims: &Claims) -> Result<(), SessionError> {
-        let (cached, generation) = {
-            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
-            (cache.users.get(&claims.sub).copied(), cache.generation)
-        };
-        match cached {
-            Some(standing) if holds(standing, claims) => return Ok(()),
-            // A token newer than the entry proves the entry stale (epochs
-            // only grow): read again. Any other mismatch is final.
-            Some(Some((epoch, _))) if claims.epoch > epoch => {}
-            Some(_) => return Err(SessionError::Revoked),
-            None => {}
+        if let Some(verdict) = self.cached(claims).0 {
+            return verdict;
+        }
+        let turn = (self.turn_of.hash_one(&claims.sub) % READ_TURNS as u64) as usize;
+        let _turn = self.turns[turn].lock().await;
+        // Another request may have read it while this one waited.
+        let (verdict, generation) = self.cached(claims);
+        if let Some(verdict) = verdict {
+            return verdict;
         }
         let standing = self.read(&claims.sub).await?;
         self.remember(generation, &claims.sub, standing);
@@ -112,6 +122,21 @@ impl Sessions {
         } else {
             Err(SessionError::Revoked)
         }
+    }
+
+    /// The verdict the cache gives, if it gives one, and the cache's
+    /// generation.
+    fn cached(&self, claims: &Claims) -> (Option<Result<(), SessionError>>, u64) {
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        let verdict = match cache.users.get(&claims.sub).copied() {
+            Some(standing) if holds(standing, claims) => Some(Ok(())),
+            // A token newer than the entry proves the entry stale (epochs
+            // only grow): read again. Any other mismatch is final.
+            Some(Some((epoch, _))) if claims.epoch > epoch => None,
+            Some(_) => Some(Err(SessionError::Revoked)),
+            None => None,
+        };
+        (verdict, cache.generation)
     }
 
     async fn read(&self, username: &str) -> Result<Standing, SessionError> {
