@@ -1,7 +1,9 @@
 //! Rate limits: per token on the API (per client address before login),
-//! and on login attempts. Token buckets kept in this process, so with N
-//! copies of an API behind a balancer a client gets up to N times the
-//! limit; that is a deliberate trade for no shared state on the hot path.
+//! and on login attempts (per client address, then per valid username).
+//! Token buckets kept in this process, so with N copies of an API behind a
+//! balancer a client gets up to N times the limit; that is a deliberate
+//! trade for no shared state on the hot path. Every limiter's table is
+//! bounded whatever clients send (see [`RateLimiter`]).
 //!
 //! Every limited response carries the `RateLimit-Limit`,
 //! `RateLimit-Remaining` and `RateLimit-Reset` headers (IETF draft); a
