@@ -92,7 +92,7 @@ pub async fn idempotency(State(state): State<CommandState>, req: Request, next: 
     let (mut parts, body) = req.into_parts();
     // Keys are per user. Without a valid token the handler answers 401
     // anyway; nothing to remember.
-    let actor = match auth::authenticate(&mut parts, &state.auth) {
+    let actor = match auth::authenticate(&mut parts, &state.auth).await {
         Ok(claims) => claims.sub.clone(),
         Err(_) => return next.run(Request::from_parts(parts, body)).await,
     };

@@ -7,6 +7,7 @@
 //! decision or an answer. The write model (`repo`, `service`) fails with
 //! its own `WriteError`, which becomes an HTTP problem only at the edge.
 
+pub mod accounts;
 pub mod agents;
 pub mod error;
 pub mod idempotency;

@@ -1,24 +1,23 @@
-//! Login and user management. Users are not event-sourced: credentials are
-//! not domain history, and a deleted password hash must be gone for good.
-//! Passwords are stored only as Argon2id hashes.
+//! Login, password changes and user management over HTTP; the table itself
+//! is `accounts`. Users are not event-sourced: credentials are not domain
+//! history, and a deleted password hash must be gone for good. Passwords
+//! are stored only as Argon2id hashes.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Utc};
-use infra::auth::{self, Role};
-use infra::config::AuthConfig;
-use infra::http::auth::Admin;
-use infra::http::{ApiError, ApiJson, ApiPath, Problem};
+use infra::auth::{self, Role, Username};
+use infra::http::auth::{Admin, Viewer};
+use infra::http::{ApiError, ApiJson, ApiPath, Problem, ProblemItem};
 use infra::views::Page;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::CommandState;
+use crate::accounts::{self, AccountError, UserView};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -50,13 +49,25 @@ pub struct CreateUserRequest {
     pub role: Role,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
-pub struct UserView {
-    pub username: String,
-    #[schema(value_type = Role)]
-    pub role: String,
-    pub created_at: DateTime<Utc>,
-    pub created_by: String,
+/// A self-service password change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePasswordRequest {
+    #[schema(value_type = String, format = Password)]
+    pub current_password: SecretString,
+    /// 8..=1024 characters.
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 1024)]
+    pub new_password: SecretString,
+}
+
+/// An admin's change to a user: the role, the password, or both.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUserRequest {
+    pub role: Option<Role>,
+    /// 8..=1024 characters.
+    #[schema(value_type = Option<String>, format = Password, min_length = 8, max_length = 1024)]
+    pub password: Option<SecretString>,
 }
 
 /// Runs a CPU-heavy password operation off the async workers.
@@ -85,7 +96,7 @@ async fn blocking<T: Send + 'static>(
     request_body = LoginRequest,
     responses(
         (status = 200, body = TokenResponse),
-        (status = 401, description = "Unknown user or wrong password (one message for both)",
+        (status = 401, description = "Unknown user, wrong password or a name no user can have (one message for all)",
             body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
     ))]
@@ -95,35 +106,32 @@ pub async fn login(
     headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
-    // Attempts are limited per username and per client address, so
-    // passwords cannot be guessed at speed.
+    // Attempts are limited per client address, then per username, so
+    // passwords cannot be guessed at speed. The address goes first: a
+    // refused client's username is not even looked at. A name no user can
+    // have (wrong length or characters) is a failed login like any other,
+    // and never becomes a key.
     let client = state.limits.client_address(&extensions, &headers);
-    if let Some(d) = state.limits.login_attempt(&body.username, &client)
-        && !d.allowed
-    {
-        return Ok(d.refusal());
+    if let Some(refused) = state.limits.login_from(&client) {
+        return Ok(refused.refusal());
     }
-    // A name with NUL cannot be looked up (PostgreSQL text cannot hold it)
-    // and no user has one: it is an unknown user, with the same answer and
-    // the same password hashing time as any other.
-    let row: Option<(String, String)> = if !body.username.contains('\0') {
-        sqlx::query_as("SELECT password_hash, role FROM users WHERE username = $1")
-            .bind(&body.username)
-            .fetch_optional(&state.pool)
-            .await?
-    } else {
-        None
+    let Some(username) = Username::parse(&body.username) else {
+        return Err(invalid_credentials());
     };
-    let (hash, role) = row.map_or((None, None), |(h, r)| (Some(h), Some(r)));
+    if let Some(refused) = state.limits.login_as(&username) {
+        return Ok(refused.refusal());
+    }
+    let user = accounts::credentials(&state.pool, &username).await?;
+    let hash = user.as_ref().map(|u| u.password_hash.clone());
     let password = body.password;
     let ok = blocking(move || auth::verify_password(&password, hash.as_deref())).await?;
-    let role = role.as_deref().and_then(Role::parse).filter(|_| ok);
-    let Some(role) = role else {
-        return Err(ApiError::Unauthorized(
-            "invalid username or password".into(),
-        ));
+    let Some((role, epoch)) = user
+        .filter(|_| ok)
+        .and_then(|u| Some((Role::parse(&u.role)?, u.token_epoch)))
+    else {
+        return Err(invalid_credentials());
     };
-    let (access_token, expires_in) = state.auth.issue(&body.username, role)?;
+    let (access_token, expires_in) = state.auth.issue(username.as_str(), role, epoch)?;
     Ok(Json(TokenResponse {
         access_token,
         token_type: "bearer".into(),
@@ -133,36 +141,84 @@ pub async fn login(
     .into_response())
 }
 
-/// 1..=64 characters of `[A-Za-z0-9_.@-]`.
-fn valid_username(u: &str) -> bool {
-    !u.is_empty()
-        && u.len() <= 64
-        && u.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+/// The one answer to every failed login: unknown user, wrong password or a
+/// name no user can have.
+fn invalid_credentials() -> ApiError {
+    ApiError::Unauthorized("invalid username or password".into())
 }
 
-fn validate_user(body: &CreateUserRequest) -> Result<(), ApiError> {
-    let mut errors = Vec::new();
-    if !valid_username(&body.username) {
-        errors.push(infra::http::ProblemItem {
-            field: Some("username".into()),
-            index: None,
-            message: "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '@', '-'".into(),
-        });
-    }
-    let n = body.password.expose_secret().chars().count();
-    if !(8..=1024).contains(&n) {
-        errors.push(infra::http::ProblemItem {
-            field: Some("password".into()),
-            index: None,
-            message: "must be 8 to 1024 characters".into(),
-        });
-    }
+/// 8..=1024 characters, or why not.
+fn check_password(field: &str, password: &SecretString) -> Option<ProblemItem> {
+    let n = password.expose_secret().chars().count();
+    (!(8..=1024).contains(&n)).then(|| ProblemItem {
+        field: Some(field.into()),
+        index: None,
+        message: "must be 8 to 1024 characters".into(),
+    })
+}
+
+fn reject(errors: Vec<ProblemItem>) -> Result<(), ApiError> {
     if errors.is_empty() {
         Ok(())
     } else {
         Err(ApiError::invalid(errors))
     }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> Self {
+        match e {
+            AccountError::NotFound => ApiError::NotFound(e.to_string()),
+            AccountError::LastAdmin => ApiError::Conflict(e.to_string()),
+            AccountError::Db(e) => e.into(),
+        }
+    }
+}
+
+/// Change your own password (any role). Every token of yours issued
+/// before, this one included, stops working: log in again.
+#[utoipa::path(post, path = "/auth/password", tag = "auth",
+    request_body = ChangePasswordRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "Changed; older tokens are revoked"),
+        (status = 422, description = "The current password is wrong, or the new one is not valid",
+            body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn change_password(
+    State(state): State<CommandState>,
+    Viewer(claims): Viewer,
+    extensions: axum::http::Extensions,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<ChangePasswordRequest>,
+) -> Result<Response, ApiError> {
+    reject(
+        check_password("new_password", &body.new_password)
+            .into_iter()
+            .collect(),
+    )?;
+    // The current password is guessed no faster here than at login.
+    let client = state.limits.client_address(&extensions, &headers);
+    let username = Username::parse(&claims.sub).ok_or_else(invalid_credentials)?;
+    if let Some(refused) = state
+        .limits
+        .login_from(&client)
+        .or_else(|| state.limits.login_as(&username))
+    {
+        return Ok(refused.refusal());
+    }
+    let user = accounts::credentials(&state.pool, &username)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such user".into()))?;
+    let (current, new) = (body.current_password, body.new_password);
+    let hash = blocking(move || {
+        auth::verify_password(&current, Some(&user.password_hash))
+            .then(|| auth::hash_password(&new))
+    })
+    .await?
+    .ok_or_else(|| ApiError::invalid_field("current_password", "is not your current password"))??;
+    accounts::update(&state.pool, &username, None, Some(&hash)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Create a user (admins only).
@@ -180,21 +236,23 @@ pub async fn create_user(
     Admin(claims): Admin,
     ApiJson(body): ApiJson<CreateUserRequest>,
 ) -> Result<(StatusCode, Json<UserView>), ApiError> {
-    validate_user(&body)?;
+    let username = Username::parse(&body.username);
+    let mut errors = Vec::new();
+    if username.is_none() {
+        errors.push(ProblemItem {
+            field: Some("username".into()),
+            index: None,
+            message: Username::RULE.into(),
+        });
+    }
+    errors.extend(check_password("password", &body.password));
+    reject(errors)?;
+    let username = username.expect("checked above");
     let password = body.password;
     let hash = blocking(move || auth::hash_password(&password)).await??;
-    let user: Option<UserView> = sqlx::query_as(
-        "INSERT INTO users (username, password_hash, role, created_by) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (username) DO NOTHING \
-         RETURNING username, role, created_at, created_by",
-    )
-    .bind(&body.username)
-    .bind(hash)
-    .bind(body.role.as_str())
-    .bind(&claims.sub)
-    .fetch_optional(&state.pool)
-    .await?;
-    let user = user.ok_or_else(|| ApiError::Conflict("a user with this name exists".into()))?;
+    let user = accounts::insert(&state.pool, &username, &hash, body.role, &claims.sub)
+        .await?
+        .ok_or_else(|| ApiError::Conflict("a user with this name exists".into()))?;
     Ok((StatusCode::CREATED, Json(user)))
 }
 
@@ -206,18 +264,63 @@ pub async fn list_users(
     State(state): State<CommandState>,
     _admin: Admin,
 ) -> Result<Json<Page<UserView>>, ApiError> {
-    let items: Vec<UserView> = sqlx::query_as(
-        "SELECT username, role, created_at, created_by FROM users ORDER BY username",
-    )
-    .fetch_all(&state.pool)
-    .await?;
     Ok(Json(Page {
-        items,
+        items: accounts::list(&state.pool).await?,
         next_cursor: None,
     }))
 }
 
-/// Delete a user (admins only). The last admin cannot be deleted (409).
+/// The user named in the path; a name no user can have is a 404.
+fn path_user(username: &str) -> Result<Username, ApiError> {
+    Username::parse(username).ok_or_else(|| AccountError::NotFound.into())
+}
+
+/// Change a user's role and/or password (admins only). Either change
+/// revokes the user's older tokens (401 from then on, on every process):
+/// they log in again, with the new role. The last admin cannot be demoted
+/// (409).
+#[utoipa::path(put, path = "/users/{username}", tag = "users",
+    params(("username" = String, Path, pattern = "^[A-Za-z0-9_.@-]{1,64}$")),
+    request_body = UpdateUserRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = UserView),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Would leave no admin", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Neither role nor password, or an invalid password",
+            body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn update_user(
+    State(state): State<CommandState>,
+    _admin: Admin,
+    ApiPath(username): ApiPath<String>,
+    ApiJson(body): ApiJson<UpdateUserRequest>,
+) -> Result<Json<UserView>, ApiError> {
+    let mut errors: Vec<ProblemItem> = body
+        .password
+        .as_ref()
+        .and_then(|p| check_password("password", p))
+        .into_iter()
+        .collect();
+    if body.role.is_none() && body.password.is_none() {
+        errors.push(ProblemItem {
+            field: None,
+            index: None,
+            message: "give a role, a password, or both".into(),
+        });
+    }
+    reject(errors)?;
+    let username = path_user(&username)?;
+    let hash = match body.password {
+        Some(password) => Some(blocking(move || auth::hash_password(&password)).await??),
+        None => None,
+    };
+    let user = accounts::update(&state.pool, &username, body.role, hash.as_deref()).await?;
+    Ok(Json(user))
+}
+
+/// Delete a user (admins only); their tokens stop working at once, on every
+/// process. The last admin cannot be deleted (409).
 #[utoipa::path(delete, path = "/users/{username}", tag = "users",
     params(("username" = String, Path, pattern = "^[A-Za-z0-9_.@-]{1,64}$")),
     security(("bearer" = [])),
@@ -231,96 +334,14 @@ pub async fn delete_user(
     _admin: Admin,
     ApiPath(username): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let mut tx = state.pool.begin().await?;
-    // Serialize deletions so two concurrent ones cannot remove both of the
-    // last two admins.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ymera.users'))")
-        .execute(&mut *tx)
-        .await?;
-    let role: Option<String> = sqlx::query_scalar("SELECT role FROM users WHERE username = $1")
-        .bind(&username)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let role = role.ok_or_else(|| ApiError::NotFound("no such user".into()))?;
-    if role == "admin" {
-        let admins: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE role = 'admin'")
-            .fetch_one(&mut *tx)
-            .await?;
-        if admins <= 1 {
-            return Err(ApiError::Conflict(
-                "the last admin cannot be deleted".into(),
-            ));
-        }
-    }
-    sqlx::query("DELETE FROM users WHERE username = $1")
-        .bind(&username)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    accounts::delete(&state.pool, &path_user(&username)?).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Adds a user directly (for `ymera user add`). Returns false when the name
-/// is taken.
-pub async fn add_user(
-    pool: &PgPool,
-    username: &str,
-    password: &SecretString,
-    role: Role,
-    by: &str,
-) -> anyhow::Result<bool> {
-    let password = password.clone();
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password)).await??;
-    let done = sqlx::query(
-        "INSERT INTO users (username, password_hash, role, created_by) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (username) DO NOTHING",
-    )
-    .bind(username)
-    .bind(hash)
-    .bind(role.as_str())
-    .bind(by)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Creates the first admin when there are no users at all. Returns the
-/// generated password in development mode, for the caller to print once.
-pub async fn bootstrap_admin(
-    pool: &PgPool,
-    cfg: &AuthConfig,
-) -> anyhow::Result<Option<SecretString>> {
-    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
-        .fetch_one(pool)
-        .await?;
-    if users > 0 {
-        return Ok(None);
-    }
-    let (password, generated) = match (&cfg.admin_password, cfg.dev) {
-        (Some(p), _) => (p.clone(), false),
-        (None, true) => (SecretString::from(auth::random_token(20)), true),
-        (None, false) => {
-            tracing::warn!("no users exist and no YMERA_ADMIN_PASSWORD is set: nobody can log in");
-            return Ok(None);
-        }
-    };
-    let created = add_user(
-        pool,
-        &cfg.admin_username,
-        &password,
-        Role::Admin,
-        "bootstrap",
-    )
-    .await?;
-    if created {
-        tracing::info!(username = %cfg.admin_username, "created the first admin");
-    }
-    Ok((created && generated).then_some(password))
 }
 
 pub fn router() -> OpenApiRouter<CommandState> {
     OpenApiRouter::new()
         .routes(routes!(login))
+        .routes(routes!(change_password))
         .routes(routes!(create_user, list_users))
-        .routes(routes!(delete_user))
+        .routes(routes!(update_user, delete_user))
 }

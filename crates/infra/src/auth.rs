@@ -2,7 +2,7 @@
 //! pinned, and roles. No HTTP here: `http::auth` finds a request's token
 //! and turns these into extractors.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::config::AuthConfig;
+use crate::sessions::Sessions;
 
 /// What a user may do. Each role includes the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
@@ -45,6 +46,37 @@ impl Role {
     }
 }
 
+/// A valid username: 1..=64 characters of `[A-Za-z0-9_.@-]`. Parsed once
+/// at the edge, so a name that could not belong to any user (a 200 KiB
+/// one, say) never reaches a lookup, a rate-limit key or a log line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Username(String);
+
+impl Username {
+    /// What [`Username::parse`] accepts, for error messages.
+    pub const RULE: &'static str =
+        "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '.', '@', '-'";
+
+    pub fn parse(name: &str) -> Option<Username> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b));
+        valid.then(|| Username(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Username {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The claims of our tokens. All are required on the way in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
@@ -54,10 +86,16 @@ pub struct Claims {
     pub aud: String,
     pub iat: u64,
     pub exp: u64,
+    /// The user's token epoch when the token was issued; the token is
+    /// refused once the user's epoch moves on (see [`crate::sessions`]).
+    pub epoch: i64,
 }
 
 /// Issues and verifies tokens.
 pub struct Auth {
+    /// Whether a token's user still holds it. `None` (tools and tests
+    /// that only issue tokens) checks signatures alone.
+    sessions: Option<Arc<Sessions>>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -108,6 +146,7 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
         validation.leeway = 5;
         Auth {
+            sessions: None,
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
@@ -117,12 +156,26 @@ impl Auth {
         }
     }
 
-    /// A signed token for `sub` with `role`, and its lifetime in seconds.
-    pub fn issue(&self, sub: &str, role: Role) -> anyhow::Result<(String, u64)> {
+    /// Checks every verified token against its user's current token epoch
+    /// and role (a deleted or changed user's older tokens are refused).
+    pub fn with_sessions(mut self, sessions: Arc<Sessions>) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    /// What checks a token's user still holds it, if anything does.
+    pub fn sessions(&self) -> Option<&Sessions> {
+        self.sessions.as_deref()
+    }
+
+    /// A signed token for `sub` with `role` at the user's token `epoch`,
+    /// and its lifetime in seconds.
+    pub fn issue(&self, sub: &str, role: Role, epoch: i64) -> anyhow::Result<(String, u64)> {
         let now = now_secs();
         let claims = Claims {
             sub: sub.to_owned(),
             role,
+            epoch,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             iat: now,
@@ -132,7 +185,8 @@ impl Auth {
         Ok((token, self.ttl.as_secs()))
     }
 
-    /// Checks signature, algorithm, expiry, issuer and audience.
+    /// Checks signature, algorithm, expiry, issuer and audience (not whether
+    /// the user still holds the token: see [`Auth::sessions`]).
     pub fn verify(&self, token: &str) -> Result<Claims, InvalidToken> {
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|data| data.claims)
@@ -215,7 +269,7 @@ mod tests {
     #[test]
     fn issued_tokens_verify() {
         let a = auth();
-        let (token, ttl) = a.issue("alice", Role::Editor).unwrap();
+        let (token, ttl) = a.issue("alice", Role::Editor, 1).unwrap();
         assert_eq!(ttl, 60);
         let claims = a.verify(&token).unwrap();
         assert_eq!(claims.sub, "alice");
@@ -224,7 +278,7 @@ mod tests {
 
     #[test]
     fn foreign_secret_audience_and_alg_none_are_rejected() {
-        let (token, _) = auth().issue("alice", Role::Admin).unwrap();
+        let (token, _) = auth().issue("alice", Role::Admin, 1).unwrap();
         let other = Auth::new(&[8u8; 32], Duration::from_secs(60), "ymera", "ymera-api");
         assert!(other.verify(&token).is_err());
         let other_aud = Auth::new(&[7u8; 32], Duration::from_secs(60), "ymera", "elsewhere");
@@ -245,6 +299,7 @@ mod tests {
             aud: "ymera-api".into(),
             iat: 1,
             exp: 2,
+            epoch: 1,
         };
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),

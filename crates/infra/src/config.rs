@@ -181,6 +181,11 @@ pub struct HttpConfig {
     /// Login attempts per minute, per username and per client address.
     #[arg(long, env = "YMERA_LOGIN_ATTEMPTS_PER_MINUTE", default_value_t = 60)]
     pub login_attempts_per_minute: u32,
+    /// Most keys (tokens, addresses, usernames) each rate limiter remembers;
+    /// past it, buckets that have refilled and then the least recently used
+    /// are forgotten. About 40 bytes each.
+    #[arg(long, env = "YMERA_RATE_LIMIT_MAX_KEYS", default_value_t = 100_000)]
+    pub rate_limit_max_keys: usize,
     /// Take the client address for per-address limits from
     /// `X-Forwarded-For`: only behind a reverse proxy that sets it.
     #[arg(long, env = "YMERA_TRUST_FORWARDED_FOR", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
@@ -204,6 +209,7 @@ impl HttpConfig {
             rate_limit_per_token: 1_000,
             rate_limit_per_ip: 100,
             login_attempts_per_minute: 60,
+            rate_limit_max_keys: 100_000,
             trust_forwarded_for: false,
         }
     }

@@ -31,6 +31,12 @@ pub fn ymera_bin() -> PathBuf {
 /// Starts `ymera <command>` (say `projector`) in `sandbox`, serving HTTP on
 /// a free port, which is returned with the child. Killed on drop.
 pub fn spawn(sandbox: &Sandbox, command: &str) -> (Child, SocketAddr) {
+    spawn_with(sandbox, command, &[])
+}
+
+/// [`spawn`] with extra environment variables (settings such as
+/// `YMERA_TRUST_FORWARDED_FOR`).
+pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Child, SocketAddr) {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
@@ -46,6 +52,7 @@ pub fn spawn(sandbox: &Sandbox, command: &str) -> (Child, SocketAddr) {
         .env("YMERA_JWT_SECRET", secret.expose_secret())
         .env("YMERA_ADMIN_PASSWORD", crate::ADMIN_PASSWORD)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

@@ -186,7 +186,7 @@ async fn tokens_and_roles_are_enforced() {
         "ymera",
         "ymera-api",
     );
-    let (forged, _) = foreign.issue("admin", Role::Admin).unwrap();
+    let (forged, _) = foreign.issue("admin", Role::Admin, 1).unwrap();
     let r = app
         .request(Method::GET, "/api/v1/agents", Some(&forged))
         .send()

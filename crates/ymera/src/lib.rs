@@ -323,9 +323,11 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let deps = connect(&settings.nats, &settings.db).await?;
-    let auth = Arc::new(Auth::from_config(&settings.auth)?);
+    // Every role verifies tokens, so every role follows changes to users.
+    let sessions = infra::sessions::Sessions::spawn(deps.pool.clone(), shutdown.clone());
+    let auth = Arc::new(Auth::from_config(&settings.auth)?.with_sessions(sessions));
     let generated_admin_password = if role.commands() {
-        command_api::users::bootstrap_admin(&deps.pool, &settings.auth).await?
+        command_api::accounts::bootstrap_admin(&deps.pool, &settings.auth).await?
     } else {
         None
     };

@@ -7,7 +7,8 @@ use std::io::Read;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use infra::auth::Role as UserRole;
+use command_api::accounts;
+use infra::auth::{Role as UserRole, Username};
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
 use infra::telemetry::{self, TelemetryConfig};
 use secrecy::{ExposeSecret, SecretString};
@@ -128,6 +129,30 @@ enum UserCommand {
         #[command(flatten)]
         db: DbConfig,
     },
+    /// List users with their role and who created them.
+    List {
+        #[command(flatten)]
+        db: DbConfig,
+    },
+    /// Delete a user; every token of theirs stops working. The last admin
+    /// cannot be deleted.
+    Delete {
+        #[arg(long)]
+        username: String,
+        #[command(flatten)]
+        db: DbConfig,
+    },
+    /// Set a user's password; every token of theirs issued before stops
+    /// working. The password is read like `user add`'s.
+    Passwd {
+        #[arg(long)]
+        username: String,
+        /// Read the password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        db: DbConfig,
+    },
 }
 
 fn parse_role(s: &str) -> Result<UserRole, String> {
@@ -225,36 +250,84 @@ async fn main() -> anyhow::Result<()> {
             println!("{} applied, {} still parked", r.applied, r.still_parked);
             Ok(())
         }
-        Command::User(UserCommand::Add {
+        Command::User(command) => user(command).await,
+    }
+}
+
+/// `ymera user …`: the users table, straight through the database.
+async fn user(command: UserCommand) -> anyhow::Result<()> {
+    let (UserCommand::Add { db, .. }
+    | UserCommand::List { db }
+    | UserCommand::Delete { db, .. }
+    | UserCommand::Passwd { db, .. }) = &command;
+    let pool = infra::db::pool(db)?;
+    infra::db::wait_ready(&pool, std::time::Duration::from_secs(30)).await?;
+    ymera::migrate(&pool).await?;
+    match command {
+        UserCommand::Add {
             username,
             role,
             password_stdin,
-            db,
-        }) => {
-            let password = if password_stdin {
-                let mut s = String::new();
-                std::io::stdin().read_to_string(&mut s)?;
-                SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned())
-            } else {
-                SecretString::from(
-                    std::env::var("YMERA_NEW_USER_PASSWORD")
-                        .context("set YMERA_NEW_USER_PASSWORD or pass --password-stdin")?,
-                )
-            };
-            anyhow::ensure!(
-                password.expose_secret().chars().count() >= 8,
-                "the password needs at least 8 characters"
-            );
-            let pool = infra::db::pool(&db)?;
-            infra::db::wait_ready(&pool, std::time::Duration::from_secs(30)).await?;
-            ymera::migrate(&pool).await?;
-            let added =
-                command_api::users::add_user(&pool, &username, &password, role, "cli").await?;
+            ..
+        } => {
+            let username = parse_username(&username)?;
+            let password = new_password(password_stdin)?;
+            let added = accounts::add_user(&pool, &username, &password, role, "cli").await?;
             anyhow::ensure!(added, "a user named {username:?} exists already");
             println!("user {username} added as {}", role.as_str());
-            Ok(())
+        }
+        UserCommand::List { .. } => {
+            for u in accounts::list(&pool).await? {
+                println!(
+                    "{:<24} {:<7} {}  by {}",
+                    u.username,
+                    u.role,
+                    u.created_at.to_rfc3339(),
+                    u.created_by
+                );
+            }
+        }
+        UserCommand::Delete { username, .. } => {
+            let username = parse_username(&username)?;
+            accounts::delete(&pool, &username).await?;
+            println!("user {username} deleted");
+        }
+        UserCommand::Passwd {
+            username,
+            password_stdin,
+            ..
+        } => {
+            let username = parse_username(&username)?;
+            let password = new_password(password_stdin)?;
+            let hash = accounts::hash(&password).await?;
+            accounts::update(&pool, &username, None, Some(&hash)).await?;
+            println!("password of {username} changed; their older tokens are revoked");
         }
     }
+    Ok(())
+}
+
+fn parse_username(name: &str) -> anyhow::Result<Username> {
+    Username::parse(name).with_context(|| format!("username {name:?} {}", Username::RULE))
+}
+
+/// A new password from standard input or `YMERA_NEW_USER_PASSWORD`.
+fn new_password(from_stdin: bool) -> anyhow::Result<SecretString> {
+    let password = if from_stdin {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s)?;
+        SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned())
+    } else {
+        SecretString::from(
+            std::env::var("YMERA_NEW_USER_PASSWORD")
+                .context("set YMERA_NEW_USER_PASSWORD or pass --password-stdin")?,
+        )
+    };
+    anyhow::ensure!(
+        (8..=1024).contains(&password.expose_secret().chars().count()),
+        "the password needs 8 to 1024 characters"
+    );
+    Ok(password)
 }
 
 async fn serve(role: Role, s: Serve) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, Uri, header, request::Parts};
 
 use crate::auth::{Auth, Claims, InvalidToken, Role};
 use crate::http::{ApiError, QueryPairs};
+use crate::sessions::SessionError;
 
 impl From<InvalidToken> for ApiError {
     fn from(invalid: InvalidToken) -> Self {
@@ -85,25 +86,63 @@ fn subprotocol_bearer(headers: &HeaderMap) -> Option<&str> {
 /// The outcome of verifying a request's token, kept in the request's
 /// extensions by whichever consumer needed it first (the rate limiter keys
 /// on the token's subject, idempotency keys on it as the actor, the
-/// handler's extractor checks the role), so that the signature is checked
-/// once per request, and only when something asks. Private: only this
-/// module writes it, so nothing else can plant claims.
+/// handler's extractor checks the role), so that the signature and the
+/// user's standing are checked once per request, and only when something
+/// asks. Private: only this module writes it, so nothing else can plant
+/// claims.
 #[derive(Debug, Clone)]
 struct Verified {
     token: String,
-    outcome: Result<Claims, InvalidToken>,
+    outcome: Result<Claims, Refusal>,
+}
+
+/// Why a request's token was not accepted.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// 401: bad signature, expired, or revoked.
+    Invalid(InvalidToken),
+    /// 503: its user's standing could not be read.
+    Unavailable,
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Invalid(invalid) => invalid.into(),
+            Refusal::Unavailable => {
+                ApiError::Unavailable("the token's user cannot be checked right now".into())
+            }
+        }
+    }
+}
+
+/// The token's claims if it verifies and its user still holds it.
+async fn verify(auth: &Auth, token: &str) -> Result<Claims, Refusal> {
+    let claims = auth.verify(token).map_err(Refusal::Invalid)?;
+    if let Some(sessions) = auth.sessions() {
+        sessions.check(&claims).await.map_err(|e| match e {
+            SessionError::Revoked => Refusal::Invalid(InvalidToken(
+                "the token was revoked: its user was deleted or changed; log in again",
+            )),
+            SessionError::Unavailable => Refusal::Unavailable,
+        })?;
+    }
+    Ok(claims)
 }
 
 /// The claims of the request's bearer token (`Authorization: Bearer`):
-/// 401 when there is none or it does not verify.
-pub fn authenticate<'p>(parts: &'p mut Parts, auth: &Auth) -> Result<&'p Claims, ApiError> {
-    authenticate_from(parts, auth, TokenSources::Header).map(|(claims, _)| claims)
+/// 401 when there is none, it does not verify or its user no longer holds
+/// it.
+pub async fn authenticate<'p>(parts: &'p mut Parts, auth: &Auth) -> Result<&'p Claims, ApiError> {
+    authenticate_from(parts, auth, TokenSources::Header)
+        .await
+        .map(|(claims, _)| claims)
 }
 
 /// The claims of the token found in `sources`, and where it was found.
 /// Verified at most once per request: later calls read the outcome the
 /// first one left in the request's extensions.
-fn authenticate_from<'p>(
+async fn authenticate_from<'p>(
     parts: &'p mut Parts,
     auth: &Auth,
     sources: TokenSources,
@@ -111,34 +150,36 @@ fn authenticate_from<'p>(
     let (token, source) = sources
         .find(&parts.headers, &parts.uri)?
         .ok_or_else(|| ApiError::Unauthorized("a bearer token is required".into()))?;
+    let token = token.into_owned();
     // The outcome kept is for this token only: a consumer that looks in
     // more places than an earlier one may find another.
     if parts
         .extensions
         .get::<Verified>()
-        .is_some_and(|v| v.token != token)
+        .is_none_or(|v| v.token != token)
     {
-        parts.extensions.remove::<Verified>();
+        let outcome = verify(auth, &token).await;
+        parts.extensions.insert(Verified { token, outcome });
     }
-    let verified = parts.extensions.get_or_insert_with(|| Verified {
-        outcome: auth.verify(&token),
-        token: token.into_owned(),
-    });
+    let verified = parts
+        .extensions
+        .get::<Verified>()
+        .expect("verified just above");
     match &verified.outcome {
         Ok(claims) => Ok((claims, source)),
-        Err(invalid) => Err((*invalid).into()),
+        Err(refusal) => Err((*refusal).into()),
     }
 }
 
 /// The claims of the token found in `sources`, if its role is at least
 /// `role`: 401 without a valid token, 403 with too small a role.
-fn authorize(
+async fn authorize(
     parts: &mut Parts,
     auth: &Auth,
     sources: TokenSources,
     role: Role,
 ) -> Result<(Claims, TokenSource), ApiError> {
-    let (claims, source) = authenticate_from(parts, auth, sources)?;
+    let (claims, source) = authenticate_from(parts, auth, sources).await?;
     if claims.role < role {
         return Err(ApiError::Forbidden);
     }
@@ -159,7 +200,7 @@ macro_rules! authorizing_extractor {
 
             async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
                 let auth = Arc::<Auth>::from_ref(state);
-                let (claims, source) = authorize(parts, &auth, $sources, $role)?;
+                let (claims, source) = authorize(parts, &auth, $sources, $role).await?;
                 Ok($build(claims, source))
             }
         }
@@ -229,58 +270,68 @@ mod tests {
         request.body(()).unwrap().into_parts().0
     }
 
-    #[test]
-    fn a_request_verifies_its_token_once() {
-        let (token, _) = auth().issue("alice", Role::Viewer).unwrap();
+    #[tokio::test]
+    async fn a_request_verifies_its_token_once() {
+        let (token, _) = auth().issue("alice", Role::Viewer, 1).unwrap();
         let bearer = format!("Bearer {token}");
         let mut first = parts("/", &[("authorization", &bearer)]);
-        assert_eq!(authenticate(&mut first, &auth()).unwrap().sub, "alice");
+        assert_eq!(
+            authenticate(&mut first, &auth()).await.unwrap().sub,
+            "alice"
+        );
         // A key that would refuse it is not consulted again.
         let other = Auth::new(&[8u8; 32], Duration::from_secs(60), "ymera", "ymera-api");
-        assert_eq!(authenticate(&mut first, &other).unwrap().sub, "alice");
+        assert_eq!(authenticate(&mut first, &other).await.unwrap().sub, "alice");
         let mut fresh = parts("/", &[("authorization", &bearer)]);
         assert!(matches!(
-            authenticate(&mut fresh, &other),
+            authenticate(&mut fresh, &other).await,
             Err(ApiError::Unauthorized(m)) if m.contains("signature")
         ));
         // A refusal is kept too.
-        assert!(authenticate(&mut fresh, &auth()).is_err());
+        assert!(authenticate(&mut fresh, &auth()).await.is_err());
     }
 
-    #[test]
-    fn the_live_feed_also_takes_the_query_and_the_subprotocol() {
+    #[tokio::test]
+    async fn the_live_feed_also_takes_the_query_and_the_subprotocol() {
         let a = auth();
-        let (alice, _) = a.issue("alice", Role::Viewer).unwrap();
-        let (bob, _) = a.issue("bob", Role::Viewer).unwrap();
-        let live = TokenSources::HeaderQueryOrSubprotocol;
+        let (alice, _) = a.issue("alice", Role::Viewer, 1).unwrap();
+        let (bob, _) = a.issue("bob", Role::Viewer, 1).unwrap();
         let header = format!("Bearer {alice}");
         let query = format!("/ws?access_token={bob}");
         let protocol = format!("bearer, {bob}");
-        let found = |p: &mut Parts| {
-            authenticate_from(p, &a, live).map(|(c, source)| (c.sub.clone(), source))
-        };
+        async fn found(p: &mut Parts, a: &Auth) -> Result<(String, TokenSource), ApiError> {
+            authenticate_from(p, a, TokenSources::HeaderQueryOrSubprotocol)
+                .await
+                .map(|(c, source)| (c.sub.clone(), source))
+        }
 
         let mut p = parts(&query, &[("authorization", &header)]);
         assert_eq!(
-            found(&mut p).unwrap(),
+            found(&mut p, &a).await.unwrap(),
             ("alice".into(), TokenSource::Header)
         );
         let mut p = parts(&query, &[("sec-websocket-protocol", &protocol)]);
-        assert_eq!(found(&mut p).unwrap(), ("bob".into(), TokenSource::Query));
+        assert_eq!(
+            found(&mut p, &a).await.unwrap(),
+            ("bob".into(), TokenSource::Query)
+        );
         let mut p = parts("/ws", &[("sec-websocket-protocol", &protocol)]);
         assert_eq!(
-            found(&mut p).unwrap(),
+            found(&mut p, &a).await.unwrap(),
             ("bob".into(), TokenSource::Subprotocol)
         );
         let mut p = parts(
             &format!("{query}&access_token=x"),
             &[("authorization", &header)],
         );
-        assert!(matches!(found(&mut p), Err(ApiError::BadRequest(_))));
+        assert!(matches!(
+            found(&mut p, &a).await,
+            Err(ApiError::BadRequest(_))
+        ));
         // Other routes read the header alone.
         let mut p = parts(&query, &[("sec-websocket-protocol", &protocol)]);
         assert!(matches!(
-            authenticate(&mut p, &a),
+            authenticate(&mut p, &a).await,
             Err(ApiError::Unauthorized(m)) if m.contains("required")
         ));
     }
