@@ -13,6 +13,13 @@ exactly those, recognised by status and problem text, and nothing else:
 - 412 on `If-Match`: the ETag names a version other than the current one.
 - 422 whose only errors are `project_id: no such project`: an agent's
   `project_id` must name a project that exists in the log.
+- 422 whose only errors are `current_password: is not your current
+  password` on `POST /auth/password`: only the caller knows it.
+
+And one account is left alone: the one the fuzzer is logged in as
+(`YMERA_ADMIN_USERNAME`, default `admin`). Changing its password or role, or
+deleting it, would revoke the fuzzer's own token and turn the rest of the
+run into 401s, so no case names it in `/users/{username}`.
 
 And one rule between parameters, which a schema of each cannot express:
 
@@ -21,6 +28,7 @@ And one rule between parameters, which a schema of each cannot express:
 """
 
 import json
+import os
 import re
 
 import schemathesis
@@ -56,7 +64,11 @@ def state_dependent(response) -> bool:
     if status == 422:
         errors = problem.get("errors") or []
         return bool(errors) and all(
-            e.get("field") == "project_id" and e.get("message") == "no such project"
+            (e.get("field"), e.get("message"))
+            in (
+                ("project_id", "no such project"),
+                ("current_password", "is not your current password"),
+            )
             for e in errors
         )
     return False
@@ -68,3 +80,12 @@ def filter_failure(context, failure, case, response) -> bool:
     if type(failure).__name__ == "RejectedPositiveData":
         return not state_dependent(response)
     return True
+
+
+_FUZZER = os.environ.get("YMERA_ADMIN_USERNAME", "admin")
+
+
+@schemathesis.hook
+def filter_path_parameters(context, path_parameters) -> bool:
+    """No case changes or deletes the account the fuzzer is logged in as."""
+    return (path_parameters or {}).get("username") != _FUZZER

@@ -63,6 +63,7 @@ pub struct ChangePasswordRequest {
 /// An admin's change to a user: the role, the password, or both.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
 pub struct UpdateUserRequest {
     pub role: Option<Role>,
     /// 8..=1024 characters.
