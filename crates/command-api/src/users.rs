@@ -65,9 +65,11 @@ pub struct ChangePasswordRequest {
 #[serde(deny_unknown_fields)]
 #[schema(min_properties = 1)]
 pub struct UpdateUserRequest {
+    /// The new role; leave it out to keep the current one.
+    #[schema(nullable = false)]
     pub role: Option<Role>,
-    /// 8..=1024 characters.
-    #[schema(value_type = Option<String>, format = Password, min_length = 8, max_length = 1024)]
+    /// 8..=1024 characters; leave it out to keep the current password.
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 1024, required = false)]
     pub password: Option<SecretString>,
 }
 
