@@ -124,6 +124,7 @@ pub async fn login(
     if let Some(refused) = state.limits.login_as(&username) {
         return Ok(refused.refusal());
     }
+    let generation = state.auth.sessions().map(|s| s.generation());
     let user = accounts::credentials(&state.pool, &username).await?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     let password = body.password;
@@ -134,6 +135,9 @@ pub async fn login(
     else {
         return Err(invalid_credentials());
     };
+    if let (Some(sessions), Some(generation)) = (state.auth.sessions(), generation) {
+        sessions.learned(generation, username.as_str(), epoch, role);
+    }
     let (access_token, expires_in) = state.auth.issue(username.as_str(), role, epoch)?;
     Ok(Json(TokenResponse {
         access_token,

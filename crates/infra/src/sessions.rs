@@ -124,6 +124,23 @@ impl Sessions {
         }
     }
 
+    /// The cache's generation now: pass it to [`Sessions::learned`] with
+    /// what a read that starts after this call finds.
+    pub fn generation(&self) -> u64 {
+        self.cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+    }
+
+    /// Remembers a user's standing read elsewhere (a login reads it anyway),
+    /// unless the user changed since `generation`. A login thus leaves its
+    /// process able to check the new token without a query, also through a
+    /// PostgreSQL outage that begins right after.
+    pub fn learned(&self, generation: u64, username: &str, epoch: i64, role: Role) {
+        self.remember(generation, username, Some((epoch, role)));
+    }
+
     /// The verdict the cache gives, if it gives one, and the cache's
     /// generation.
     fn cached(&self, claims: &Claims) -> (Option<Result<(), SessionError>>, u64) {
