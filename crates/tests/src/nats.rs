@@ -20,6 +20,8 @@ use crate::eventually;
 #[derive(Debug)]
 pub struct PrivateNats {
     pub url: String,
+    /// The server's name (`-n`), unique to it.
+    name: String,
     child: Child,
     dir: PathBuf,
 }
@@ -34,33 +36,63 @@ fn binary() -> PathBuf {
 impl PrivateNats {
     /// Starts a server with JetStream on a free port and waits until it
     /// accepts connections.
+    ///
+    /// A port found free can be taken by another test's server before ours
+    /// binds it (ours then exits, and a client would reach theirs), so each
+    /// server gets a unique name, and it is ready only once a client reaches
+    /// a server of that name; else it is started again on another port.
     pub async fn start() -> PrivateNats {
+        for _ in 0..5 {
+            let server = PrivateNats::spawn();
+            let name = server.name.clone();
+            let url = server.url.clone();
+            let reached = eventually(Duration::from_secs(10), "the private NATS server", || {
+                let url = url.clone();
+                async move {
+                    let client = async_nats::connect(url).await.ok()?;
+                    Some(client.server_info().server_name)
+                }
+            })
+            .await;
+            if reached == name {
+                return server;
+            }
+        }
+        panic!("no free port for a private NATS server after 5 tries");
+    }
+
+    fn spawn() -> PrivateNats {
         let port = {
             let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
             listener.local_addr().expect("port").port()
         };
-        let dir = std::env::temp_dir().join(format!("ymera-nats-{}", Uuid::now_v7().simple()));
+        let id = Uuid::now_v7().simple().to_string();
+        let name = format!("ymera-test-{id}");
+        let dir = std::env::temp_dir().join(format!("ymera-nats-{id}"));
         std::fs::create_dir_all(&dir).expect("NATS storage dir");
         let bin = binary();
         let child = Command::new(&bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-n",
+                &name,
+                "-sd",
+            ])
             .arg(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let server = PrivateNats {
+        PrivateNats {
             url: format!("nats://127.0.0.1:{port}"),
+            name,
             child,
             dir,
-        };
-        let url = server.url.clone();
-        eventually(Duration::from_secs(10), "the private NATS server", || {
-            let url = url.clone();
-            async move { async_nats::connect(url).await.ok().map(|_| ()) }
-        })
-        .await;
-        server
+        }
     }
 
     fn signal(&self, signal: &str) {
