@@ -284,6 +284,22 @@ impl TestApp {
             .collect()
     }
 
+    /// The types and data of an agent's events in the log, oldest first.
+    pub async fn agent_events(&self, id: &str) -> Vec<(String, Value)> {
+        let id = id.parse().expect("an agent id");
+        let subject = self.deps.store.subject(events::AggregateType::Agent, id);
+        let (events, _) = self
+            .deps
+            .store
+            .load(&subject)
+            .await
+            .expect("load the agent");
+        events
+            .into_iter()
+            .map(|e| (e.envelope.event_type, e.envelope.data))
+            .collect()
+    }
+
     /// `GET path` once the projection has reached `min_seq`
     /// (`X-Min-Event-Seq`).
     pub async fn read_at(&self, path: &str, token: &str, min_seq: u64) -> Response {

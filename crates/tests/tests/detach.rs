@@ -13,19 +13,6 @@ use serde_json::{Value, json};
 use tests::{Sandbox, TestApp, eventually, header_u64};
 use ymera::Role;
 
-/// The types and data of an agent's events, oldest first.
-async fn history(app: &TestApp, id: &str) -> Vec<(String, Value)> {
-    let subject = app
-        .deps
-        .store
-        .subject(AggregateType::Agent, id.parse().unwrap());
-    let (events, _) = app.deps.store.load(&subject).await.unwrap();
-    events
-        .into_iter()
-        .map(|e| (e.envelope.event_type, e.envelope.data))
-        .collect()
-}
-
 fn is_detach(event: &(String, Value)) -> bool {
     event.0 == "agent.updated" && event.1 == json!({"project_id": null})
 }
@@ -67,7 +54,7 @@ async fn delete_project(app: &TestApp, token: &str, project: &str) -> u64 {
 async fn all_detached(app: &TestApp, agents: &[String]) {
     for agent in agents {
         eventually(Duration::from_secs(20), "the agent is detached", || async {
-            history(app, agent)
+            app.agent_events(agent)
                 .await
                 .last()
                 .is_some_and(is_detach)
@@ -155,7 +142,7 @@ async fn a_deleted_projects_agents_are_detached_once_whatever_restarts_in_betwee
     delete_project(&writer, &token, &later).await;
     all_detached(&projector, &later_members).await;
     for agent in &members {
-        let h = history(&projector, agent).await;
+        let h = projector.agent_events(agent).await;
         assert_eq!(
             h.iter().filter(|e| is_detach(e)).count(),
             1,

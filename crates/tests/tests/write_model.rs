@@ -21,18 +21,6 @@ async fn created_id(r: Response) -> (String, u64) {
 }
 
 /// Every event type on an agent's subject, oldest first, with its data.
-async fn history(app: &TestApp, id: &str) -> Vec<(String, Value)> {
-    let subject = app
-        .deps
-        .store
-        .subject(AggregateType::Agent, id.parse().unwrap());
-    let (events, _) = app.deps.store.load(&subject).await.unwrap();
-    events
-        .into_iter()
-        .map(|e| (e.envelope.event_type, e.envelope.data))
-        .collect()
-}
-
 fn put(app: &TestApp, token: &str, path: &str, body: Value) -> reqwest::RequestBuilder {
     app.request(Method::PUT, path, Some(token)).json(&body)
 }
@@ -75,7 +63,7 @@ async fn update_appends_only_what_changed_and_no_op_appends_nothing() {
         (Some("paused"), Some(2), Some("a"))
     );
     assert_eq!(agent["id"], id.as_str());
-    let h = history(&app, &id).await;
+    let h = app.agent_events(&id).await;
     assert_eq!(h.len(), 2);
     assert_eq!(
         h[1],
@@ -104,7 +92,7 @@ async fn update_appends_only_what_changed_and_no_op_appends_nothing() {
     .await
     .unwrap();
     assert_eq!(r.status(), 200);
-    let h = history(&app, &id).await;
+    let h = app.agent_events(&id).await;
     assert_eq!(
         h.last().unwrap().1,
         json!({"tags": {}, "capabilities": ["x"]}),
@@ -294,7 +282,7 @@ async fn concurrent_updates(apps: &[&TestApp]) {
     assert!(!versions.is_empty());
     let expected: Vec<u64> = (2..2 + versions.len() as u64).collect();
     assert_eq!(versions, expected, "distinct, contiguous versions from 2");
-    let h = history(apps[0], &id).await;
+    let h = apps[0].agent_events(&id).await;
     let updates = h.iter().filter(|(t, _)| t == "agent.updated").count();
     assert_eq!(
         updates,
@@ -604,7 +592,7 @@ async fn projects_and_what_deleting_one_does_to_its_agents() {
     assert_eq!(deletion.envelope.event_type, "project.deleted");
     for agent in [&a1, &a2] {
         let h = eventually(Duration::from_secs(10), "the agent is detached", || async {
-            let h = history(&app, agent).await;
+            let h = app.agent_events(agent).await;
             (h.last().unwrap().0 == "agent.updated").then_some(h)
         })
         .await;

@@ -176,6 +176,23 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
+    /// Pulls from `consumer` in batches of at most `batch_size`, with the
+    /// server's heartbeat on idle pulls.
+    async fn pulling(
+        consumer: jetstream::consumer::PullConsumer,
+        batch_size: usize,
+    ) -> Result<Subscription, StoreError> {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch_size)
+            .heartbeat(HEARTBEAT)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+            .map_err(unavailable)?;
+        Ok(Subscription { messages })
+    }
+
     /// The next message, waiting for it to be appended if need be; `None`
     /// if the server ended the subscription. Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<StoredMessage, StoreError>> {
@@ -316,15 +333,7 @@ impl EventStore {
             })
             .await
             .map_err(unavailable)?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(batch_size)
-            .heartbeat(HEARTBEAT)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await
-            .map_err(unavailable)?;
-        Ok(Subscription { messages })
+        Subscription::pulling(consumer, batch_size).await
     }
 
     /// Follows `subjects` durably as `name`, from where that subscription
@@ -337,7 +346,6 @@ impl EventStore {
     /// down for a while. Messages come one at a time, each acknowledged on
     /// its own with [`Subscription::ack_through`].
     pub async fn follow(&self, name: &str, subjects: &str) -> Result<Subscription, StoreError> {
-        let batch_size = 1;
         let consumer: jetstream::consumer::PullConsumer = self
             .stream()
             .await?
@@ -358,15 +366,7 @@ impl EventStore {
             )
             .await
             .map_err(unavailable)?;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(batch_size)
-            .heartbeat(HEARTBEAT)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await
-            .map_err(unavailable)?;
-        Ok(Subscription { messages })
+        Subscription::pulling(consumer, 1).await
     }
 
     /// Deletes the durable subscription `name` from the server.
