@@ -8,6 +8,19 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 cd "$ROOT"
 
 ./scripts/setup.sh
+
+# A cold, one-shot build gains nothing from incremental compilation, whose
+# caches take gigabytes beside the artefacts (a CI run once ran out of disk).
+# Keep it for repeated local runs.
+if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=0
+fi
+# The builds, the test databases and the JetStream store take several GiB;
+# say so up front rather than fail midway.
+free_kib="$(df -Pk "$ROOT" | awk 'NR == 2 { print $4 }')"
+if [ "${free_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
+    echo "test: warning: only $((free_kib / 1024)) MiB free on $(df -P "$ROOT" | awk 'NR == 2 { print $6 }'); the run needs about 8 GiB" >&2
+fi
 # shellcheck source=/dev/null
 . ./.data/env
 export YMERA_NATS_URL YMERA_DATABASE_URL
