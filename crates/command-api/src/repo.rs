@@ -259,14 +259,15 @@ where
     }
 
     /// Decides `command` against the aggregate and appends what it yields.
-    /// `if_match` is the version the caller expects (412 otherwise).
+    /// `if_match` lists the versions the caller accepts (412 for any
+    /// other; `None` accepts any).
     /// `command` may be called more than once: after a lost race the state
     /// is reloaded and the command rebuilt against it.
     pub async fn execute(
         &self,
         id: A::Id,
         ctx: &WriteContext,
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
         command: impl Fn(&A) -> Result<A::Command, WriteError>,
     ) -> Result<Committed<A>, WriteError> {
         let slot = self.slot(id);
@@ -282,14 +283,10 @@ where
                 };
                 fresh = true;
             }
+            let current = slot.state.version();
             let decided = if_match
-                .filter(|v| *v != slot.state.version())
-                .map(|expected| {
-                    Err(WriteError::PreconditionFailed {
-                        expected,
-                        current: slot.state.version(),
-                    })
-                })
+                .filter(|accepted| !accepted.contains(&current))
+                .map(|_| Err(WriteError::PreconditionFailed { current }))
                 .unwrap_or_else(|| command(&slot.state).and_then(|c| Ok(slot.state.decide(c)?)));
             let events = match decided {
                 Ok(events) if !events.is_empty() => events,

@@ -190,6 +190,31 @@ pub struct HttpConfig {
     /// `X-Forwarded-For`: only behind a reverse proxy that sets it.
     #[arg(long, env = "YMERA_TRUST_FORWARDED_FOR", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub trust_forwarded_for: bool,
+    /// Origins allowed to call the API from a browser (CORS), comma
+    /// separated, or `*` for any. Empty (the default) turns CORS off.
+    #[arg(long, env = "YMERA_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Methods CORS allows, comma separated.
+    #[arg(
+        long,
+        env = "YMERA_CORS_METHODS",
+        value_delimiter = ',',
+        default_value = "GET,POST,PUT,DELETE"
+    )]
+    pub cors_methods: Vec<String>,
+    /// Request headers CORS allows, comma separated.
+    #[arg(
+        long,
+        env = "YMERA_CORS_HEADERS",
+        value_delimiter = ',',
+        default_value = "authorization,content-type,if-match,if-none-match,idempotency-key,x-request-id,x-min-event-seq,last-event-id,traceparent"
+    )]
+    pub cors_headers: Vec<String>,
+    /// On SIGTERM, how long requests already running (downloads included)
+    /// may take to finish, in milliseconds, before they are cut off and
+    /// the live feeds closed.
+    #[arg(long, env = "YMERA_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
 }
 
 impl HttpConfig {
@@ -211,11 +236,31 @@ impl HttpConfig {
             login_attempts_per_minute: 60,
             rate_limit_max_keys: 100_000,
             trust_forwarded_for: false,
+            cors_origins: Vec::new(),
+            cors_methods: ["GET", "POST", "PUT", "DELETE"].map(String::from).to_vec(),
+            cors_headers: [
+                "authorization",
+                "content-type",
+                "if-match",
+                "if-none-match",
+                "idempotency-key",
+                "x-request-id",
+                "x-min-event-seq",
+                "last-event-id",
+                "traceparent",
+            ]
+            .map(String::from)
+            .to_vec(),
+            drain_timeout_ms: 10_000,
         }
     }
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
     }
 
     pub fn min_seq_wait(&self) -> Duration {

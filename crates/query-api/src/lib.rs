@@ -56,6 +56,23 @@ impl FromRef<QueryState> for Arc<Auth> {
 
 /// The read routes, relative to `/api/v1`, except the streaming ones.
 pub fn router(state: QueryState) -> OpenApiRouter {
+    routes().with_state(state)
+}
+
+/// The streaming read routes (export), relative to `/api/v1`: to be
+/// mounted outside the request timeout.
+pub fn streaming_router(state: QueryState) -> OpenApiRouter {
+    export::router().with_state(state)
+}
+
+/// The read side's part of the OpenAPI spec, relative to `/api/v1`: the
+/// same whichever roles a process plays, so every process can serve the
+/// whole spec.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    routes().merge(export::router()).into_openapi()
+}
+
+fn routes() -> OpenApiRouter<QueryState> {
     OpenApiRouter::new()
         .merge(agents::router())
         .merge(search::router())
@@ -64,11 +81,4 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         .merge(projects::router())
         .merge(metrics::router())
         .merge(analytics::router())
-        .with_state(state)
-}
-
-/// The streaming read routes (export), relative to `/api/v1`: to be
-/// mounted outside the request timeout.
-pub fn streaming_router(state: QueryState) -> OpenApiRouter {
-    export::router().with_state(state)
 }

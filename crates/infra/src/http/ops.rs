@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -35,6 +36,19 @@ pub struct Ops {
     /// Whether this process's projector owns the projection; `None` in a
     /// process that runs no projector.
     pub projector: Option<projection::Ownership>,
+    /// What `/readyz` asks: only the dependencies this role cannot serve
+    /// without.
+    pub needs: Needs,
+    /// Fires when the shutdown drain begins: `/readyz` answers 503 from
+    /// then on.
+    pub draining: CancellationToken,
+}
+
+/// The dependencies a role cannot serve without, which `/readyz` probes.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    pub nats: bool,
+    pub postgres: bool,
 }
 
 pub type OpsState = Arc<Ops>;
@@ -200,20 +214,40 @@ pub async fn livez() -> Json<Status> {
     Json(Status { status: "ok" })
 }
 
-/// The process can serve: NATS and PostgreSQL are reachable.
+/// The process can serve.
+///
+/// `ready` when the dependencies its role cannot do without are reachable
+/// and it is not shutting down; `unavailable` or `draining` (the shutdown
+/// drain has begun) otherwise. A command API needs NATS (every write appends
+/// to the log); a query API needs PostgreSQL (every read is served from the
+/// read models); a projector, and a process playing every role, need both.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
-    responses((status = 200, body = Status), (status = 503, body = Status)))]
+    responses(
+        (status = 200, description = "`ready`", body = Status),
+        (status = 503, description = "`unavailable` (a dependency the role needs is down) or `draining` (shutting down)", body = Status),
+    ))]
 pub async fn readyz(State(ops): State<OpsState>) -> (StatusCode, Json<Status>) {
-    let health = ops.health().await;
-    if health.status == "unavailable" {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Status {
-                status: "unavailable",
-            }),
-        )
-    } else {
-        (StatusCode::OK, Json(Status { status: "ready" }))
+    let unready = |status| (StatusCode::SERVICE_UNAVAILABLE, Json(Status { status }));
+    if ops.draining.is_cancelled() {
+        return unready("draining");
+    }
+    let nats = async {
+        if ops.needs.nats {
+            probe(ops.store.last_seq()).await.0.map(drop)
+        } else {
+            Ok(())
+        }
+    };
+    let postgres = async {
+        if ops.needs.postgres {
+            probe(projection::checkpoint(&ops.pool)).await.0.map(drop)
+        } else {
+            Ok(())
+        }
+    };
+    match tokio::join!(nats, postgres) {
+        (Ok(()), Ok(())) => (StatusCode::OK, Json(Status { status: "ready" })),
+        _ => unready("unavailable"),
     }
 }
 
@@ -251,10 +285,19 @@ pub async fn system_info(State(ops): State<OpsState>) -> Json<SystemInfo> {
 
 /// The operational routes, at the root and under `/api/v1` alike.
 pub fn router(ops: OpsState) -> OpenApiRouter {
+    routes().with_state(ops)
+}
+
+/// The operational routes' part of the OpenAPI spec, relative to
+/// `/api/v1`.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+fn routes() -> OpenApiRouter<OpsState> {
     OpenApiRouter::new()
         .routes(routes!(health))
         .routes(routes!(livez))
         .routes(routes!(readyz))
         .routes(routes!(system_info))
-        .with_state(ops)
 }
