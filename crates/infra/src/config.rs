@@ -124,6 +124,13 @@ pub struct AuthConfig {
     pub dev: bool,
 }
 
+/// The methods CORS allows unless configured: every one the API has.
+const CORS_METHODS: &str = "GET,POST,PUT,DELETE";
+/// The request headers CORS allows unless configured: every one the API
+/// reads.
+const CORS_HEADERS: &str = "authorization,content-type,if-match,if-none-match,idempotency-key,\
+                            x-request-id,x-min-event-seq,last-event-id,traceparent";
+
 /// How the HTTP side listens and what it accepts.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpConfig {
@@ -199,7 +206,7 @@ pub struct HttpConfig {
         long,
         env = "YMERA_CORS_METHODS",
         value_delimiter = ',',
-        default_value = "GET,POST,PUT,DELETE"
+        default_value = CORS_METHODS
     )]
     pub cors_methods: Vec<String>,
     /// Request headers CORS allows, comma separated.
@@ -207,7 +214,7 @@ pub struct HttpConfig {
         long,
         env = "YMERA_CORS_HEADERS",
         value_delimiter = ',',
-        default_value = "authorization,content-type,if-match,if-none-match,idempotency-key,x-request-id,x-min-event-seq,last-event-id,traceparent"
+        default_value = CORS_HEADERS
     )]
     pub cors_headers: Vec<String>,
     /// On SIGTERM, how long requests already running (downloads included)
@@ -237,20 +244,8 @@ impl HttpConfig {
             rate_limit_max_keys: 100_000,
             trust_forwarded_for: false,
             cors_origins: Vec::new(),
-            cors_methods: ["GET", "POST", "PUT", "DELETE"].map(String::from).to_vec(),
-            cors_headers: [
-                "authorization",
-                "content-type",
-                "if-match",
-                "if-none-match",
-                "idempotency-key",
-                "x-request-id",
-                "x-min-event-seq",
-                "last-event-id",
-                "traceparent",
-            ]
-            .map(String::from)
-            .to_vec(),
+            cors_methods: CORS_METHODS.split(',').map(String::from).collect(),
+            cors_headers: CORS_HEADERS.split(',').map(String::from).collect(),
             drain_timeout_ms: 10_000,
         }
     }

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use tokio::process::{Child, Command};
@@ -59,4 +60,31 @@ pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Ch
         .spawn()
         .expect("start ymera");
     (child, addr)
+}
+
+/// Waits until the child serving on `addr` is ready, then logs in as the
+/// sandbox's admin: the token.
+pub async fn ready_admin_token(addr: SocketAddr) -> String {
+    let client = reqwest::Client::new();
+    crate::eventually(Duration::from_secs(60), "ymera to be ready", || async {
+        let r = client
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    let r = client
+        .post(format!("http://{addr}/api/v1/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": crate::ADMIN_PASSWORD}))
+        .send()
+        .await
+        .expect("login request");
+    assert_eq!(r.status(), 200, "admin login");
+    let body: serde_json::Value = r.json().await.expect("login body");
+    body["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
 }

@@ -29,26 +29,7 @@ async fn serving(drain_ms: &str) -> (Sandbox, Child, SocketAddr, String) {
     seeder.stop().await;
     let (child, addr) =
         tests::process::spawn_with(&sandbox, "all", &[("YMERA_DRAIN_TIMEOUT_MS", drain_ms)]);
-    let client = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "ymera to be ready", || async {
-        let r = client
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
-    let r = client
-        .post(format!("http://{addr}/api/v1/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": tests::ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    let token = r.json::<Value>().await.unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = tests::process::ready_admin_token(addr).await;
     (sandbox, child, addr, token)
 }
 
