@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use infra::auth::Role as UserRole;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use projector::progress::Reporter;
 use projector::rebuild::{self, Until};
 use reqwest::{Method, RequestBuilder, Response};
 use secrecy::SecretString;
@@ -381,9 +382,16 @@ impl TestApp {
         schema: &str,
     ) -> (Vec<rebuild::TableCheck>, Vec<rebuild::TableCheck>) {
         let db = &self.sandbox.settings.db;
-        rebuild::replay(&self.deps.store, db, &self.deps.pool, schema, Until::End)
-            .await
-            .expect("replay the log");
+        rebuild::replay(
+            &self.deps.store,
+            db,
+            &self.deps.pool,
+            schema,
+            Until::End,
+            &Reporter::silent(),
+        )
+        .await
+        .expect("replay the log");
         let mut conn = self.deps.pool.acquire().await.expect("a connection");
         let live = rebuild::checksums(&mut conn, infra::db::READ_SCHEMA).await;
         let replayed = rebuild::checksums(&mut conn, schema).await;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{Duration, Utc};
 use infra::projection::ProjectionWatch;
+use projector::progress::Reporter;
 use projector::rebuild::{self, RebuildError, Until};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -152,6 +153,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         &app.sandbox.settings.db,
         &app.deps.pool,
         false,
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -197,6 +199,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         &app.deps.pool,
         "verify_after_rebuild",
         Until::End,
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -229,6 +232,7 @@ async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
         &app.sandbox.settings.db,
         &app.deps.pool,
         false,
+        &Reporter::silent(),
     )
     .await
     {
@@ -252,6 +256,7 @@ async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
         &app.sandbox.settings.db,
         &app.deps.pool,
         true,
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -329,6 +334,7 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
         &app.deps.pool,
         "analysis_then",
         Until::Time(until),
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -366,6 +372,7 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
         &app.deps.pool,
         "analysis_two",
         Until::Seq(2),
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -386,7 +393,8 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
             &app.sandbox.settings.db,
             &app.deps.pool,
             "ymera_read",
-            Until::End
+            Until::End,
+            &Reporter::silent()
         )
         .await,
         Err(RebuildError::Invalid(_))
@@ -397,7 +405,8 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
             &app.sandbox.settings.db,
             &app.deps.pool,
             "analysis_two",
-            Until::End
+            Until::End,
+            &Reporter::silent()
         )
         .await,
         Err(RebuildError::Invalid(_))
@@ -431,7 +440,13 @@ async fn a_rebuild_with_no_live_projector_running_swaps_at_the_live_checkpoint()
 
     let report = tokio::time::timeout(
         std::time::Duration::from_secs(30),
-        rebuild::rebuild(&app.deps.store, &sandbox.settings.db, &app.deps.pool, false),
+        rebuild::rebuild(
+            &app.deps.store,
+            &sandbox.settings.db,
+            &app.deps.pool,
+            false,
+            &Reporter::silent(),
+        ),
     )
     .await
     .expect("the rebuild does not wait for a projector that is not there")
@@ -517,6 +532,7 @@ async fn a_rebuild_of_200_000_events_holds_the_live_projector_under_a_second() {
         &app.sandbox.settings.db,
         &app.deps.pool,
         false,
+        &Reporter::silent(),
     )
     .await
     .unwrap();
