@@ -68,7 +68,11 @@ die() { printf 'load: ERROR: %s\n' "$*" >&2; exit 2; }
 VENV="$ROOT/.data/venv"
 REQS="$ROOT/tests/load/requirements.txt"
 LOCUST_VERSION="$(sed -n 's/^locust==//p' "$REQS")"
-if ! "$VENV/bin/locust" --version 2>/dev/null | grep -q "locust $LOCUST_VERSION "; then
+# Through the venv's python, not its `locust` script: a script's shebang
+# names the path the venv had when it was installed, which a moved or
+# shared .data folder no longer has.
+LOCUST=("$VENV/bin/python" -m locust)
+if ! "${LOCUST[@]}" --version 2>/dev/null | grep -q "locust $LOCUST_VERSION "; then
     mkdir -p "$ROOT/.data"
     if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1; then
         rm -rf "$VENV"
@@ -101,7 +105,7 @@ set +e
 # option, so they win over these defaults.
 env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy NO_PROXY='*' no_proxy='*' \
 YMERA_LOAD_OUT="$OUT" \
-"$VENV/bin/locust" -f "$ROOT/tests/load/locustfile.py" "${MODE[@]}" \
+"${LOCUST[@]}" -f "$ROOT/tests/load/locustfile.py" "${MODE[@]}" \
     --host "$HOST" -u "$USERS" -r "$SPAWN_RATE" -t "$DURATION" --stop-timeout 10 \
     --csv "$OUT/ymera" --csv-full-history --html "$OUT/report.html" \
     --loglevel WARNING ${PASS[@]+"${PASS[@]}"} 2>&1 | tee "$OUT/locust.log"
