@@ -328,7 +328,9 @@ class YmeraUser(HttpUser):
         admin, role = ADMIN.get(self)
         if role != "admin":
             return
-        name = f"load-{RUN_ID}-{next(_account_numbers)}"
+        # Processes of one run (--processes) share RUN_ID: the pid tells
+        # their accounts apart.
+        name = f"load-{RUN_ID}-{os.getpid()}-{next(_account_numbers)}"
         password = uuid.uuid4().hex
         if self.call("POST", f"{API}/users", "POST /api/v1/users [load account]", (201,),
                      headers={"Authorization": f"Bearer {admin}"}, auth=False,
@@ -1137,6 +1139,18 @@ class Writer(YmeraUser):
                   headers=as_admin, auth=False)
         self.call("DELETE", f"{API}/users/{name}", "DELETE /api/v1/users/{username}", (204,),
                   headers=as_admin, auth=False)
+
+
+@events.init.add_listener
+def _drop_idle_user_classes(environment, **_kw) -> None:
+    """With --tags or --exclude-tags, a kind of user left without a task
+    (writers under ``--tags read``) is dropped instead of failing the run.
+    Locust filters the tasks once, when the users spawn; doing it now is the
+    same filtering, earlier."""
+    environment._filter_tasks_by_tags()
+    kept = [u for u in environment.user_classes if u.tasks]
+    if kept:
+        environment.user_classes[:] = kept
 
 
 @events.quitting.add_listener
