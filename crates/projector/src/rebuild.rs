@@ -276,15 +276,11 @@ pub async fn rebuild(
     force: bool,
     progress: &Reporter,
 ) -> Result<RebuildReport, RebuildError> {
-    let started = Instant::now();
     let schema = fresh_schema("ymera_read_rebuild");
     prepare(live, &schema).await?;
     let pool = db::pool_reading(db_cfg, &schema)?;
     let consumer = format!("ymera-{schema}").replace('_', "-");
-    let result = rebuild_into(
-        store, live, &pool, &schema, &consumer, started, force, progress,
-    )
-    .await;
+    let result = rebuild_into(store, live, &pool, &schema, &consumer, force, progress).await;
     let _ = store.unsubscribe(&consumer).await;
     pool.close().await;
     if result.is_err() {
@@ -303,10 +299,10 @@ async fn rebuild_into(
     pool: &PgPool,
     schema: &str,
     consumer: &str,
-    started: Instant,
     force: bool,
     progress: &Reporter,
 ) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
     // The new models must match the live ones at one sequence, so the
     // rebuild follows the live checkpoint and never runs past it (a live
     // projector that is behind, or not running, is caught up with later,
