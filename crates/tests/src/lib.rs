@@ -312,6 +312,13 @@ impl TestApp {
     }
 
     /// The stream's last sequence, straight from JetStream.
+    /// Waits until the projection has applied every event appended so far.
+    pub async fn settled(&self, token: &str) {
+        let last = self.last_seq().await;
+        let r = self.read_at("/api/v1/agents?limit=1", token, last).await;
+        assert_eq!(r.status(), 200, "the projection catches up");
+    }
+
     pub async fn last_seq(&self) -> u64 {
         self.deps.store.last_seq().await.expect("stream state")
     }

@@ -8,7 +8,7 @@
 use std::process::Output;
 
 use serde_json::Value;
-use tests::{Sandbox, TestApp, agent_body, process};
+use tests::{Sandbox, agent_body, process};
 use ymera::Role;
 
 /// Runs `ymera args…` against `sandbox`'s NATS and PostgreSQL (or none),
@@ -139,7 +139,7 @@ async fn exit_codes_tell_usage_from_unreachable_from_a_failed_check() {
     for i in 0..3 {
         app.create_agent(&token, agent_body(&format!("a{i}"))).await;
     }
-    settled(&app, &token).await;
+    app.settled(&token).await;
     sqlx::query("UPDATE agents SET name = 'tampered' WHERE name = 'a1'")
         .execute(&app.deps.pool)
         .await
@@ -148,12 +148,6 @@ async fn exit_codes_tell_usage_from_unreachable_from_a_failed_check() {
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("differ"), "{}", text(&out));
-}
-
-async fn settled(app: &TestApp, token: &str) {
-    let last = app.last_seq().await;
-    let r = app.read_at("/api/v1/agents?limit=1", token, last).await;
-    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

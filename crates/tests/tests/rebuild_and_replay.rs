@@ -31,13 +31,6 @@ async fn checksums(app: &TestApp, schema: &str) -> Vec<rebuild::TableCheck> {
     rebuild::checksums(&mut conn, schema).await.unwrap()
 }
 
-/// Waits until the live projection has applied everything in the stream.
-async fn settled(app: &TestApp, token: &str) {
-    let last = app.last_seq().await;
-    let r = app.read_at("/api/v1/agents?limit=1", token, last).await;
-    assert_eq!(r.status(), 200);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_under_load_swaps_in_without_a_failed_read() {
     let app = TestApp::spawn().await;
@@ -64,7 +57,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         .unwrap();
     }
 
-    settled(&app, &token).await;
+    app.settled(&token).await;
 
     // Load: a writer and a reader that reads its own writes.
     let stop = CancellationToken::new();
@@ -192,7 +185,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         .await;
     assert_eq!(r.status(), 200);
     // ...and the live models equal a fresh replay of the whole log.
-    settled(&app, &token).await;
+    app.settled(&token).await;
     let last = rebuild::replay(
         &app.deps.store,
         &app.sandbox.settings.db,
@@ -221,7 +214,7 @@ async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
     for i in 0..5 {
         app.create_agent(&token, agent_body(&format!("a{i}"))).await;
     }
-    settled(&app, &token).await;
+    app.settled(&token).await;
     // Corrupt the live read model behind the projector's back.
     sqlx::query("UPDATE agents SET name = 'tampered' WHERE name = 'a3'")
         .execute(&app.deps.pool)
@@ -271,7 +264,7 @@ async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
     // The system still works.
     let r = app.create_agent(&token, agent_body("later")).await;
     assert_eq!(r.status(), 201);
-    settled(&app, &token).await;
+    app.settled(&token).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
