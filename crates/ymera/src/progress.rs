@@ -71,19 +71,26 @@ pub fn show(label: &'static str) -> (Reporter, JoinHandle<()>) {
 }
 
 async fn bar(label: &'static str, mut updates: watch::Receiver<Progress>) {
+    // Drawn from the first figures on: nothing to show before.
+    if updates.changed().await.is_err() {
+        return;
+    }
     let style = ProgressStyle::with_template(
-        "{prefix}: [{bar:30}] {percent:>3}% {pos}/{len} events, {per_sec}, {eta} left",
+        "{prefix}: [{bar:25}] {percent:>3}% {human_pos}/{human_len} events, {eta} left",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
         .with_style(style)
         .with_prefix(label);
     *BAR.lock().unwrap_or_else(|p| p.into_inner()) = Some(bar.clone());
-    while updates.changed().await.is_ok() {
+    loop {
         let p = *updates.borrow_and_update();
         bar.set_length(p.total);
         bar.set_position(p.done);
+        if updates.changed().await.is_err() {
+            break;
+        }
     }
     bar.finish();
     *BAR.lock().unwrap_or_else(|p| p.into_inner()) = None;
