@@ -20,7 +20,7 @@
 # Exits with the command's exit code; when the command succeeded but ymera
 # did not start, become ready or stop cleanly, non-zero all the same.
 # Everything else of the environment reaches ymera as it is (rate limits:
-# YMERA_RATE_LIMIT_PER_TOKEN, ...). Assumes scripts/setup.sh already ran (NATS
+# YMERA_RATE_LIMIT_PER_USER, ...). Assumes scripts/setup.sh already ran (NATS
 # and PostgreSQL up, .data/env written).
 #
 # Knobs: YMERA_BIN (skip the build and use this binary),

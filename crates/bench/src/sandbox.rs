@@ -242,7 +242,7 @@ pub fn ymera_env(env: &Env, stream: &str, prefix: &str, db_url: &str) -> Vec<(St
         ("YMERA_LOG_FORMAT", "text"),
         ("RUST_LOG", "warn"),
         // The harness is one client hammering the API: limits off.
-        ("YMERA_RATE_LIMIT_PER_TOKEN", "0"),
+        ("YMERA_RATE_LIMIT_PER_USER", "0"),
         ("YMERA_RATE_LIMIT_PER_IP", "0"),
         ("YMERA_LOGIN_ATTEMPTS_PER_MINUTE", "1000000"),
     ]

@@ -22,6 +22,7 @@ use chrono::{SubsecRound, Utc};
 use events::agent::AgentState;
 use events::project::ProjectState;
 use events::{AgentId, Aggregate, Envelope, EventMeta, ProjectId, Recorded};
+use infra::telemetry::TraceHeaders;
 use infra::{EventStore, StoreError, StoredEvent};
 use uuid::Uuid;
 
@@ -33,9 +34,9 @@ use crate::keyed::KeyedWrite;
 pub struct WriteContext {
     pub actor: String,
     pub request_id: String,
-    /// The W3C trace context of the HTTP request, carried into the NATS
+    /// The trace context of the HTTP request, carried into the NATS
     /// headers so the projection continues the same trace.
-    pub traceparent: Option<String>,
+    pub trace: TraceHeaders,
     /// Set when the request carries an `Idempotency-Key`: what the write
     /// appends is then named from it, so a retry cannot store a copy.
     pub keyed: Option<Arc<KeyedWrite>>,
@@ -371,7 +372,7 @@ where
             );
             expected = self
                 .store
-                .append(&subject, expected, &envelope, ctx.traceparent.as_deref())
+                .append(&subject, expected, &envelope, Some(&ctx.trace))
                 .await?;
             ctx.appended(id.into());
             state = state.evolve(&Recorded { meta, event });

@@ -303,10 +303,7 @@ impl Commands {
                 envelope,
             })
             .collect();
-        let seqs = self
-            .store
-            .append_batch(&batch, ctx.traceparent.as_deref())
-            .await?;
+        let seqs = self.store.append_batch(&batch, Some(&ctx.trace)).await?;
 
         let mut written = Vec::with_capacity(prepared.len());
         for ((id, _, _, recorded), seq) in prepared.into_iter().zip(seqs) {

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
+use axum::http::header;
 use infra::http::auth::Editor;
 use infra::http::preconditions::EntityTags;
 use infra::http::{ApiError, RequestId};
+use infra::telemetry::TraceHeaders;
 use utoipa::IntoParams;
 
 use crate::CommandState;
@@ -53,7 +54,7 @@ impl FromRequestParts<CommandState> for WriteRequest {
             ctx: WriteContext {
                 actor: claims.sub,
                 request_id,
-                traceparent: traceparent(&parts.headers),
+                trace: TraceHeaders::from_http(&parts.headers),
                 // Set by the idempotency middleware on a keyed write.
                 keyed: parts
                     .extensions
@@ -66,15 +67,6 @@ impl FromRequestParts<CommandState> for WriteRequest {
             },
         })
     }
-}
-
-/// The W3C trace context, if the client sent a plausible one.
-fn traceparent(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 128)
-        .map(str::to_owned)
 }
 
 impl WriteRequest {

@@ -83,6 +83,11 @@ pub struct DbConfig {
     /// milliseconds.
     #[arg(long, env = "YMERA_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 1_000)]
     pub db_acquire_timeout_ms: u64,
+    /// How long a starting process or a command waits for PostgreSQL to
+    /// answer before it gives up (`ymera` then exits with code 3), in
+    /// seconds.
+    #[arg(long, env = "YMERA_DB_WAIT_SECS", default_value_t = 60)]
+    pub db_wait_secs: u64,
 }
 
 impl DbConfig {
@@ -91,7 +96,13 @@ impl DbConfig {
             database_url: url.into(),
             db_max_connections: 16,
             db_acquire_timeout_ms: 1_000,
+            db_wait_secs: 60,
         }
+    }
+
+    /// How long to wait for PostgreSQL to answer at start.
+    pub fn wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.db_wait_secs)
     }
 }
 
@@ -177,10 +188,11 @@ pub struct HttpConfig {
     /// one that looks complete).
     #[arg(long, env = "YMERA_EXPORT_STALL_TIMEOUT_MS", default_value_t = 30_000)]
     pub export_stall_timeout_ms: u64,
-    /// Requests per second each token may make to the API, sustained
-    /// (bursts of twice that are allowed). 0 turns the limit off.
-    #[arg(long, env = "YMERA_RATE_LIMIT_PER_TOKEN", default_value_t = 1_000)]
-    pub rate_limit_per_token: u32,
+    /// Requests per second each user may make to the API, sustained
+    /// (bursts of twice that are allowed), whichever of their tokens they
+    /// use. 0 turns the limit off.
+    #[arg(long, env = "YMERA_RATE_LIMIT_PER_USER", default_value_t = 1_000)]
+    pub rate_limit_per_user: u32,
     /// Requests per second each client address may make without a valid
     /// token. 0 turns the limit off.
     #[arg(long, env = "YMERA_RATE_LIMIT_PER_IP", default_value_t = 100)]
@@ -238,7 +250,7 @@ impl HttpConfig {
             live_ping_secs: 15,
             export_max_concurrent: 4,
             export_stall_timeout_ms: 30_000,
-            rate_limit_per_token: 1_000,
+            rate_limit_per_user: 1_000,
             rate_limit_per_ip: 100,
             login_attempts_per_minute: 60,
             rate_limit_max_keys: 100_000,

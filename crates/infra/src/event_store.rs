@@ -20,11 +20,34 @@ use events::{AggregateType, Envelope};
 use uuid::Uuid;
 
 use crate::config::{NatsConfig, StreamStorage};
+use crate::telemetry::TraceHeaders;
 
 pub use consumers::{Reader, StoredMessage, Subscription};
 
-/// Header that carries the W3C trace context from HTTP into the log.
-pub const TRACEPARENT: &str = "traceparent";
+/// NATS message headers as an OpenTelemetry carrier: the trace context
+/// (`traceparent`, `tracestate`, `baggage`) rides on every appended event,
+/// so the projection of an event continues the trace of the request that
+/// wrote it.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceCarrier<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for TraceCarrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Writes a trace context into the headers of a message to append.
+struct TraceWriter<'a>(&'a mut HeaderMap);
+
+impl opentelemetry::propagation::Injector for TraceWriter<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
 
 /// One event as it sits in the stream.
 #[derive(Debug, Clone)]
@@ -185,7 +208,7 @@ impl EventStore {
         subject: &str,
         expected: u64,
         envelope: &Envelope,
-        traceparent: Option<&str>,
+        trace: Option<&TraceHeaders>,
     ) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
         tracing::Span::current()
@@ -204,10 +227,7 @@ impl EventStore {
         );
         // The append span's own context when tracing is on (so the
         // projection hangs under it), else the caller's as it came.
-        let traced = crate::telemetry::current_traceparent();
-        if let Some(tp) = traced.as_deref().or(traceparent) {
-            headers.insert(TRACEPARENT, tp);
-        }
+        crate::telemetry::inject_current_or(trace, &mut TraceWriter(&mut headers));
         let publish = jetstream::message::PublishMessage::build()
             .payload(Bytes::from(payload))
             .headers(headers);
@@ -263,10 +283,8 @@ impl EventStore {
     pub async fn append_batch(
         &self,
         items: &[BatchItem<'_>],
-        traceparent: Option<&str>,
+        trace: Option<&TraceHeaders>,
     ) -> Result<Vec<u64>, StoreError> {
-        let traced = crate::telemetry::current_traceparent();
-        let traceparent = traced.as_deref().or(traceparent);
         if items.is_empty() {
             return Ok(vec![]);
         }
@@ -290,9 +308,7 @@ impl EventStore {
                 "Nats-Expected-Last-Subject-Sequence",
                 item.expected.to_string().as_str(),
             );
-            if let Some(tp) = traceparent {
-                headers.insert(TRACEPARENT, tp);
-            }
+            crate::telemetry::inject_current_or(trace, &mut TraceWriter(&mut headers));
             if i == last {
                 headers.insert("Nats-Batch-Commit", "1");
             }

@@ -6,6 +6,7 @@ use events::envelope::EventCodec;
 use events::project::ProjectEvent;
 use events::{AggregateType, Envelope};
 use infra::db::Tx;
+use infra::event_store::TraceCarrier;
 
 /// Why an event could not be applied. Such an event is parked, never
 /// retried forever nor dropped unseen.
@@ -23,8 +24,8 @@ pub struct Incoming<'a> {
     pub seq: u64,
     pub subject: &'a str,
     pub payload: &'a [u8],
-    /// The W3C trace context of the request that wrote the event.
-    pub traceparent: Option<&'a str>,
+    /// The trace context of the request that wrote the event.
+    pub trace: Option<TraceCarrier<'a>>,
 }
 
 /// Applies a batch of messages, in order, inside the batch's transaction,
@@ -45,7 +46,9 @@ pub async fn apply_all(
         // it; made only when traces are exported, as they cost per event.
         let span = infra::telemetry::enabled().then(|| {
             let span = tracing::info_span!("projector.apply", otel.kind = "consumer", seq = m.seq, subject = %m.subject);
-            infra::telemetry::continue_trace(&span, m.traceparent);
+            if let Some(trace) = &m.trace {
+                infra::telemetry::continue_trace(&span, trace);
+            }
             span
         });
         let _entered = span.as_ref().map(|s| s.enter());
@@ -99,7 +102,7 @@ pub async fn apply_message(
         seq,
         subject,
         payload,
-        traceparent: None,
+        trace: None,
     };
     Ok(apply_all(tx, &[one]).await?.pop().flatten())
 }

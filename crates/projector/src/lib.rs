@@ -19,6 +19,7 @@ mod apply;
 pub mod detach;
 pub mod lease;
 pub mod parked;
+pub mod progress;
 pub mod rebuild;
 
 use std::time::Duration;
@@ -279,7 +280,7 @@ impl Projector {
                 seq,
                 subject: message.subject(),
                 payload: message.payload(),
-                traceparent: message.traceparent(),
+                trace: message.trace(),
             });
             checkpoint = seq;
         }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use infra::auth::Role as UserRole;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use projector::progress::Reporter;
 use projector::rebuild::{self, Until};
 use reqwest::{Method, RequestBuilder, Response};
 use secrecy::SecretString;
@@ -311,6 +312,13 @@ impl TestApp {
     }
 
     /// The stream's last sequence, straight from JetStream.
+    /// Waits until the projection has applied every event appended so far.
+    pub async fn settled(&self, token: &str) {
+        let last = self.last_seq().await;
+        let r = self.read_at("/api/v1/agents?limit=1", token, last).await;
+        assert_eq!(r.status(), 200, "the projection catches up");
+    }
+
     pub async fn last_seq(&self) -> u64 {
         self.deps.store.last_seq().await.expect("stream state")
     }
@@ -381,9 +389,16 @@ impl TestApp {
         schema: &str,
     ) -> (Vec<rebuild::TableCheck>, Vec<rebuild::TableCheck>) {
         let db = &self.sandbox.settings.db;
-        rebuild::replay(&self.deps.store, db, &self.deps.pool, schema, Until::End)
-            .await
-            .expect("replay the log");
+        rebuild::replay(
+            &self.deps.store,
+            db,
+            &self.deps.pool,
+            schema,
+            Until::End,
+            &Reporter::silent(),
+        )
+        .await
+        .expect("replay the log");
         let mut conn = self.deps.pool.acquire().await.expect("a connection");
         let live = rebuild::checksums(&mut conn, infra::db::READ_SCHEMA).await;
         let replayed = rebuild::checksums(&mut conn, schema).await;

@@ -3,7 +3,6 @@
 //! own configuration and a listener on port 0.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -81,19 +80,27 @@ pub struct Deps {
     pub pool: PgPool,
 }
 
-/// How long start-up waits for PostgreSQL before giving up.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+/// A dependency that did not answer in time: nothing can be done without
+/// it (`ymera` exits with code 3).
+#[derive(Debug)]
+pub struct Unreachable(pub &'static str);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is not reachable", self.0)
+    }
+}
 
 /// Connects to NATS and PostgreSQL and applies every migration.
 pub async fn connect(nats: &NatsConfig, db: &DbConfig) -> anyhow::Result<Deps> {
     let pool = infra::db::pool(db).context("bad database URL")?;
-    infra::db::wait_ready(&pool, STARTUP_DEADLINE)
+    infra::db::wait_ready(&pool, db.wait())
         .await
-        .context("PostgreSQL is not reachable")?;
+        .context(Unreachable("PostgreSQL"))?;
     migrate(&pool).await?;
     let store = EventStore::connect(nats)
         .await
-        .context("NATS JetStream is not reachable")?;
+        .context(Unreachable("NATS JetStream"))?;
     Ok(Deps { store, pool })
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
 use futures::StreamExt;
 
-use super::{EventStore, StoreError, StoredEvent, TRACEPARENT, decode, unavailable};
+use super::{EventStore, StoreError, StoredEvent, TraceCarrier, decode, unavailable};
 
 /// How long the server waits for a subscription's ack before it delivers
 /// the message again.
@@ -69,13 +69,10 @@ impl StoredMessage {
         &self.message.payload
     }
 
-    /// The W3C trace context of the request that appended it.
-    pub fn traceparent(&self) -> Option<&str> {
-        self.message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(TRACEPARENT))
-            .map(|v| v.as_str())
+    /// The trace context of the request that appended it, for
+    /// [`telemetry::continue_trace`](crate::telemetry::continue_trace).
+    pub fn trace(&self) -> Option<TraceCarrier<'_>> {
+        self.message.headers.as_ref().map(TraceCarrier)
     }
 
     /// The payload read as an event.
