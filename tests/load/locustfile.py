@@ -249,6 +249,10 @@ class AdminSession:
 
 ADMIN = AdminSession()
 _account_numbers = itertools.count(1)
+# Creating an account hashes its password (Argon2id, deliberately costly):
+# one at a time per Locust process, so that a ramp-up does not pile dozens
+# of hashes onto the server at once on top of the users' logins.
+_account_lock = threading.Lock()
 
 
 class Bad(Exception):
@@ -332,10 +336,12 @@ class YmeraUser(HttpUser):
         # their accounts apart.
         name = f"load-{RUN_ID}-{os.getpid()}-{next(_account_numbers)}"
         password = uuid.uuid4().hex
-        if self.call("POST", f"{API}/users", "POST /api/v1/users [load account]", (201,),
-                     headers={"Authorization": f"Bearer {admin}"}, auth=False,
-                     json={"username": name, "password": password,
-                           "role": self.account_role}):
+        with _account_lock:
+            created = self.call("POST", f"{API}/users", "POST /api/v1/users [load account]",
+                                (201,), headers={"Authorization": f"Bearer {admin}"},
+                                auth=False, json={"username": name, "password": password,
+                                                  "role": self.account_role})
+        if created:
             self.account = name
             self.username, self.password = name, password
         else:

@@ -312,6 +312,22 @@ impl TestApp {
     }
 
     /// The stream's last sequence, straight from JetStream.
+    /// Writes five agents (`a0` to `a4`), waits for the projection, then
+    /// renames `a3` to `tampered` in the live read model behind the
+    /// projector's back: read models a rebuild must find wrong.
+    pub async fn tamper_with_the_read_model(&self) {
+        let token = self.admin_token().await;
+        for i in 0..5 {
+            self.create_agent(&token, agent_body(&format!("a{i}")))
+                .await;
+        }
+        self.settled(&token).await;
+        sqlx::query("UPDATE agents SET name = 'tampered' WHERE name = 'a3'")
+            .execute(&self.deps.pool)
+            .await
+            .expect("tamper with the read model");
+    }
+
     /// Waits until the projection has applied every event appended so far.
     pub async fn settled(&self, token: &str) {
         let last = self.last_seq().await;

@@ -8,7 +8,7 @@
 use std::process::Output;
 
 use serde_json::Value;
-use tests::{Sandbox, agent_body, process};
+use tests::{Sandbox, process};
 use ymera::Role;
 
 /// Runs `ymera args…` against `sandbox`'s NATS and PostgreSQL (or none),
@@ -135,15 +135,7 @@ async fn exit_codes_tell_usage_from_unreachable_from_a_failed_check() {
 
     // 4: the rebuilt read models disagree with live ones tampered with.
     let app = sandbox.start(Role::All).await;
-    let token = app.admin_token().await;
-    for i in 0..3 {
-        app.create_agent(&token, agent_body(&format!("a{i}"))).await;
-    }
-    app.settled(&token).await;
-    sqlx::query("UPDATE agents SET name = 'tampered' WHERE name = 'a1'")
-        .execute(&app.deps.pool)
-        .await
-        .unwrap();
+    app.tamper_with_the_read_model().await;
     let out = ymera(Some(&sandbox), &["rebuild"], &[]).await;
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);

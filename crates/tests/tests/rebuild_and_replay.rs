@@ -211,15 +211,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
 async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
-    for i in 0..5 {
-        app.create_agent(&token, agent_body(&format!("a{i}"))).await;
-    }
-    app.settled(&token).await;
-    // Corrupt the live read model behind the projector's back.
-    sqlx::query("UPDATE agents SET name = 'tampered' WHERE name = 'a3'")
-        .execute(&app.deps.pool)
-        .await
-        .unwrap();
+    app.tamper_with_the_read_model().await;
     match rebuild::rebuild(
         &app.deps.store,
         &app.sandbox.settings.db,
