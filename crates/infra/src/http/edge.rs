@@ -11,7 +11,8 @@ use axum::Router;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::compression::{CompressionLayer, DefaultPredicate, Predicate};
+use tower_http::compression::predicate::{NotForContentType, SizeAbove};
+use tower_http::compression::{CompressionLayer, Predicate};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::ApiError;
@@ -33,16 +34,23 @@ pub fn layers(router: Router, http: &HttpConfig) -> anyhow::Result<Router> {
 }
 
 /// gzip, Brotli or zstd, as the client's `Accept-Encoding` prefers, for
-/// bodies of 32 bytes or more. Never the SSE live feed (an encoder holds
-/// events back until its buffer fills) nor a WebSocket upgrade. A streamed
-/// export stays streamed: the encoder compresses each chunk as it comes.
+/// bodies of [`COMPRESS_ABOVE`] bytes or more and streamed ones. Never the
+/// SSE live feed (an encoder holds events back until its buffer fills) nor
+/// a WebSocket upgrade, nor images. A streamed export stays streamed: the
+/// encoder compresses each chunk as it comes.
 fn compression() -> CompressionLayer<impl Predicate> {
     let not_upgrade =
         |status: StatusCode, _: _, _: &_, _: &_| status != StatusCode::SWITCHING_PROTOCOLS;
-    CompressionLayer::new()
-        .no_deflate()
-        .compress_when(DefaultPredicate::new().and(not_upgrade))
+    let worth_it = SizeAbove::new(COMPRESS_ABOVE)
+        .and(NotForContentType::SSE)
+        .and(NotForContentType::IMAGES)
+        .and(not_upgrade);
+    CompressionLayer::new().no_deflate().compress_when(worth_it)
 }
+
+/// Smaller bodies (most single resources, every problem) gain a few bytes
+/// at most from compression, for the CPU it costs on every request.
+const COMPRESS_ABOVE: u64 = 1024;
 
 /// CORS, off unless `YMERA_CORS_ORIGINS` names origins (or `*`). The
 /// response headers a browser client needs are exposed: `ETag`, `Location`,
