@@ -115,7 +115,6 @@ start_nats() {
 server_name: $name
 listen: 127.0.0.1:$(port "$name")
 http: 127.0.0.1:$(monitor_port "$name")
-max_payload: 8MB
 jetstream {
     store_dir: "$DIR/$name"
 }

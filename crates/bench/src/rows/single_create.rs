@@ -22,7 +22,7 @@ use crate::sandbox::{RssSampler, Server};
 pub const TARGET: &str = ">= 0.5 ops/s, p99 <= 3x raw";
 
 /// `POST /agents` from `plan.clients` clients in a closed loop.
-async fn creates(server: &Server, plan: &Plan) -> Run {
+pub(super) async fn creates(server: &Server, plan: &Plan) -> Run {
     let url = server.url("/api/v1/agents");
     let token = server.token.clone();
     http_loop(
