@@ -33,8 +33,11 @@ const WRITERS: usize = 4;
 /// Updates per agent after its create.
 const UPDATES: usize = 2;
 /// How long one operation is retried before the writer gives up on it
-/// (its outcome then stays unknown: it may or may not be stored).
-const OPERATION_DEADLINE: Duration = Duration::from_secs(60);
+/// (its outcome then stays unknown: it may or may not be stored). Longer
+/// than the command side takes to give up on a key whose attempt died with
+/// its process (60 s; until then a retry is told the first attempt is still
+/// in flight), so such writes end through the unknown-outcome retry.
+const OPERATION_DEADLINE: Duration = Duration::from_secs(90);
 
 /// The history of one run: what each writer sent and got, and each fault.
 struct History {

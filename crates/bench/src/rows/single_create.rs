@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream;
 use reqwest::StatusCode;
 
 use super::http::http_loop;
@@ -42,6 +43,22 @@ pub(super) async fn creates(server: &Server, plan: &Plan) -> Run {
     .await
 }
 
+/// The raw limit of a create: the guarded publish of a create's envelope
+/// to `prefix`, each awaiting its ack, from `plan.clients` clients.
+pub(super) async fn raw_creates(js: jetstream::Context, prefix: String, plan: &Plan) -> Run {
+    closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
+        let e = data::event(&data::agent(n));
+        let msg = guarded(&e, true);
+        let subject = e.subject(&prefix);
+        let js = js.clone();
+        async move {
+            js.send_publish(subject, msg).await?.await?;
+            Ok(1)
+        }
+    })
+    .await
+}
+
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let plan = ctx.plan.clone();
     let (_, raw_prefix) = ctx.raw_stream().await?;
@@ -63,18 +80,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let ours = creates(writer, &plan).await;
     ours.check("ours (ymera command-api)")?;
 
-    let js = ctx.env.js.clone();
-    let raw = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
-        let e = data::event(&data::agent(n));
-        let msg = guarded(&e, true);
-        let subject = e.subject(&raw_prefix);
-        let js = js.clone();
-        async move {
-            js.send_publish(subject, msg).await?.await?;
-            Ok(1)
-        }
-    })
-    .await;
+    let raw = raw_creates(ctx.env.js.clone(), raw_prefix, &plan).await;
     raw.check("raw")?;
     let p99_ok = ours.quantile_ms(0.99) <= 3.0 * raw.quantile_ms(0.99);
     Ok(Row::ratio(

@@ -17,10 +17,7 @@ use anyhow::{Context, bail};
 use async_nats::jetstream::{self, stream::StorageType};
 
 use super::Ctx;
-use super::publish::guarded;
-use super::single_create::creates;
-use crate::data;
-use crate::load::closed_loop;
+use super::single_create::{creates, raw_creates};
 use crate::report::{Figure, Row, ratio};
 use crate::sandbox::{Server, ymera_env};
 
@@ -152,17 +149,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     drop(writer);
     ours.check("ours (ymera command-api, R3)")?;
 
-    let raw = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
-        let e = data::event(&data::agent(n));
-        let msg = guarded(&e, true);
-        let subject = e.subject(&raw_prefix);
-        let js = js.clone();
-        async move {
-            js.send_publish(subject, msg).await?.await?;
-            Ok(1)
-        }
-    })
-    .await;
+    let raw = raw_creates(js, raw_prefix, &plan).await;
     raw.check("raw R3 publish")?;
     drop(cluster);
     Ok(Row::ratio(
