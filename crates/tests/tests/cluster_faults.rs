@@ -373,6 +373,8 @@ async fn nothing_acknowledged_is_lost_or_doubled_under_node_and_process_faults()
         std::env::temp_dir().join(format!("ymera-cluster-faults-{}", Uuid::now_v7().simple()));
     std::fs::create_dir_all(&work).expect("work dir");
     let history = Arc::new(History::new(work.join("history.jsonl")));
+    // Shown with the output of a failing run, whatever failed.
+    eprintln!("history: {}", history.path.display());
     let cluster = Arc::new(Cluster::up(&work));
     let history_path = history.path.display().to_string();
     history.record(json!({"cluster": cluster.url, "work": work}));
