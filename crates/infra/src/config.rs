@@ -10,7 +10,8 @@ use secrecy::SecretString;
 /// Where the event log lives and how the stream is provisioned.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsConfig {
-    /// NATS server URL (JetStream must be enabled).
+    /// NATS server URL (JetStream must be enabled), or the URLs of a
+    /// cluster's nodes separated by commas.
     #[arg(long, env = "YMERA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Name of the JetStream stream that holds the event log.
@@ -44,6 +45,13 @@ pub enum StreamStorage {
 }
 
 impl NatsConfig {
+    /// The servers `nats_url` names: one URL, or several separated by
+    /// commas (the nodes of a cluster, so that a process starting while
+    /// one of them is down still connects).
+    pub fn nats_servers(&self) -> Vec<&str> {
+        self.nats_url.split(',').map(str::trim).collect()
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }

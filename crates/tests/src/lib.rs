@@ -23,6 +23,7 @@ use ymera::{Deps, Role, Running, Settings};
 
 pub use ymera;
 
+pub mod cluster;
 pub mod faults;
 pub mod nats;
 pub mod process;
@@ -174,7 +175,7 @@ impl Sandbox {
 }
 
 /// `postgres://u:p@h:port/db?x` with the database replaced.
-fn url_with_database(url: &str, db: &str) -> String {
+pub(crate) fn url_with_database(url: &str, db: &str) -> String {
     let (head, query) = url
         .split_once('?')
         .map_or((url, None), |(h, q)| (h, Some(q)));

@@ -3,6 +3,7 @@
 //! own configuration and a listener on port 0.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;

@@ -14,6 +14,7 @@ mod read_model;
 mod rebuild;
 mod search;
 mod single_create;
+mod single_create_r3;
 mod write_to_visible;
 
 pub use context::{Ctx, Plan};
@@ -22,8 +23,13 @@ use crate::report::Row;
 
 /// Every row, in table order: (name on the command line, label in the
 /// table, target).
-pub const ROWS: [(&str, &str, &str); 9] = [
+pub const ROWS: [(&str, &str, &str); 10] = [
     ("single-create", "single create", single_create::TARGET),
+    (
+        "single-create-r3",
+        "single create (R3)",
+        single_create_r3::TARGET,
+    ),
     ("bulk-ingest", "bulk ingest", bulk_ingest::TARGET),
     (
         "projection-catch-up",
@@ -49,9 +55,10 @@ const MEMORY_IDLE: &str = "memory-idle";
 /// The order the rows run in, which lets them share work: the
 /// single-create rate drives write-to-visible, its load gives the loaded
 /// memory, and catch-up leaves the live projection rebuild starts from.
-const RUN_ORDER: [&str; 10] = [
+const RUN_ORDER: [&str; 11] = [
     MEMORY_IDLE,
     "single-create",
+    "single-create-r3",
     "bulk-ingest",
     "write-to-visible",
     "get-by-id",
@@ -81,6 +88,7 @@ pub async fn run(ctx: &mut Ctx, selected: &[&str]) -> Vec<Row> {
         let result: anyhow::Result<Vec<Row>> = match name {
             MEMORY_IDLE => ctx.main().await.map(|_| vec![]),
             "single-create" => single_create::run(ctx).await.map(|r| vec![r]),
+            "single-create-r3" => single_create_r3::run(ctx).await.map(|r| vec![r]),
             "bulk-ingest" => bulk_ingest::run(ctx).await.map(|r| vec![r]),
             "write-to-visible" => write_to_visible::run(ctx).await.map(|r| vec![r]),
             "get-by-id" => get_by_id::run(ctx).await.map(|r| vec![r]),
