@@ -344,9 +344,6 @@ impl Projector {
     /// applies events while this one does. `ownership` says which, for
     /// `/health` and the metrics.
     pub async fn run(mut self, ownership: Ownership, shutdown: CancellationToken) {
-        if self.settings.live {
-            tokio::spawn(tidy_search_indexes(self.pool.clone(), shutdown.clone()));
-        }
         let name = self.settings.name.clone();
         ownership.set(&name, false);
         loop {
@@ -395,41 +392,6 @@ impl Projector {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        }
-    }
-}
-
-/// How often the live projection's GIN indexes have their pending lists
-/// merged in the background.
-const TIDY_EVERY: Duration = Duration::from_millis(500);
-
-/// Merges the pending lists of the agents' GIN indexes into the indexes,
-/// from a connection of its own, every [`TIDY_EVERY`].
-///
-/// A GIN index takes new entries into a pending list first (cheap) and
-/// merges the list when it outgrows `gin_pending_list_limit` (4 MB), in
-/// whichever insert crosses the limit. Left to that, every couple of
-/// seconds under a steady write load one projector batch stalled for
-/// ~100 ms merging the list, and every write behind it waited. Merged
-/// here, the list never grows that far; should it (a burst), an insert
-/// that finds a merge already running does not wait for it. Searches
-/// gain too: they scan the pending list entry by entry.
-async fn tidy_search_indexes(pool: PgPool, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(TIDY_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let merged = sqlx::query(
-            "SELECT gin_clean_pending_list('agents_search_doc'::regclass), \
-                    gin_clean_pending_list('agents_by_tags'::regclass)",
-        )
-        .execute(&pool)
-        .await;
-        if let Err(e) = merged {
-            tracing::debug!(error = %e, "merging the search indexes' pending lists failed");
         }
     }
 }
