@@ -63,7 +63,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            batch_size: 1_000,
+            batch_size: 5_000,
             name: projection::MAIN.to_owned(),
             consumer: format!("ymera-projector-{}", projection::MAIN),
             live: true,
@@ -72,9 +72,6 @@ impl Default for Settings {
         }
     }
 }
-
-/// How long a batch waits for more events once it has its first.
-const LINGER: Duration = Duration::from_millis(2);
 
 /// The advisory lock that a live projector's batch holds shared and a
 /// rebuild's swap takes exclusive, so the swap happens between batches.
@@ -204,26 +201,17 @@ impl Projector {
             Ok(Some(Ok(m))) => m,
         };
         let mut batch = vec![first];
-        // Gather what follows within a moment of the first: when the log is
-        // ahead (a catch-up, a burst) everything is at hand, batches fill
-        // and commits are few; under a steady stream of writes, the first
-        // event of a batch waits at most LINGER to be applied. (The moment
-        // counts from the first event, not from the last one: a stream
-        // with an event every millisecond would otherwise fill all
-        // `batch_size` before applying any.)
-        let deadline = tokio::time::Instant::now() + LINGER;
+        // Take whatever else is at hand, and no more: nothing waits for a
+        // batch to fill. When the log is ahead (a catch-up, a burst) the
+        // client has prefetched the next pulls, batches fill and commits
+        // are few; under a steady stream of writes, what arrived while the
+        // last batch committed forms the next one, so the batch grows with
+        // the load and an event waits at most for the batch before it.
         while batch.len() < self.settings.batch_size {
-            let next = match messages.next().now_or_never() {
-                Some(next) => next,
-                None => match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(next) => next,
-                    Err(_) => break,
-                },
-            };
-            match next {
-                Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => return Err(e.into()),
-                None => break,
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                Some(Some(Err(e))) => return Err(e.into()),
+                Some(None) | None => break,
             }
         }
         let count = batch.len();
@@ -258,6 +246,13 @@ impl Projector {
         if self.settings.live {
             sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
                 .bind(SWAP_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            // A rebuild or replay that dies starts again from the log, so
+            // its commits need not wait for the disk; the swap into the
+            // live schema does.
+            sqlx::query("SET LOCAL synchronous_commit = off")
                 .execute(&mut *tx)
                 .await?;
         }
