@@ -329,6 +329,13 @@ impl<R, C: Change<R>> Fold<R, C> {
     }
 }
 
+/// `to = change` where there is a change.
+fn set<T>(to: &mut T, change: Option<T>) {
+    if let Some(v) = change {
+        *to = v;
+    }
+}
+
 /// `to = later` where `later` says something.
 fn overwrite<T>(to: &mut Option<T>, later: Option<T>) {
     if later.is_some() {
@@ -348,30 +355,14 @@ impl Change<AgentCreated> for AgentChanges {
             tags,
             project_id,
         } = self;
-        if let Some(v) = name {
-            row.name = v;
-        }
-        if let Some(v) = agent_type {
-            row.agent_type = v;
-        }
-        if let Some(v) = description {
-            row.description = v;
-        }
-        if let Some(v) = status {
-            row.status = v;
-        }
-        if let Some(v) = capabilities {
-            row.capabilities = v;
-        }
-        if let Some(v) = config {
-            row.config = v;
-        }
-        if let Some(v) = tags {
-            row.tags = v;
-        }
-        if let Some(v) = project_id {
-            row.project_id = v;
-        }
+        set(&mut row.name, name);
+        set(&mut row.agent_type, agent_type);
+        set(&mut row.description, description);
+        set(&mut row.status, status);
+        set(&mut row.capabilities, capabilities);
+        set(&mut row.config, config);
+        set(&mut row.tags, tags);
+        set(&mut row.project_id, project_id);
     }
 
     fn then(&mut self, later: Self) {
@@ -388,12 +379,8 @@ impl Change<AgentCreated> for AgentChanges {
 
 impl Change<ProjectCreated> for ProjectChanges {
     fn apply_to(self, row: &mut ProjectCreated) {
-        if let Some(v) = self.name {
-            row.name = v;
-        }
-        if let Some(v) = self.description {
-            row.description = v;
-        }
+        set(&mut row.name, self.name);
+        set(&mut row.description, self.description);
     }
 
     fn then(&mut self, later: Self) {

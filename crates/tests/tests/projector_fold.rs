@@ -41,6 +41,9 @@ async fn append(
     store.append(&subject, last, &env, None).await.unwrap()
 }
 
+/// id, name, status, project_id, version, capabilities, tags.
+type AgentRow = (Uuid, String, String, Option<Uuid>, i64, Vec<String>, Value);
+
 fn created(name: &str, project: Option<Uuid>) -> Value {
     json!({
         "name": name, "type": "llm", "description": format!("about {name}"),
@@ -227,7 +230,7 @@ async fn a_batch_folds_to_what_one_event_at_a_time_gives() {
     assert_eq!(one_by_one, at_once, "the fold equals one event at a time");
 
     // And what both say is what the events say.
-    let rows: Vec<(Uuid, String, String, Option<Uuid>, i64, Vec<String>, Value)> = sqlx::query_as(
+    let rows: Vec<AgentRow> = sqlx::query_as(
         "SELECT id, name, status, project_id, version, capabilities, tags \
          FROM fold_batch.agents ORDER BY name",
     )
