@@ -1,7 +1,10 @@
 //! Rebuilding the read models from the log, and replaying it for analysts.
 //!
 //! A rebuild projects the whole log into a fresh schema while the live read
-//! models keep serving, never running ahead of the live projection. Once it
+//! models keep serving, never running ahead of the live projection: into
+//! tables with their keys only, in large batches whose commits do not wait
+//! for the disk, and the filter indexes are made once the bulk of the log
+//! is in (a sorted pass each, instead of an insert per row). Once it
 //! has caught up, it compares the new models with the live ones table by
 //! table (row counts and checksums) at one event, still without holding the
 //! live projector: the live models are read in one snapshot, and the new
@@ -253,9 +256,60 @@ async fn prepare(live: &PgPool, schema: &str) -> Result<(), RebuildError> {
     Ok(())
 }
 
+/// The filter indexes of `schema` (every index but the primary keys and
+/// unique ones), dropped so that a rebuild or replay loads its tables
+/// without maintaining them row by row; [`create_indexes`] makes them again
+/// from what this returns, each in one sorted pass over the loaded rows.
+async fn drop_filter_indexes(pool: &PgPool, schema: &str) -> Result<Vec<String>, sqlx::Error> {
+    db::assert_identifier(schema);
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_indexdef(c.oid) FROM pg_index x \
+         JOIN pg_class c ON c.oid = x.indexrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND NOT x.indisprimary AND NOT x.indisunique \
+         ORDER BY c.relname",
+    )
+    .bind(schema)
+    .fetch_all(pool)
+    .await?;
+    for (name, _) in &indexes {
+        db::assert_identifier(name);
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {schema}.{name}")))
+            .execute(pool)
+            .await?;
+    }
+    Ok(indexes.into_iter().map(|(_, def)| def).collect())
+}
+
+/// Index builds run at once: the sorts are CPU-bound, and one per core of
+/// a small database server keeps it busy.
+const INDEX_BUILDERS: usize = 2;
+
+/// Makes the indexes that [`drop_filter_indexes`] dropped, a few at a time,
+/// each with room to sort in memory.
+async fn create_indexes(pool: &PgPool, definitions: &[String]) -> Result<(), sqlx::Error> {
+    let builders = (0..INDEX_BUILDERS).map(|k| async move {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("SET maintenance_work_mem = '256MB'")
+            .execute(&mut *conn)
+            .await?;
+        // Definitions as PostgreSQL printed them for this schema.
+        for definition in definitions.iter().skip(k).step_by(INDEX_BUILDERS) {
+            sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
+                .execute(&mut *conn)
+                .await?;
+        }
+        sqlx::query("RESET maintenance_work_mem")
+            .execute(&mut *conn)
+            .await?;
+        Ok::<_, sqlx::Error>(())
+    });
+    futures::future::try_join_all(builders).await?;
+    Ok(())
+}
+
 fn bounded(consumer: String, stop_at: Option<u64>, stop_after: Option<DateTime<Utc>>) -> Settings {
     Settings {
-        batch_size: 1_000,
         consumer,
         live: false,
         stop_at,
@@ -303,6 +357,9 @@ async fn rebuild_into(
     progress: &Reporter,
 ) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
+    // The bulk of the log goes into tables with their keys only; the
+    // filter indexes are made once it is in.
+    let indexes = drop_filter_indexes(pool, schema).await?;
     // The new models must match the live ones at one sequence, so the
     // rebuild follows the live checkpoint and never runs past it (a live
     // projector that is behind, or not running, is caught up with later,
@@ -326,6 +383,7 @@ async fn rebuild_into(
     // live projector goes on: first every row, at one event, then, while
     // many events came after, the rows those changed.
     rebuild.catch_up().await?;
+    create_indexes(pool, &indexes).await?;
     let (checked_at, tables) = rebuild.compare_at_live_snapshot(None).await?;
     let mut compared = checked_at;
     for _ in 0..TAIL_ROUNDS {
@@ -538,10 +596,12 @@ pub async fn replay(
         bounded(consumer.clone(), stop_at, stop_after),
     );
     let result = async {
+        let indexes = drop_filter_indexes(&pool, schema).await?;
         while projector.checkpoint() < goal && !projector.finished() {
             projector.process_next_batch(Duration::from_secs(2)).await?;
             progress.done(projector.checkpoint());
         }
+        create_indexes(&pool, &indexes).await?;
         Ok::<_, RebuildError>(projector.checkpoint())
     }
     .await;
