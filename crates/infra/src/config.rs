@@ -124,6 +124,16 @@ pub struct AuthConfig {
     pub dev: bool,
 }
 
+/// Where a query process keeps its search index.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SearchConfig {
+    /// The search index's directory: each query process needs its own. It
+    /// is rebuilt from the log when missing, of another version or of
+    /// another stream, and resumed from its checkpoint otherwise.
+    #[arg(long, env = "YMERA_SEARCH_DIR", default_value = ".data/search")]
+    pub search_dir: std::path::PathBuf,
+}
+
 /// How the HTTP side listens and what it accepts.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpConfig {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use infra::auth::Role as UserRole;
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use projector::rebuild::{self, Until};
 use reqwest::{Method, RequestBuilder, Response};
 use secrecy::SecretString;
@@ -56,10 +56,12 @@ pub struct Sandbox {
 struct Cleanup {
     stream: String,
     database: String,
+    search_root: std::path::PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.search_root);
         let stream = self.stream.clone();
         let database = self.database.clone();
         let worker = std::thread::spawn(move || {
@@ -116,10 +118,14 @@ impl Sandbox {
                 dev: false,
             },
             http,
+            search: SearchConfig {
+                search_dir: std::env::temp_dir().join(format!("ymera-search-{id}")),
+            },
         };
         let cleanup = Arc::new(Cleanup {
             stream: settings.nats.stream.clone(),
             database: db_name,
+            search_root: settings.search.search_dir.clone(),
         });
         Sandbox {
             id,
@@ -141,13 +147,33 @@ impl Sandbox {
         (sandbox, nats, pg)
     }
 
+    /// A search index directory no process uses yet, removed with the
+    /// sandbox.
+    pub fn fresh_search_dir(&self) -> std::path::PathBuf {
+        self.settings
+            .search
+            .search_dir
+            .join(Uuid::now_v7().simple().to_string())
+    }
+
     /// Starts a process playing `role` on a free port.
     pub async fn start(&self, role: Role) -> TestApp {
         self.start_with(role, &self.settings).await
     }
 
     /// Starts a process with adjusted settings (same database and stream).
+    ///
+    /// The sandbox's `search_dir` is the root of its processes' search
+    /// indexes: a process started with it gets a fresh directory of its own
+    /// below it (each query process needs its own index). Settings that
+    /// name another directory (a test that restarts a process on its
+    /// index) are used as given.
     pub async fn start_with(&self, role: Role, settings: &Settings) -> TestApp {
+        let mut settings = settings.clone();
+        if settings.search.search_dir == self.settings.search.search_dir {
+            settings.search.search_dir = self.fresh_search_dir();
+        }
+        let settings = &settings;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

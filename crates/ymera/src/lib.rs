@@ -13,11 +13,12 @@ use chrono::Utc;
 use command_api::CommandState;
 use infra::EventStore;
 use infra::auth::Auth;
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use infra::http::ops::{self, Ops};
 use infra::http::ratelimit::{self, Limits};
 use infra::projection::{Ownership, ProjectionWatch};
 use query_api::QueryState;
+use query_api::search::SearchIndex;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +68,7 @@ pub struct Settings {
     pub db: DbConfig,
     pub auth: AuthConfig,
     pub http: HttpConfig,
+    pub search: SearchConfig,
 }
 
 /// The connections every role needs, made ready: stream provisioned,
@@ -109,7 +111,8 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// operational routes at the root and under `/api/v1`, the OpenAPI spec at
 /// `/api/v1/openapi.json`, and the middleware every request passes.
 /// `projector` is the ownership of this process's projector, if it runs
-/// one.
+/// one; `search` its search index, in a role that serves reads.
+#[allow(clippy::too_many_arguments)] // each is a separate part of the process
 pub fn app(
     role: Role,
     deps: &Deps,
@@ -117,6 +120,7 @@ pub fn app(
     http: Arc<HttpConfig>,
     watch: ProjectionWatch,
     projector: Option<Ownership>,
+    search: Option<Arc<SearchIndex>>,
     shutdown: CancellationToken,
 ) -> Router {
     let ops_state = Arc::new(Ops {
@@ -127,6 +131,7 @@ pub fn app(
         started_at: Utc::now(),
         degraded_lag_events: http.degraded_lag_events,
         projector,
+        search: search.as_ref().map(|s| s.watch()),
     });
     let limits = Arc::new(Limits::new(auth.clone(), &http));
     let limited = || axum::middleware::from_fn_with_state(limits.clone(), ratelimit::rate_limit);
@@ -147,7 +152,8 @@ pub fn app(
         );
         api = api.merge(command_api::router(state).layer(limited()));
     }
-    let query_state = role.queries().then(|| QueryState {
+    let query_state = search.map(|search| QueryState {
+        search,
         pool: deps.pool.clone(),
         store: deps.store.clone(),
         auth: auth.clone(),
@@ -344,6 +350,16 @@ pub async fn start(
         let detacher = projector::detach::Detacher::new(deps.store.clone(), deps.pool.clone());
         tasks.spawn(detacher.run(shutdown.clone()));
     }
+    let search = if role.queries() {
+        let index = Arc::new(
+            SearchIndex::open(&settings.search.search_dir, deps.store.stream_name())
+                .context("opening the search index")?,
+        );
+        tasks.spawn(index.clone().run(deps.store.clone(), shutdown.clone()));
+        Some(index)
+    } else {
+        None
+    };
     let watch = ProjectionWatch::spawn(deps.pool.clone(), shutdown.clone());
     let router = app(
         role,
@@ -352,6 +368,7 @@ pub async fn start(
         Arc::new(settings.http.clone()),
         watch,
         ownership,
+        search,
         shutdown.clone(),
     );
     let addr = listener.local_addr()?;

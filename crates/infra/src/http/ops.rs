@@ -35,6 +35,9 @@ pub struct Ops {
     /// Whether this process's projector owns the projection; `None` in a
     /// process that runs no projector.
     pub projector: Option<projection::Ownership>,
+    /// The checkpoint of this process's search index; `None` in a process
+    /// that serves no reads.
+    pub search: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 pub type OpsState = Arc<Ops>;
@@ -100,7 +103,8 @@ pub struct Health {
     /// (NATS or PostgreSQL down).
     pub status: &'static str,
     pub version: &'static str,
-    /// `nats`, `postgres` and `projector`.
+    /// `nats`, `postgres` and `projector`, and `search` (the search index's
+    /// checkpoint and lag) in a process that serves reads.
     pub checks: BTreeMap<&'static str, Check>,
 }
 
@@ -148,6 +152,27 @@ impl Ops {
             }
             _ => Check::down("needs both NATS and PostgreSQL"),
         };
+        if let (Some(search), Ok(last)) = (&self.search, &nats) {
+            // The search index follows the log by itself: its lag is
+            // reported beside the projector's, and degrades like it.
+            let checkpoint = *search.borrow();
+            let lag = last.saturating_sub(checkpoint);
+            let degraded = lag > self.degraded_lag_events;
+            if degraded {
+                status = "degraded";
+            }
+            checks.insert(
+                "search",
+                Check {
+                    status: if degraded { "degraded" } else { "ok" },
+                    latency_ms: None,
+                    checkpoint_seq: Some(checkpoint),
+                    last_seq: Some(*last),
+                    lag_events: Some(lag),
+                    ..Check::up(Duration::ZERO)
+                },
+            );
+        }
         checks.insert("nats", nats.map_or_else(Check::down, |_| Check::up(nats_t)));
         checks.insert("postgres", pg.map_or_else(Check::down, |_| Check::up(pg_t)));
         let lease = self
@@ -192,12 +217,19 @@ pub async fn health(State(ops): State<OpsState>) -> (StatusCode, Json<Health>) {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Status {
     pub status: &'static str,
+    /// `/readyz` in a process that serves reads: how many events of the
+    /// log its search index has yet to apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_lag_events: Option<u64>,
 }
 
 /// The process is alive. Never looks at dependencies.
 #[utoipa::path(get, path = "/livez", tag = "ops", responses((status = 200, body = Status)))]
 pub async fn livez() -> Json<Status> {
-    Json(Status { status: "ok" })
+    Json(Status {
+        status: "ok",
+        search_lag_events: None,
+    })
 }
 
 /// The process can serve: NATS and PostgreSQL are reachable.
@@ -205,15 +237,23 @@ pub async fn livez() -> Json<Status> {
     responses((status = 200, body = Status), (status = 503, body = Status)))]
 pub async fn readyz(State(ops): State<OpsState>) -> (StatusCode, Json<Status>) {
     let health = ops.health().await;
+    let search_lag_events = health.checks.get("search").and_then(|c| c.lag_events);
     if health.status == "unavailable" {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(Status {
                 status: "unavailable",
+                search_lag_events,
             }),
         )
     } else {
-        (StatusCode::OK, Json(Status { status: "ready" }))
+        (
+            StatusCode::OK,
+            Json(Status {
+                status: "ready",
+                search_lag_events,
+            }),
+        )
     }
 }
 
