@@ -419,6 +419,33 @@ impl TestApp {
         )
     }
 
+    /// `GET /agents/search` with `query`, once the search index has
+    /// applied `min_seq`: must answer 200; the page.
+    pub async fn search(&self, token: &str, query: &[(&str, &str)], min_seq: u64) -> Value {
+        let r = self
+            .request(Method::GET, "/api/v1/agents/search", Some(token))
+            .query(query)
+            .header("x-min-event-seq", min_seq.to_string())
+            .send()
+            .await
+            .expect("GET /agents/search");
+        assert_eq!(r.status(), 200, "search {query:?}");
+        assert!(header_u64(&r, "x-projection-seq") >= min_seq);
+        r.json().await.expect("a search page")
+    }
+
+    /// The JSON body of `GET path` without a token (the operational
+    /// routes), whatever the status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.request(Method::GET, path, None)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// Stops the process gracefully and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -470,6 +497,16 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// The names of a page's items.
+pub fn names(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|a| a["name"].as_str().expect("a name").to_owned())
+        .collect()
 }
 
 /// A minimal valid agent body.

@@ -6,29 +6,7 @@
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use tests::{TestApp, header_u64};
-
-async fn search(app: &TestApp, token: &str, query: &[(&str, &str)], min_seq: u64) -> Value {
-    let r = app
-        .request(Method::GET, "/api/v1/agents/search", Some(token))
-        .query(query)
-        .header("x-min-event-seq", min_seq.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "search {query:?}");
-    assert!(header_u64(&r, "x-projection-seq") >= min_seq);
-    r.json().await.unwrap()
-}
-
-fn names(page: &Value) -> Vec<String> {
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["name"].as_str().unwrap().to_owned())
-        .collect()
-}
+use tests::{TestApp, header_u64, names};
 
 async fn seed(app: &TestApp, token: &str) -> u64 {
     let mut seq = 0;
@@ -53,7 +31,7 @@ async fn prefixes_typos_ranking_filters_and_pages() {
     let seq = seed(&app, &token).await;
 
     // A prefix finds both; the name match ranks first.
-    let page = search(&app, &token, &[("q", "summ")], seq).await;
+    let page = app.search(&token, &[("q", "summ")], seq).await;
     assert_eq!(names(&page), ["Summarizer", "Helper"]);
     let scores: Vec<f64> = page["items"]
         .as_array()
@@ -66,55 +44,55 @@ async fn prefixes_typos_ranking_filters_and_pages() {
     assert_eq!(page["next_cursor"], Value::Null);
 
     // One typo (a letter missing, one swapped) still finds the agent, first.
-    let page = search(&app, &token, &[("q", "sumarizer")], seq).await;
+    let page = app.search(&token, &[("q", "sumarizer")], seq).await;
     assert_eq!(names(&page)[0], "Summarizer");
-    let page = search(&app, &token, &[("q", "translater")], seq).await;
+    let page = app.search(&token, &[("q", "translater")], seq).await;
     assert_eq!(names(&page), ["Translator"]);
 
     // Type, capabilities, tags and description are searched too, any case.
     assert_eq!(
-        names(&search(&app, &token, &[("q", "RESEARCH")], seq).await),
+        names(&app.search(&token, &[("q", "RESEARCH")], seq).await),
         ["Scout"]
     );
     assert_eq!(
-        names(&search(&app, &token, &[("q", "crawl")], seq).await),
+        names(&app.search(&token, &[("q", "crawl")], seq).await),
         ["Scout"]
     );
     assert_eq!(
-        names(&search(&app, &token, &[("q", "languages")], seq).await),
+        names(&app.search(&token, &[("q", "languages")], seq).await),
         ["Translator"]
     );
     // Non-Latin text.
     assert_eq!(
-        names(&search(&app, &token, &[("q", "агент")], seq).await),
+        names(&app.search(&token, &[("q", "агент")], seq).await),
         ["Агент поиска"]
     );
     // Nothing matches: an empty page, not an error.
-    assert!(names(&search(&app, &token, &[("q", "zzzzqqqq")], seq).await).is_empty());
+    assert!(names(&app.search(&token, &[("q", "zzzzqqqq")], seq).await).is_empty());
 
     // The list filters apply.
-    let page = search(&app, &token, &[("q", "summ"), ("type", "tool")], seq).await;
+    let page = app
+        .search(&token, &[("q", "summ"), ("type", "tool")], seq)
+        .await;
     assert_eq!(names(&page), ["Helper"]);
-    let page = search(
-        &app,
-        &token,
-        &[("q", "translator"), ("status", "active")],
-        seq,
-    )
-    .await;
+    let page = app
+        .search(&token, &[("q", "translator"), ("status", "active")], seq)
+        .await;
     assert!(names(&page).is_empty());
 
     // Keyset pages on (score, id): no repeats, no gaps.
-    let first = search(&app, &token, &[("q", "summ"), ("limit", "1")], seq).await;
+    let first = app
+        .search(&token, &[("q", "summ"), ("limit", "1")], seq)
+        .await;
     assert_eq!(names(&first), ["Summarizer"]);
     let cursor = first["next_cursor"].as_str().unwrap().to_owned();
-    let second = search(
-        &app,
-        &token,
-        &[("q", "summ"), ("limit", "1"), ("cursor", &cursor)],
-        seq,
-    )
-    .await;
+    let second = app
+        .search(
+            &token,
+            &[("q", "summ"), ("limit", "1"), ("cursor", &cursor)],
+            seq,
+        )
+        .await;
     assert_eq!(names(&second), ["Helper"]);
     assert_eq!(second["next_cursor"], Value::Null);
 
@@ -211,7 +189,7 @@ async fn hostile_strings_are_answered_never_5xx() {
         assert!(page["items"].is_array(), "q = {q:?}");
     }
     // The classic injection finds nothing and breaks nothing.
-    let page = search(&app, &token, &[("q", "summ' OR 1=1 --")], seq).await;
+    let page = app.search(&token, &[("q", "summ' OR 1=1 --")], seq).await;
     assert!(names(&page).len() <= 2);
     // NUL is refused: a 400, not a 500.
     let r = app
@@ -233,15 +211,11 @@ async fn hostile_strings_are_answered_never_5xx() {
         assert_eq!(r.status(), 400, "{path}");
     }
     // Hostile tag values are just values.
-    let page = search(
-        &app,
-        &token,
-        &[("q", "scout"), ("tag", "team:'%_\\&|!")],
-        seq,
-    )
-    .await;
+    let page = app
+        .search(&token, &[("q", "scout"), ("tag", "team:'%_\\&|!")], seq)
+        .await;
     assert!(names(&page).is_empty());
     // Everything still there.
-    let page = search(&app, &token, &[("q", "scout")], seq).await;
+    let page = app.search(&token, &[("q", "scout")], seq).await;
     assert_eq!(names(&page), ["Scout"]);
 }

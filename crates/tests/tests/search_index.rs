@@ -10,31 +10,16 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use tests::{Sandbox, TestApp, eventually, header_u64};
+use tests::{Sandbox, TestApp, eventually, header_u64, names};
 use ymera::{Role, Settings};
 
 const INDEXED: &str = "ymera_search_events_indexed_total";
 
-async fn search_page(app: &TestApp, token: &str, query: &[(&str, &str)], min_seq: u64) -> Value {
-    let r = app
-        .request(Method::GET, "/api/v1/agents/search", Some(token))
-        .query(query)
-        .header("x-min-event-seq", min_seq.to_string())
+async fn delete(app: &TestApp, token: &str, id: &str) -> reqwest::Response {
+    app.request(Method::DELETE, &format!("/api/v1/agents/{id}"), Some(token))
         .send()
         .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "search {query:?}");
-    assert!(header_u64(&r, "x-projection-seq") >= min_seq);
-    r.json().await.unwrap()
-}
-
-fn names(page: &Value) -> Vec<String> {
-    page["items"]
-        .as_array()
         .unwrap()
-        .iter()
-        .map(|a| a["name"].as_str().unwrap().to_owned())
-        .collect()
 }
 
 /// Creates each agent; the sequence of the last.
@@ -72,7 +57,7 @@ async fn typos_prefixes_fields_and_ranking_follow_the_rules() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
     let seq = create_all(&app, &token, fleet()).await;
-    let first = async |q: &str| names(&search_page(&app, &token, &[("q", q)], seq).await);
+    let first = async |q: &str| names(&app.search(&token, &[("q", q)], seq).await);
 
     // One typo in a word of 5-8 characters: a swap of neighbouring letters
     // (one typo, not two), an insertion, a substitution.
@@ -135,7 +120,7 @@ async fn typos_prefixes_fields_and_ranking_follow_the_rules() {
     assert_eq!(first("long documents").await, ["P1", "P2"]);
 
     // Scores are the same on every page, and pages neither repeat nor skip.
-    let whole = search_page(&app, &token, &[("q", "report")], seq).await;
+    let whole = app.search(&token, &[("q", "report")], seq).await;
     let mut paged = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -143,7 +128,7 @@ async fn typos_prefixes_fields_and_ranking_follow_the_rules() {
         if let Some(c) = &cursor {
             q.push(("cursor", c));
         }
-        let page = search_page(&app, &token, &q, seq).await;
+        let page = app.search(&token, &q, seq).await;
         paged.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
@@ -177,41 +162,41 @@ async fn filters_select_inside_the_engine_and_facets_count_every_match() {
     bodies.push(json!({"name": "Odd one", "type": "rare", "status": "paused", "description": "a filler too", "project_id": project, "tags": {"team": "green"}}));
     let seq = create_all(&app, &token, bodies).await;
 
-    let page = search_page(
-        &app,
-        &token,
-        &[("q", "filler"), ("type", "rare"), ("limit", "1")],
-        seq,
-    )
-    .await;
+    let page = app
+        .search(
+            &token,
+            &[("q", "filler"), ("type", "rare"), ("limit", "1")],
+            seq,
+        )
+        .await;
     assert_eq!(names(&page), ["Odd one"]);
     for (filter, value) in [
         ("status", "paused"),
         ("project_id", project.as_str()),
         ("tag", "team:green"),
     ] {
-        let page = search_page(
-            &app,
-            &token,
-            &[("q", "filler"), (filter, value), ("limit", "1")],
-            seq,
-        )
-        .await;
+        let page = app
+            .search(
+                &token,
+                &[("q", "filler"), (filter, value), ("limit", "1")],
+                seq,
+            )
+            .await;
         assert_eq!(names(&page), ["Odd one"], "{filter}");
     }
 
     // Facets count the whole matching set, not the page.
-    let page = search_page(
-        &app,
-        &token,
-        &[
-            ("q", "filler"),
-            ("limit", "1"),
-            ("facets", "status,type,project_id,tag:team"),
-        ],
-        seq,
-    )
-    .await;
+    let page = app
+        .search(
+            &token,
+            &[
+                ("q", "filler"),
+                ("limit", "1"),
+                ("facets", "status,type,project_id,tag:team"),
+            ],
+            seq,
+        )
+        .await;
     assert_eq!(
         page["facets"],
         json!({
@@ -222,15 +207,15 @@ async fn filters_select_inside_the_engine_and_facets_count_every_match() {
         })
     );
     // With a filter, of the filtered set; without `facets`, none.
-    let page = search_page(
-        &app,
-        &token,
-        &[("q", "filler"), ("tag", "team:red"), ("facets", "type")],
-        seq,
-    )
-    .await;
+    let page = app
+        .search(
+            &token,
+            &[("q", "filler"), ("tag", "team:red"), ("facets", "type")],
+            seq,
+        )
+        .await;
     assert_eq!(page["facets"], json!({"type": {"tool": 20}}));
-    let page = search_page(&app, &token, &[("q", "filler")], seq).await;
+    let page = app.search(&token, &[("q", "filler")], seq).await;
     assert!(page.get("facets").is_none());
     // An unknown facet is a 400.
     let r = app
@@ -263,7 +248,7 @@ async fn search_reads_its_own_writes_on_the_index_checkpoint() {
             .to_owned();
         let q = format!("quasar{round}");
         assert_eq!(
-            names(&search_page(&app, &token, &[("q", &q)], seq).await),
+            names(&app.search(&token, &[("q", &q)], seq).await),
             [format!("Quasar{round}")]
         );
         // An update folds onto the indexed agent: the new name is found,
@@ -275,23 +260,19 @@ async fn search_reads_its_own_writes_on_the_index_checkpoint() {
             .await
             .unwrap();
         let seq = header_u64(&r, "x-event-seq");
-        assert!(names(&search_page(&app, &token, &[("q", &q)], seq).await).is_empty());
-        let page = search_page(&app, &token, &[("q", &format!("pulsar{round}"))], seq).await;
+        assert!(names(&app.search(&token, &[("q", &q)], seq).await).is_empty());
+        let page = app
+            .search(&token, &[("q", &format!("pulsar{round}"))], seq)
+            .await;
         assert_eq!(page["items"][0]["type"], "llm");
         assert_eq!(page["items"][0]["version"], 2);
-        let r = app
-            .request(
-                Method::DELETE,
-                &format!("/api/v1/agents/{id}"),
-                Some(&token),
-            )
-            .send()
-            .await
-            .unwrap();
-        let seq = header_u64(&r, "x-event-seq");
+        let seq = header_u64(&delete(&app, &token, &id).await, "x-event-seq");
         assert!(
-            names(&search_page(&app, &token, &[("q", &format!("pulsar{round}"))], seq).await)
-                .is_empty()
+            names(
+                &app.search(&token, &[("q", &format!("pulsar{round}"))], seq)
+                    .await
+            )
+            .is_empty()
         );
     }
     // Past the end of the log: a 400 at once.
@@ -304,41 +285,27 @@ async fn search_reads_its_own_writes_on_the_index_checkpoint() {
     assert_eq!(r.status(), 400);
     // /health and /readyz report the index's lag.
     let last = app.last_seq().await;
-    let health: Value = eventually(Duration::from_secs(10), "search lag 0", || async {
-        let h: Value = app
-            .request(Method::GET, "/health", None)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (h["checks"]["search"]["lag_events"] == 0).then_some(h)
-    })
-    .await;
-    assert_eq!(health["checks"]["search"]["checkpoint_seq"], last);
-    let ready: Value = app
-        .request(Method::GET, "/readyz", None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(ready["search_lag_events"], 0);
+    index_at(&app, last).await;
+    let search = &app.get_json("/health").await["checks"]["search"];
+    assert_eq!(search["lag_events"], 0, "{search}");
+    assert_eq!(app.get_json("/readyz").await["search_lag_events"], 0);
 }
 
 /// The index's checkpoint as `/health` reports it.
 async fn health_checkpoint(app: &TestApp) -> u64 {
-    let h: Value = app
-        .request(Method::GET, "/health", None)
-        .send()
-        .await
+    app.get_json("/health").await["checks"]["search"]["checkpoint_seq"]
+        .as_u64()
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    h["checks"]["search"]["checkpoint_seq"].as_u64().unwrap()
+}
+
+/// Waits until `app`'s index has applied exactly up to `seq`.
+async fn index_at(app: &TestApp, seq: u64) {
+    eventually(
+        Duration::from_secs(300),
+        "the index to catch up",
+        || async { (health_checkpoint(app).await == seq).then_some(()) },
+    )
+    .await;
 }
 
 fn with_search_dir(sandbox: &Sandbox, dir: &Path) -> Settings {
@@ -356,7 +323,7 @@ async fn a_restart_resumes_and_a_deleted_or_outdated_index_is_rebuilt() {
     let token = app.admin_token().await;
     let bodies = (0..30).map(|i| json!({"name": format!("Nebula {i}"), "type": "llm"}));
     let seq = create_all(&app, &token, bodies.collect()).await;
-    search_page(&app, &token, &[("q", "nebula")], seq).await;
+    app.search(&token, &[("q", "nebula")], seq).await;
     let indexed = app.metric(INDEXED).await.unwrap();
     app.stop().await;
 
@@ -368,7 +335,9 @@ async fn a_restart_resumes_and_a_deleted_or_outdated_index_is_rebuilt() {
         .create_agent(&token, json!({"name": "Nebula new", "type": "llm"}))
         .await;
     let seq = header_u64(&r, "x-event-seq");
-    let page = search_page(&app, &token, &[("q", "nebula"), ("limit", "500")], seq).await;
+    let page = app
+        .search(&token, &[("q", "nebula"), ("limit", "500")], seq)
+        .await;
     assert_eq!(names(&page).len(), 31);
     assert_eq!(
         app.metric(INDEXED).await.unwrap() - indexed,
@@ -381,7 +350,9 @@ async fn a_restart_resumes_and_a_deleted_or_outdated_index_is_rebuilt() {
     // A deleted index is rebuilt from the whole log.
     std::fs::remove_dir_all(&dir).unwrap();
     let app = sandbox.start_with(Role::All, &settings).await;
-    let page = search_page(&app, &token, &[("q", "nebula"), ("limit", "500")], seq).await;
+    let page = app
+        .search(&token, &[("q", "nebula"), ("limit", "500")], seq)
+        .await;
     assert_eq!(names(&page).len(), 31);
     let log = app.last_seq().await as f64;
     assert_eq!(app.metric(INDEXED).await.unwrap() - indexed, log);
@@ -397,7 +368,9 @@ async fn a_restart_resumes_and_a_deleted_or_outdated_index_is_rebuilt() {
     meta["payload"] = json!(payload.to_string());
     std::fs::write(&meta_path, meta.to_string()).unwrap();
     let app = sandbox.start_with(Role::All, &settings).await;
-    let page = search_page(&app, &token, &[("q", "nebula"), ("limit", "500")], seq).await;
+    let page = app
+        .search(&token, &[("q", "nebula"), ("limit", "500")], seq)
+        .await;
     assert_eq!(names(&page).len(), 31);
     assert_eq!(app.metric(INDEXED).await.unwrap() - indexed, log);
 }
@@ -411,7 +384,7 @@ async fn everything(app: &TestApp, token: &str, q: &str, seq: u64) -> Vec<Value>
         if let Some(c) = &cursor {
             query.push(("cursor", c));
         }
-        let page = search_page(app, token, &query, seq).await;
+        let page = app.search(token, &query, seq).await;
         all.extend(page["items"].as_array().unwrap().iter().cloned());
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
@@ -441,16 +414,7 @@ async fn a_kill_9_in_the_middle_of_indexing_leaves_an_index_equal_to_a_fresh_one
         assert_eq!(r.status(), 200);
     }
     for id in &ids[200..300] {
-        let r = writer
-            .request(
-                Method::DELETE,
-                &format!("/api/v1/agents/{id}"),
-                Some(&token),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 204);
+        assert_eq!(delete(&writer, &token, id).await.status(), 204);
     }
     let last = writer.last_seq().await;
 
@@ -484,22 +448,7 @@ async fn a_kill_9_in_the_middle_of_indexing_leaves_an_index_equal_to_a_fresh_one
         .await;
     let fresh = sandbox.start(Role::Query).await;
     for app in [&resumed, &fresh] {
-        eventually(
-            Duration::from_secs(300),
-            "the index to catch up",
-            || async {
-                let h: Value = app
-                    .request(Method::GET, "/health", None)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                (h["checks"]["search"]["checkpoint_seq"] == last).then_some(())
-            },
-        )
-        .await;
+        index_at(app, last).await;
     }
     let a = everything(&resumed, &token, "seed", last).await;
     let b = everything(&fresh, &token, "seed", last).await;
@@ -507,7 +456,7 @@ async fn a_kill_9_in_the_middle_of_indexing_leaves_an_index_equal_to_a_fresh_one
     assert_eq!(a, b);
     let facets = [("q", "seed"), ("limit", "1"), ("facets", "status,tag:n")];
     assert_eq!(
-        search_page(&resumed, &token, &facets, last).await["facets"],
-        search_page(&fresh, &token, &facets, last).await["facets"]
+        resumed.search(&token, &facets, last).await["facets"],
+        fresh.search(&token, &facets, last).await["facets"]
     );
 }

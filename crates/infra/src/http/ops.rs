@@ -37,7 +37,7 @@ pub struct Ops {
     pub projector: Option<projection::Ownership>,
     /// The checkpoint of this process's search index; `None` in a process
     /// that serves no reads.
-    pub search: Option<tokio::sync::watch::Receiver<u64>>,
+    pub search: Option<projection::ProjectionWatch>,
 }
 
 pub type OpsState = Arc<Ops>;
@@ -155,7 +155,7 @@ impl Ops {
         if let (Some(search), Ok(last)) = (&self.search, &nats) {
             // The search index follows the log by itself: its lag is
             // reported beside the projector's, and degrades like it.
-            let checkpoint = *search.borrow();
+            let checkpoint = search.current();
             let lag = last.saturating_sub(checkpoint);
             let degraded = lag > self.degraded_lag_events;
             if degraded {

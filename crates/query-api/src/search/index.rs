@@ -29,7 +29,7 @@ use events::envelope::EventCodec;
 use events::{AggregateType, Envelope};
 use infra::EventStore;
 use infra::event_store::StoredMessage;
-use infra::projection::NotCaughtUp;
+use infra::projection::ProjectionWatch;
 use infra::views::AgentView;
 use serde::{Deserialize, Serialize};
 use tantivy::collector::TopDocs;
@@ -143,9 +143,10 @@ impl SearchIndex {
         *self.checkpoint.borrow()
     }
 
-    /// Follows the checkpoint: what `/health` reports.
-    pub fn watch(&self) -> watch::Receiver<u64> {
-        self.checkpoint.subscribe()
+    /// Follows the checkpoint: what `/health` reports and what
+    /// `X-Min-Event-Seq` on search waits for.
+    pub fn watch(&self) -> ProjectionWatch {
+        ProjectionWatch::following(self.checkpoint.subscribe())
     }
 
     /// The checkpoint, and a searcher that reflects at least it.
@@ -154,18 +155,6 @@ impl SearchIndex {
         // it first never reports more than the searcher holds.
         let seq = self.checkpoint();
         (seq, self.reader.searcher())
-    }
-
-    /// Waits until the index has applied event `seq`, at most `timeout`.
-    pub async fn wait_for(&self, seq: u64, timeout: Duration) -> Result<u64, NotCaughtUp> {
-        let mut rx = self.checkpoint.subscribe();
-        match tokio::time::timeout(timeout, rx.wait_for(|v| *v >= seq)).await {
-            Ok(Ok(v)) => Ok(*v),
-            _ => Err(NotCaughtUp {
-                wanted: seq,
-                current: self.checkpoint(),
-            }),
-        }
     }
 
     /// Follows the log from the checkpoint on until `shutdown`, reading it

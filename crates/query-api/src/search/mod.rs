@@ -27,7 +27,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use infra::http::auth::Viewer;
-use infra::http::{ApiError, Problem, QueryPairs, min_seq};
+use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::AgentView;
 use serde::Serialize;
 use utoipa::{IntoParams, ToSchema};
@@ -39,7 +39,7 @@ use crate::agents::AgentList;
 use crate::filters::Filters;
 use crate::paging::{Cursor, PageQuery, parse_cursor, parse_limit};
 use crate::problems::{RequestProblems, Unavailable};
-use crate::projection::{MinSeq, MinSeqHeader, with_projection_seq};
+use crate::projection::{MinSeq, MinSeqHeader, await_min_seq_on, with_projection_seq};
 use facets::{Facet, FacetCounts, PageCollector};
 pub use index::SearchIndex;
 
@@ -235,19 +235,7 @@ pub async fn search_agents(
 ) -> Result<Response, ApiError> {
     let search = Search::parse(&query)?;
     let index = state.search.clone();
-    if let Some(seq) = min_seq(&headers, &query)?
-        && seq > index.checkpoint()
-    {
-        // A sequence past the end of the log can never be reached: say so
-        // at once instead of waiting out the timeout.
-        let end = state.store.last_seq().await?;
-        if seq > end {
-            return Err(ApiError::BadRequest(format!(
-                "min_seq {seq} is beyond the end of the log ({end})"
-            )));
-        }
-        index.wait_for(seq, state.http.min_seq_wait()).await?;
-    }
+    await_min_seq_on(&index.watch(), &state, &headers, &query).await?;
     let (seq, page) = tokio::task::spawn_blocking(move || run(&index, &search))
         .await
         .map_err(|e| ApiError::Internal(e.into()))??;
