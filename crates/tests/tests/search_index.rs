@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use query_api::search::index::rebuild_offline;
 use reqwest::Method;
 use serde_json::{Value, json};
 use tests::{Sandbox, TestApp, eventually, header_u64, names};
@@ -373,6 +374,26 @@ async fn a_restart_resumes_and_a_deleted_or_outdated_index_is_rebuilt() {
         .await;
     assert_eq!(names(&page).len(), 31);
     assert_eq!(app.metric(INDEXED).await.unwrap() - indexed, log);
+
+    // `ymera rebuild --search` refuses a directory a process holds, and
+    // rebuilds one nobody does: a process then starts at its end and has
+    // nothing left to index.
+    let store = app.deps.store.clone();
+    assert!(rebuild_offline(&dir, &store).await.is_err());
+    let indexed = app.metric(INDEXED).await.unwrap();
+    app.stop().await;
+    assert_eq!(rebuild_offline(&dir, &store).await.unwrap(), seq);
+    let app = sandbox.start_with(Role::All, &settings).await;
+    assert_eq!(health_checkpoint(&app).await, seq);
+    let page = app
+        .search(&token, &[("q", "nebula"), ("limit", "500")], seq)
+        .await;
+    assert_eq!(names(&page).len(), 31);
+    assert_eq!(
+        app.metric(INDEXED).await.unwrap() - indexed,
+        log,
+        "the rebuild read the log once, the process nothing more"
+    );
 }
 
 /// Every hit of `q` in `app`'s index, page by page, with its score.
