@@ -85,10 +85,18 @@ impl SearchIndex {
         let fields = Fields::new();
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the search directory {}", dir.display()))?;
-        let (index, checkpoint) = match Self::open_existing(dir, stream) {
+        let is_index = dir.join("meta.json").exists();
+        anyhow::ensure!(
+            is_index || std::fs::read_dir(dir)?.next().is_none(),
+            "{} is neither a search index nor empty: name a directory of its own",
+            dir.display()
+        );
+        let existing = is_index.then(|| Self::open_existing(dir, stream)).flatten();
+        let (index, checkpoint) = match existing {
             Some(found) => found,
             None => {
-                // Start over in an emptied directory.
+                // Start over in an emptied directory (an index's own:
+                // anything else was refused above).
                 std::fs::remove_dir_all(dir)
                     .and_then(|()| std::fs::create_dir_all(dir))
                     .with_context(|| format!("emptying {}", dir.display()))?;
@@ -112,12 +120,9 @@ impl SearchIndex {
         })
     }
 
-    /// The index in `dir` and its checkpoint, if it is one of this schema
-    /// version, for this stream.
+    /// The index in `dir` and its checkpoint, if it is one that opens, of
+    /// this schema version, for this stream.
     fn open_existing(dir: &Path, stream: &str) -> Option<(Index, u64)> {
-        if !dir.join("meta.json").exists() {
-            return None;
-        }
         let index = Index::open_in_dir(dir)
             .inspect_err(
                 |e| tracing::warn!(error = %e, "the search index cannot be opened; rebuilding it"),
