@@ -281,6 +281,17 @@ impl Server {
         role: &str,
         vars: &[(String, String)],
     ) -> anyhow::Result<Server> {
+        Server::start_as(bin, role, vars, None).await
+    }
+
+    /// [`Server::start`] with a `token` from another server on the same
+    /// database (a `query-api` serves no login), or logged in when `None`.
+    pub async fn start_as(
+        bin: &Path,
+        role: &str,
+        vars: &[(String, String)],
+        token: Option<String>,
+    ) -> anyhow::Result<Server> {
         let mut child = Command::new(bin)
             .arg(role)
             .envs(vars.iter().map(|(k, v)| (k, v)))
@@ -322,7 +333,10 @@ impl Server {
             client,
             token: String::new(),
         };
-        server.token = server.login().await?;
+        server.token = match token {
+            Some(token) => token,
+            None => server.login().await?,
+        };
         Ok(server)
     }
 

@@ -65,6 +65,7 @@ impl Plan {
 pub struct Main {
     pub server: Server,
     pub stream: String,
+    pub db_url: String,
     /// A pool on the same database, for the raw limits of the read rows.
     pub pool: PgPool,
     /// Agents seeded directly into the read model so far.
@@ -177,6 +178,7 @@ impl Ctx {
             self.main = Some(Main {
                 server,
                 stream,
+                db_url: db_url.clone(),
                 pool,
                 seeded: 0,
             });

@@ -44,7 +44,12 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     }
     let reference = ctx.get_by_id_rate.context("the get-by-id rate")?;
     let published = plan.seed_agents;
-    let db_url = ctx.env.database("_s").await?;
+    // The main server's database (its users, so its token), and a stream
+    // of the row's own.
+    let (db_url, token) = {
+        let main = ctx.main().await?;
+        (main.db_url.clone(), main.server.token.clone())
+    };
     let (stream, prefix) = ctx.env.stream_names("_S");
     // Connecting provisions the stream.
     EventStore::connect(&NatsConfig::local(&ctx.env.nats_url, &stream, &prefix)).await?;
@@ -53,7 +58,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
         .context("filling the stream")?;
     let vars = ymera_env(&ctx.env, &stream, &prefix, &db_url);
     let started = Instant::now();
-    let server = Server::start(&ctx.ymera, "query-api", &vars).await?;
+    let server = Server::start_as(&ctx.ymera, "query-api", &vars, Some(token)).await?;
     indexed(&server, published, Duration::from_secs(1800)).await?;
     let build_secs = started.elapsed().as_secs_f64();
     let rss = server.memory()?.0;
