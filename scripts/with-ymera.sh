@@ -81,6 +81,8 @@ PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); pr
 export YMERA_BIND="127.0.0.1:$PORT"
 export YMERA_HOST="http://127.0.0.1:$PORT"
 WORK="$(mktemp -d /tmp/ymera-with.XXXXXX)"
+# The search index of this throwaway process, removed with $WORK.
+export YMERA_SEARCH_DIR="$WORK/search"
 export YMERA_LOG="$WORK/ymera.log"
 
 YMERA_PID=""

@@ -148,7 +148,17 @@ const CORS_METHODS: &str = "GET,POST,PUT,DELETE";
 /// The request headers CORS allows unless configured: every one the API
 /// reads.
 const CORS_HEADERS: &str = "authorization,content-type,if-match,if-none-match,idempotency-key,\
-                            x-request-id,x-min-event-seq,last-event-id,traceparent";
+                            x-request-id,x-min-event-seq,last-event-id,traceparent,tracestate,baggage";
+
+/// Where a query process keeps its search index.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SearchConfig {
+    /// The search index's directory: each query process needs its own. It
+    /// is rebuilt from the log when missing, of another version or of
+    /// another stream, and resumed from its checkpoint otherwise.
+    #[arg(long, env = "YMERA_SEARCH_DIR", default_value = ".data/search")]
+    pub search_dir: std::path::PathBuf,
+}
 
 /// How the HTTP side listens and what it accepts.
 #[derive(Debug, Clone, clap::Args)]

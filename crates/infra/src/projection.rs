@@ -203,6 +203,12 @@ impl ProjectionWatch {
         ProjectionWatch { rx }
     }
 
+    /// A watch on another checkpoint that moves forward: the search
+    /// index's, which its query process keeps itself.
+    pub fn following(rx: watch::Receiver<u64>) -> Self {
+        ProjectionWatch { rx }
+    }
+
     /// The newest checkpoint seen.
     pub fn current(&self) -> u64 {
         *self.rx.borrow()

@@ -1,4 +1,6 @@
-//! The read side: every read is served from the PostgreSQL read models.
+//! The read side: every read is served from the PostgreSQL read models,
+//! except search, which has an index of its own in each query process
+//! ([`search::index`]).
 //!
 //! Each response says which event sequence its data reflects
 //! (`X-Projection-Seq`), read in the same statement as the data, and a
@@ -46,6 +48,8 @@ pub struct QueryState {
     pub http: Arc<HttpConfig>,
     pub live: Arc<live::LiveHub>,
     pub exports: Arc<export::Exports>,
+    /// This process's search index, kept from the log by its own reader.
+    pub search: Arc<search::SearchIndex>,
 }
 
 impl FromRef<QueryState> for Arc<Auth> {

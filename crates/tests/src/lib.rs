@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use infra::auth::Role as UserRole;
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use projector::progress::Reporter;
 use projector::rebuild::{self, Until};
 use reqwest::{Method, RequestBuilder, Response};
@@ -58,10 +58,12 @@ pub struct Sandbox {
 struct Cleanup {
     stream: String,
     database: String,
+    search_root: std::path::PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.search_root);
         let stream = self.stream.clone();
         let database = self.database.clone();
         let worker = std::thread::spawn(move || {
@@ -118,10 +120,14 @@ impl Sandbox {
                 dev: false,
             },
             http,
+            search: SearchConfig {
+                search_dir: std::env::temp_dir().join(format!("ymera-search-{id}")),
+            },
         };
         let cleanup = Arc::new(Cleanup {
             stream: settings.nats.stream.clone(),
             database: db_name,
+            search_root: settings.search.search_dir.clone(),
         });
         Sandbox {
             id,
@@ -143,13 +149,33 @@ impl Sandbox {
         (sandbox, nats, pg)
     }
 
+    /// A search index directory no process uses yet, removed with the
+    /// sandbox.
+    pub fn fresh_search_dir(&self) -> std::path::PathBuf {
+        self.settings
+            .search
+            .search_dir
+            .join(Uuid::now_v7().simple().to_string())
+    }
+
     /// Starts a process playing `role` on a free port.
     pub async fn start(&self, role: Role) -> TestApp {
         self.start_with(role, &self.settings).await
     }
 
     /// Starts a process with adjusted settings (same database and stream).
+    ///
+    /// The sandbox's `search_dir` is the root of its processes' search
+    /// indexes: a process started with it gets a fresh directory of its own
+    /// below it (each query process needs its own index). Settings that
+    /// name another directory (a test that restarts a process on its
+    /// index) are used as given.
     pub async fn start_with(&self, role: Role, settings: &Settings) -> TestApp {
+        let mut settings = settings.clone();
+        if settings.search.search_dir == self.settings.search.search_dir {
+            settings.search.search_dir = self.fresh_search_dir();
+        }
+        let settings = &settings;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -425,6 +451,33 @@ impl TestApp {
         )
     }
 
+    /// `GET /agents/search` with `query`, once the search index has
+    /// applied `min_seq`: must answer 200; the page.
+    pub async fn search(&self, token: &str, query: &[(&str, &str)], min_seq: u64) -> Value {
+        let r = self
+            .request(Method::GET, "/api/v1/agents/search", Some(token))
+            .query(query)
+            .header("x-min-event-seq", min_seq.to_string())
+            .send()
+            .await
+            .expect("GET /agents/search");
+        assert_eq!(r.status(), 200, "search {query:?}");
+        assert!(header_u64(&r, "x-projection-seq") >= min_seq);
+        r.json().await.expect("a search page")
+    }
+
+    /// The JSON body of `GET path` without a token (the operational
+    /// routes), whatever the status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.request(Method::GET, path, None)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// Stops the process gracefully and waits for it.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
@@ -476,6 +529,16 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// The names of a page's items.
+pub fn names(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|a| a["name"].as_str().expect("a name").to_owned())
+        .collect()
 }
 
 /// A minimal valid agent body.

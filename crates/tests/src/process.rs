@@ -36,7 +36,8 @@ pub fn spawn(sandbox: &Sandbox, command: &str) -> (Child, SocketAddr) {
 }
 
 /// [`spawn`] with extra environment variables (settings such as
-/// `YMERA_TRUST_FORWARDED_FOR`).
+/// `YMERA_TRUST_FORWARDED_FOR`, or `YMERA_SEARCH_DIR` to name the search
+/// index's directory rather than take a fresh one).
 pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Child, SocketAddr) {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -53,6 +54,7 @@ pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Ch
         .env("YMERA_JWT_SECRET", secret.expose_secret())
         .env("YMERA_ADMIN_PASSWORD", crate::ADMIN_PASSWORD)
         .env("RUST_LOG", "warn")
+        .env("YMERA_SEARCH_DIR", sandbox.fresh_search_dir())
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

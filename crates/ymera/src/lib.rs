@@ -15,12 +15,13 @@ use chrono::Utc;
 use command_api::CommandState;
 use infra::EventStore;
 use infra::auth::Auth;
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use infra::http::drain::{self, Drain};
 use infra::http::ops::{self, Needs, Ops};
 use infra::http::ratelimit::{self, Limits};
 use infra::projection::{Ownership, ProjectionWatch};
 use query_api::QueryState;
+use query_api::search::SearchIndex;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +72,7 @@ pub struct Settings {
     pub db: DbConfig,
     pub auth: AuthConfig,
     pub http: HttpConfig,
+    pub search: SearchConfig,
 }
 
 /// The connections every role needs, made ready: stream provisioned,
@@ -122,8 +124,10 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// `/api/v1/openapi.json` and its interactive reference at `/docs` (the
 /// whole spec, whatever the role), and the middleware every request
 /// passes. `projector` is the ownership of this process's projector, if it
-/// runs one. The app refuses new work once `drain` begins, and its live
-/// feeds and exports end when the drain does.
+/// runs one; `search` its search index, in a role that serves reads. The
+/// app refuses new work once `drain` begins, and its live feeds and exports
+/// end when the drain does.
+#[allow(clippy::too_many_arguments)] // each is a separate part of the process
 pub fn app(
     role: Role,
     deps: &Deps,
@@ -131,6 +135,7 @@ pub fn app(
     http: Arc<HttpConfig>,
     watch: ProjectionWatch,
     projector: Option<Ownership>,
+    search: Option<Arc<SearchIndex>>,
     drain: Arc<Drain>,
 ) -> anyhow::Result<Router> {
     let stopped = drain.stopped().clone();
@@ -147,6 +152,7 @@ pub fn app(
             postgres: role.queries() || role.projects(),
         },
         draining: drain.draining().clone(),
+        search: search.as_ref().map(|s| s.watch()),
     });
     let limits = Arc::new(Limits::new(auth.clone(), &http));
     let limited = || axum::middleware::from_fn_with_state(limits.clone(), ratelimit::rate_limit);
@@ -167,7 +173,8 @@ pub fn app(
         );
         api = api.merge(command_api::router(state).layer(limited()));
     }
-    let query_state = role.queries().then(|| QueryState {
+    let query_state = search.map(|search| QueryState {
+        search,
         pool: deps.pool.clone(),
         store: deps.store.clone(),
         auth: auth.clone(),
@@ -393,6 +400,16 @@ pub async fn start(
         let detacher = projector::detach::Detacher::new(deps.store.clone(), deps.pool.clone());
         tasks.spawn(detacher.run(stopped.clone()));
     }
+    let search = if role.queries() {
+        let index = Arc::new(
+            SearchIndex::open(&settings.search.search_dir, deps.store.stream_name())
+                .context("opening the search index")?,
+        );
+        tasks.spawn(index.clone().run(deps.store.clone(), stopped.clone()));
+        Some(index)
+    } else {
+        None
+    };
     let watch = ProjectionWatch::spawn(deps.pool.clone(), stopped.clone());
     let router = app(
         role,
@@ -401,6 +418,7 @@ pub async fn start(
         Arc::new(settings.http.clone()),
         watch,
         ownership,
+        search,
         drain,
     )?;
     let addr = listener.local_addr()?;

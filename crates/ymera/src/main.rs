@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use command_api::accounts;
 use infra::auth::{Role as UserRole, Username};
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use infra::telemetry::{self, TelemetryConfig};
 use projector::rebuild::{RebuildError, Until};
 use secrecy::{ExposeSecret, SecretString};
@@ -63,6 +63,8 @@ struct Serve {
     auth: AuthConfig,
     #[command(flatten)]
     http: HttpConfig,
+    #[command(flatten)]
+    search: SearchConfig,
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,13 +84,22 @@ enum Command {
         db: DbConfig,
     },
     /// Build every read model afresh from the log in a new schema while the
-    /// live ones keep serving, check both agree, and swap atomically.
+    /// live ones keep serving, check both agree, and swap atomically. With
+    /// --search, build a query process's search index instead.
     Rebuild {
         /// Swap even when the rebuilt models disagree with the live ones:
         /// to repair corrupted read models, or after an upgrade that added
         /// a read model. The differences are logged.
         #[arg(long)]
         force: bool,
+        /// Rebuild the search index in --search-dir from the log (into a
+        /// fresh directory beside it, then moved into its place), with the
+        /// query process that uses it stopped. A running query process
+        /// rebuilds a missing or outdated index by itself.
+        #[arg(long, conflicts_with = "force")]
+        search: bool,
+        #[command(flatten)]
+        search_dir: SearchConfig,
         #[command(flatten)]
         nats: NatsConfig,
         #[command(flatten)]
@@ -271,7 +282,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Rebuild { force, nats, db } => {
+        Command::Rebuild {
+            search: true,
+            search_dir,
+            nats,
+            ..
+        } => {
+            let store = infra::EventStore::connect(&nats)
+                .await
+                .context("NATS JetStream is not reachable")?;
+            let started = std::time::Instant::now();
+            let dir = &search_dir.search_dir;
+            let checkpoint = query_api::search::index::rebuild_offline(dir, &store).await?;
+            println!(
+                "rebuilt the search index in {} from events 1..={checkpoint} in {:.1}s",
+                dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Rebuild {
+            force, nats, db, ..
+        } => {
             let deps = ymera::connect(&nats, &db).await?;
             let (reporter, shown) = progress::show("rebuild");
             let report =
@@ -466,6 +498,7 @@ async fn serve(role: Role, s: Serve) -> anyhow::Result<()> {
         db: s.db,
         auth: s.auth,
         http: s.http,
+        search: s.search,
     };
     let listener = tokio::net::TcpListener::bind(settings.http.bind)
         .await

@@ -42,6 +42,9 @@ pub struct Ops {
     /// Fires when the shutdown drain begins: `/readyz` answers 503 from
     /// then on.
     pub draining: CancellationToken,
+    /// The checkpoint of this process's search index; `None` in a process
+    /// that serves no reads.
+    pub search: Option<projection::ProjectionWatch>,
 }
 
 /// The dependencies a role cannot serve without, which `/readyz` probes.
@@ -114,7 +117,8 @@ pub struct Health {
     /// (NATS or PostgreSQL down).
     pub status: &'static str,
     pub version: &'static str,
-    /// `nats`, `postgres` and `projector`.
+    /// `nats`, `postgres` and `projector`, and `search` (the search index's
+    /// checkpoint and lag) in a process that serves reads.
     pub checks: BTreeMap<&'static str, Check>,
 }
 
@@ -162,6 +166,27 @@ impl Ops {
             }
             _ => Check::down("needs both NATS and PostgreSQL"),
         };
+        if let (Some(search), Ok(last)) = (&self.search, &nats) {
+            // The search index follows the log by itself: its lag is
+            // reported beside the projector's, and degrades like it.
+            let checkpoint = search.current();
+            let lag = last.saturating_sub(checkpoint);
+            let degraded = lag > self.degraded_lag_events;
+            if degraded {
+                status = "degraded";
+            }
+            checks.insert(
+                "search",
+                Check {
+                    status: if degraded { "degraded" } else { "ok" },
+                    latency_ms: None,
+                    checkpoint_seq: Some(checkpoint),
+                    last_seq: Some(*last),
+                    lag_events: Some(lag),
+                    ..Check::up(Duration::ZERO)
+                },
+            );
+        }
         checks.insert("nats", nats.map_or_else(Check::down, |_| Check::up(nats_t)));
         checks.insert("postgres", pg.map_or_else(Check::down, |_| Check::up(pg_t)));
         let lease = self
@@ -206,12 +231,19 @@ pub async fn health(State(ops): State<OpsState>) -> (StatusCode, Json<Health>) {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Status {
     pub status: &'static str,
+    /// `/readyz` in a process that serves reads: how many events of the
+    /// log its search index has yet to apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_lag_events: Option<u64>,
 }
 
 /// The process is alive. Never looks at dependencies.
 #[utoipa::path(get, path = "/livez", tag = "ops", responses((status = 200, body = Status)))]
 pub async fn livez() -> Json<Status> {
-    Json(Status { status: "ok" })
+    Json(Status {
+        status: "ok",
+        search_lag_events: None,
+    })
 }
 
 /// The process can serve.
@@ -221,21 +253,30 @@ pub async fn livez() -> Json<Status> {
 /// drain has begun) otherwise. A command API needs NATS (every write appends
 /// to the log); a query API needs PostgreSQL (every read is served from the
 /// read models); a projector, and a process playing every role, need both.
+/// A process that serves reads also reports its search index's lag.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses(
         (status = 200, description = "`ready`", body = Status),
         (status = 503, description = "`unavailable` (a dependency the role needs is down) or `draining` (shutting down)", body = Status),
     ))]
 pub async fn readyz(State(ops): State<OpsState>) -> (StatusCode, Json<Status>) {
-    let unready = |status| (StatusCode::SERVICE_UNAVAILABLE, Json(Status { status }));
+    let unready = |status, search_lag_events| {
+        let status = Status {
+            status,
+            search_lag_events,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(status))
+    };
     if ops.draining.is_cancelled() {
-        return unready("draining");
+        return unready("draining", None);
     }
-    let nats = async {
-        if ops.needs.nats {
-            probe(ops.store.last_seq()).await.0.map(drop)
+    // The log's end is asked for when NATS is needed or the search index's
+    // lag is to be reported; a query API that cannot reach it stays ready.
+    let last_seq = async {
+        if ops.needs.nats || ops.search.is_some() {
+            Some(probe(ops.store.last_seq()).await.0)
         } else {
-            Ok(())
+            None
         }
     };
     let postgres = async {
@@ -245,9 +286,20 @@ pub async fn readyz(State(ops): State<OpsState>) -> (StatusCode, Json<Status>) {
             Ok(())
         }
     };
-    match tokio::join!(nats, postgres) {
-        (Ok(()), Ok(())) => (StatusCode::OK, Json(Status { status: "ready" })),
-        _ => unready("unavailable"),
+    let (last_seq, postgres) = tokio::join!(last_seq, postgres);
+    let search_lag_events = match (&ops.search, &last_seq) {
+        (Some(search), Some(Ok(last))) => Some(last.saturating_sub(search.current())),
+        _ => None,
+    };
+    let nats_ok = !ops.needs.nats || matches!(last_seq, Some(Ok(_)));
+    if nats_ok && postgres.is_ok() {
+        let status = Status {
+            status: "ready",
+            search_lag_events,
+        };
+        (StatusCode::OK, Json(status))
+    } else {
+        unready("unavailable", search_lag_events)
     }
 }
 
