@@ -156,16 +156,18 @@ impl Writer {
                 .header("x-min-event-seq", acked.seq.to_string())
                 .send()
                 .await;
-            let (status, body) = match r {
+            let (status, projection_seq, body) = match r {
                 Ok(r) => (
                     Some(r.status()),
+                    tests::header(&r, "x-projection-seq"),
                     r.json::<Value>().await.unwrap_or(Value::Null),
                 ),
-                Err(e) => (None, json!({"error": e.to_string()})),
+                Err(e) => (None, None, json!({"error": e.to_string()})),
             };
             self.history.record(json!({
                 "writer": self.id, "op": "read_at", "agent": acked.agent, "min_seq": acked.seq,
                 "status": status.map(|s| s.as_u16()), "version": body["version"],
+                "projection_seq": projection_seq,
             }));
             if status == Some(StatusCode::OK) {
                 if body["version"].as_u64() < Some(acked.version) {
@@ -438,6 +440,7 @@ async fn nothing_acknowledged_is_lost_or_doubled_under_node_and_process_faults()
     // The log, whole: each event once, each agent's events in order.
     let mut events: BTreeMap<String, Vec<(String, Value)>> = BTreeMap::new();
     let mut event_ids = HashSet::new();
+    let mut seqs = Vec::new();
     let mut reader = store.read_log(1).await.expect("read the log");
     while let Some(message) = reader.next().await {
         let stored = message.expect("stored message").decode().expect("an event");
@@ -446,6 +449,7 @@ async fn nothing_acknowledged_is_lost_or_doubled_under_node_and_process_faults()
             "event {} stored twice; history: {history_path}",
             stored.envelope.event_id
         );
+        seqs.push(stored.seq as i64);
         events
             .entry(stored.envelope.aggregate_id.to_string())
             .or_default()
@@ -454,6 +458,24 @@ async fn nothing_acknowledged_is_lost_or_doubled_under_node_and_process_faults()
             break;
         }
     }
+
+    // The projection applied each of them: an event it skipped (an update
+    // whose fields a later one overwrites) could leave the read models
+    // equal to the fold, and only a read at the right moment would see it.
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT seq FROM events ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .expect("the applied events");
+    let skipped: Vec<_> = seqs
+        .iter()
+        .filter(|s| applied.binary_search(s).is_err())
+        .collect();
+    assert!(
+        skipped.is_empty() && applied.len() == seqs.len(),
+        "the projection skipped events {skipped:?} ({} applied of {}); history: {history_path}",
+        applied.len(),
+        seqs.len()
+    );
 
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes lock"));
     assert!(
