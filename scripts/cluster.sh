@@ -129,11 +129,15 @@ EOF
 
 start_ymera() {
     local name="$1" role="${1%-[0-9]}"
+    # Each query process keeps a search index of its own (kept across a
+    # restart, so the copy resumes it rather than reading the whole log).
+    mkdir -p "$DIR/$name"
     launch "$name" env \
         YMERA_NATS_URL="$(nats_urls)" \
         YMERA_STREAM_REPLICAS=3 \
         YMERA_DATABASE_URL="$DATABASE_URL" \
         YMERA_BIND="127.0.0.1:$(port "$name")" \
+        YMERA_SEARCH_DIR="$DIR/$name/search" \
         YMERA_JWT_SECRET="$JWT_SECRET" \
         YMERA_ADMIN_USERNAME="$ADMIN_USERNAME" \
         YMERA_ADMIN_PASSWORD="$ADMIN_PASSWORD" \

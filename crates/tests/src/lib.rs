@@ -32,6 +32,10 @@ pub mod seed;
 
 pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
 pub const JWT_SECRET: &str = "a-test-secret-that-is-long-enough-0123456789";
+/// The stream's consumers while a `TestApp` runs and no client listens:
+/// the projector's subscription, the detacher's (projector::detach) and the
+/// search index's reader, each for as long as the process runs.
+pub const BACKGROUND_CONSUMERS: usize = 3;
 
 pub fn nats_url() -> String {
     std::env::var("YMERA_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
