@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::header;
+use axum::http::request::Parts;
 use infra::http::auth::Editor;
 use infra::http::preconditions::EntityTags;
 use infra::http::{ApiError, RequestId};
