@@ -76,7 +76,9 @@ pub struct SearchPage {
 #[into_params(parameter_in = Query)]
 pub struct FacetsQuery {
     /// Comma-separated: `status`, `type`, `project_id`, `tag:<key>` (at most 8)
-    #[param(pattern = "^[^\\u0000]*$")]
+    #[param(
+        pattern = "^(status|type|project_id|tag:[^,\\s\\u0000]+)(,(status|type|project_id|tag:[^,\\s\\u0000]+)){0,7}$"
+    )]
     pub facets: Option<String>,
 }
 
