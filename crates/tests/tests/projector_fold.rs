@@ -11,7 +11,7 @@ use chrono::{SubsecRound, Utc};
 use events::{AggregateType, Envelope, EventMeta};
 use infra::EventStore;
 use projector::rebuild::{self, TableCheck};
-use projector::{Projector, Settings};
+use projector::{Projector, ProjectorError, Settings};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tests::Sandbox;
@@ -74,17 +74,24 @@ async fn project_into(
     };
     let mut projector = Projector::new(store.clone(), pool.clone(), settings);
     let mut batches = 0;
+    let mut store_errors = 0;
     while projector.checkpoint() < last {
         assert!(
             batches < 1_000,
             "projector stuck at {}",
             projector.checkpoint()
         );
-        projector
-            .process_next_batch(Duration::from_secs(2))
-            .await
-            .unwrap();
-        batches += 1;
+        // As the projector's own loop does, a step that lost its pull from
+        // JetStream (a heartbeat missed on a busy machine) is taken again
+        // from the checkpoint; anything else fails the test.
+        match projector.process_next_batch(Duration::from_secs(2)).await {
+            Ok(_) => batches += 1,
+            Err(ProjectorError::Store(e)) if store_errors < 5 => {
+                store_errors += 1;
+                eprintln!("step retried from the checkpoint after: {e}");
+            }
+            Err(e) => panic!("projector step failed: {e}"),
+        }
     }
     let mut conn = live.acquire().await.unwrap();
     let checks = rebuild::checksums(&mut conn, schema).await.unwrap();
