@@ -39,7 +39,9 @@ def main() -> int:
                 labels |= set(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', m.group(2) or ""))
 
     dash = json.load(open(args.dashboard))
-    queries = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    # Prometheus queries only: the trace panels query Jaeger.
+    queries = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])
+               if "expr" in t]
     queries += [(f"variable {v['name']}", v["definition"].split("(", 1)[1].split(",")[0])
                 for v in dash.get("templating", {}).get("list", []) if v.get("type") == "query"]
     problems = 0

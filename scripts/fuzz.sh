@@ -99,7 +99,7 @@ if [ -n "${YMERA_FUZZ_HOST:-}" ]; then
     YMERA_HOST="${YMERA_FUZZ_HOST%/}" "$0" --inside
 else
     # Rate limits off: the fuzzer is one client sending thousands of requests.
-    YMERA_RATE_LIMIT_PER_TOKEN=0 YMERA_RATE_LIMIT_PER_IP=0 YMERA_LOGIN_ATTEMPTS_PER_MINUTE=100000 \
+    YMERA_RATE_LIMIT_PER_USER=0 YMERA_RATE_LIMIT_PER_IP=0 YMERA_LOGIN_ATTEMPTS_PER_MINUTE=100000 \
     YMERA_WITH_LOG_PREFIX=fuzz YMERA_WITH_KEEP_LOGS="$YMERA_FUZZ_OUT" \
         ./scripts/with-ymera.sh "$0" --inside
 fi

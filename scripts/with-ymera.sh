@@ -20,7 +20,7 @@
 # Exits with the command's exit code; when the command succeeded but ymera
 # did not start, become ready or stop cleanly, non-zero all the same.
 # Everything else of the environment reaches ymera as it is (rate limits:
-# YMERA_RATE_LIMIT_PER_TOKEN, ...). Assumes scripts/setup.sh already ran (NATS
+# YMERA_RATE_LIMIT_PER_USER, ...). Assumes scripts/setup.sh already ran (NATS
 # and PostgreSQL up, .data/env written).
 #
 # Knobs: YMERA_BIN (skip the build and use this binary),
@@ -81,6 +81,8 @@ PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); pr
 export YMERA_BIND="127.0.0.1:$PORT"
 export YMERA_HOST="http://127.0.0.1:$PORT"
 WORK="$(mktemp -d /tmp/ymera-with.XXXXXX)"
+# The search index of this throwaway process, removed with $WORK.
+export YMERA_SEARCH_DIR="$WORK/search"
 export YMERA_LOG="$WORK/ymera.log"
 
 YMERA_PID=""

@@ -14,13 +14,36 @@ Two kinds of simulated users, readers weighted 4:1 over writers:
   write (read-your-writes).
 
 Every response is checked against api.md (status, headers, body) and a
-mismatch is a Locust failure with the method, route, status, request id and
-the start of the body. Requests are named by route, so stats group.
+mismatch is a Locust failure with the method, route, status, request id,
+trace id and the start of the body. Requests are named by route, so stats
+group.
+
+Accounts: each simulated user works under an account of its own (readers
+viewers, writers editors), which it creates on start with the load admin's
+token and deletes when it stops: the API's rate limit is per user, so a run
+measures many clients, not one client's allowance. With
+YMERA_LOAD_ACCOUNTS=shared (or a load user that is not an admin), every
+simulated user logs in as the load user instead, as before.
+
+Traces: every request carries a fresh, sampled W3C ``traceparent``. The
+trace ids of failed requests are in their failure messages, and when the
+run ends the slowest requests and the failed ones are written with their
+trace ids to ``$YMERA_LOAD_OUT/ymera_traces.csv`` and the slowest printed,
+so a bad request in the report leads to its trace in Jaeger.
+
+Tags select tasks (``--tags``/``--exclude-tags``): ``read``, ``write``,
+``search``, ``history``, ``as_of``, ``export``, ``live``, ``ops``,
+``prometheus`` (the root ``/metrics``, which the compose stack's nginx does
+not expose), ``spec``, ``users``.
 
 Environment:
   YMERA_LOAD_USER      (default "admin")
-  YMERA_LOAD_PASSWORD  (default $YMERA_ADMIN_PASSWORD); the user needs the
-                       editor or admin role for the writers' tasks.
+  YMERA_LOAD_PASSWORD  (default $YMERA_ADMIN_PASSWORD); an admin makes the
+                       account pool; otherwise the user needs the editor or
+                       admin role for the writers' tasks.
+  YMERA_LOAD_ACCOUNTS  ``pool`` (default) or ``shared``
+  YMERA_LOAD_OUT       where ymera_traces.csv goes (default: the working
+                       directory)
 
 Agents that other users may read are tagged ``pool=shared`` and never
 deleted; agents a writer deletes are tagged ``pool=scratch`` and never read by
@@ -32,7 +55,9 @@ from __future__ import annotations
 import collections
 import csv
 import datetime
+import heapq
 import io
+import itertools
 import json
 import os
 import random
@@ -40,8 +65,9 @@ import threading
 import time
 import uuid
 
-from locust import HttpUser, between, events, task
+from locust import HttpUser, between, events, tag, task
 from locust.exception import StopUser
+from locust.runners import WorkerRunner
 
 API = "/api/v1"
 LOGIN_USER = os.environ.get("YMERA_LOAD_USER", "admin")
@@ -49,6 +75,12 @@ LOGIN_PASSWORD = os.environ.get("YMERA_LOAD_PASSWORD") or os.environ.get(
     "YMERA_ADMIN_PASSWORD", ""
 )
 LOGIN_PATIENCE = float(os.environ.get("YMERA_LOAD_LOGIN_PATIENCE", "180"))
+ACCOUNTS = os.environ.get("YMERA_LOAD_ACCOUNTS", "pool")
+REPORT_DIR = os.environ.get("YMERA_LOAD_OUT", ".")
+# How many of the slowest requests, and of the failed ones, the trace report
+# keeps (per Locust process, then merged).
+SLOWEST_KEPT = 50
+FAILED_KEPT = 200
 # One id per Locust process: tags this run's agents, names its users.
 RUN_ID = uuid.uuid4().hex[:8]
 
@@ -114,6 +146,115 @@ def last_seq() -> int:
     return _last_seq
 
 
+def new_traceparent() -> str:
+    """A fresh W3C traceparent: a new trace, sampled."""
+    return f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+
+
+def trace_id_of(request) -> str:
+    tp = (request.headers.get("traceparent", "") if request is not None else "")
+    parts = tp.split("-")
+    return parts[1] if len(parts) == 4 else "-"
+
+
+class Traces:
+    """The slowest requests and the failed ones, with their trace ids
+    (bounded: a heap of the slowest, the first failures)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tie = itertools.count()
+        self.slowest: list[tuple] = []  # min-heap of (ms, tie, row)
+        self.failed: list[dict] = []
+
+    def record(self, row: dict, failed: bool) -> None:
+        with self._lock:
+            item = (row["response_time_ms"], next(self._tie), row)
+            if len(self.slowest) < SLOWEST_KEPT:
+                heapq.heappush(self.slowest, item)
+            elif item[0] > self.slowest[0][0]:
+                heapq.heapreplace(self.slowest, item)
+            if failed and len(self.failed) < FAILED_KEPT:
+                self.failed.append(row)
+
+    def take(self) -> dict:
+        """What a worker sends its master, and forgets."""
+        with self._lock:
+            out = {"slowest": [r for _, _, r in self.slowest], "failed": self.failed}
+            self.slowest, self.failed = [], []
+            return out
+
+    def merge(self, data: dict) -> None:
+        for row in data.get("slowest", []):
+            self.record(row, False)
+        with self._lock:
+            room = FAILED_KEPT - len(self.failed)
+            self.failed.extend(data.get("failed", [])[:max(room, 0)])
+
+    def rows(self) -> list[dict]:
+        with self._lock:
+            slow = [dict(r, kind="slowest") for _, _, r in sorted(self.slowest, reverse=True)]
+            return slow + [dict(r, kind="failed") for r in self.failed]
+
+
+TRACES = Traces()
+
+
+@events.request.add_listener
+def _trace(request_type, name, response_time, response_length, response=None,
+           exception=None, context=None, **_kw) -> None:
+    request = getattr(response, "request", None)
+    trace = (context or {}).get("trace_id") or trace_id_of(request)
+    TRACES.record({
+        "name": f"{request_type} {name}" if not name.startswith(request_type) else name,
+        "response_time_ms": round(response_time or 0, 1),
+        "status": getattr(response, "status_code", "") or "",
+        "request_id": (response.headers.get("X-Request-Id", "-")
+                       if getattr(response, "headers", None) is not None else "-"),
+        "trace_id": trace,
+        "error": str(exception)[:300] if exception else "",
+    }, exception is not None)
+
+
+@events.report_to_master.add_listener
+def _send_traces(client_id, data, **_kw) -> None:
+    data["ymera_traces"] = TRACES.take()
+
+
+@events.worker_report.add_listener
+def _merge_traces(client_id, data, **_kw) -> None:
+    TRACES.merge(data.get("ymera_traces", {}))
+
+
+class AdminSession:
+    """The load user's own token, shared by the simulated users of this
+    process to create and delete their accounts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.token = ""
+        self.role = ""
+        self.expires_at = 0.0
+
+    def get(self, user: "YmeraUser") -> tuple[str, str]:
+        with self._lock:
+            if time.time() > self.expires_at - 60:
+                body = user.login_as(LOGIN_USER, LOGIN_PASSWORD,
+                                     "POST /api/v1/auth/login [load admin]")
+                self.token = body["access_token"]
+                self.role = body.get("role", "")
+                self.expires_at = time.time() + float(body.get("expires_in", 3600))
+            return self.token, self.role
+
+
+ADMIN = AdminSession()
+_account_numbers = itertools.count(1)
+# Creating an account hashes its password (Argon2id, deliberately costly):
+# one at a time per Locust process, so that a ramp-up does not pile dozens
+# of hashes onto the server at once on top of the users' logins.
+_account_lock = threading.Lock()
+
+
 class Bad(Exception):
     """A response that breaks the contract; the message says how."""
 
@@ -152,28 +293,82 @@ class YmeraUser(HttpUser):
 
     # ---------------------------------------------------------------- plumbing
 
+    # The role a pool account of this kind of user gets.
+    account_role = "viewer"
+
     def on_start(self) -> None:
         self.owner = f"{RUN_ID}-{uuid.uuid4().hex[:6]}"
         self.etags: dict[str, str] = {}
-        self.login()
-
-    def login(self) -> None:
-        """Logs in. A 429 (login attempts are limited per username and per
-        address, 60 a minute by default) is waited out as its Retry-After
-        says, with some jitter, for up to YMERA_LOAD_LOGIN_PATIENCE seconds
-        (180); those 429s are counted under their own name, not as failures."""
+        self.account: str | None = None
+        self.trace_every_request()
         if not LOGIN_PASSWORD:
             raise StopUser("set YMERA_LOAD_PASSWORD or YMERA_ADMIN_PASSWORD")
+        self.username, self.password = LOGIN_USER, LOGIN_PASSWORD
+        if ACCOUNTS == "pool":
+            self.make_account()
+        self.login()
+
+    def on_stop(self) -> None:
+        if self.account:
+            admin, _ = ADMIN.get(self)
+            self.call("DELETE", f"{API}/users/{self.account}",
+                      "DELETE /api/v1/users/{username} [load account]", (204, 404),
+                      headers={"Authorization": f"Bearer {admin}"}, auth=False)
+
+    def trace_every_request(self) -> None:
+        """Every request of this user's session carries a fresh traceparent."""
+        send = self.client.request
+
+        def traced(method, url, **kw):
+            headers = dict(kw.pop("headers", None) or {})
+            headers.setdefault("traceparent", new_traceparent())
+            return send(method, url, headers=headers, **kw)
+
+        self.client.request = traced
+
+    def make_account(self) -> None:
+        """An account of this user's own, made with the load admin's token;
+        without an admin, everyone shares the load user's account."""
+        admin, role = ADMIN.get(self)
+        if role != "admin":
+            return
+        # Processes of one run (--processes) share RUN_ID: the pid tells
+        # their accounts apart.
+        name = f"load-{RUN_ID}-{os.getpid()}-{next(_account_numbers)}"
+        password = uuid.uuid4().hex
+        with _account_lock:
+            created = self.call("POST", f"{API}/users", "POST /api/v1/users [load account]",
+                                (201,), headers={"Authorization": f"Bearer {admin}"},
+                                auth=False, json={"username": name, "password": password,
+                                                  "role": self.account_role})
+        if created:
+            self.account = name
+            self.username, self.password = name, password
+        else:
+            raise StopUser()
+
+    def login(self) -> None:
+        body = self.login_as(self.username, self.password, "POST /api/v1/auth/login")
+        self.token = body["access_token"]
+        self.role = body.get("role", "")
+        self.token_expires_at = time.time() + float(body.get("expires_in", 3600))
+
+    def login_as(self, username: str, password: str, name: str) -> dict:
+        """Logs in; returns the login body. A 429 (login attempts are limited
+        per username and per address, 60 a minute by default) is waited out
+        as its Retry-After says, with some jitter, for up to
+        YMERA_LOAD_LOGIN_PATIENCE seconds (180); those 429s are counted under
+        their own name, not as failures."""
         deadline = time.time() + LOGIN_PATIENCE
         while True:
             with self.client.post(
                 f"{API}/auth/login",
-                json={"username": LOGIN_USER, "password": LOGIN_PASSWORD},
-                name="POST /api/v1/auth/login",
+                json={"username": username, "password": password},
+                name=name,
                 catch_response=True,
             ) as r:
                 if r.status_code == 429:
-                    r.request_meta["name"] = "POST /api/v1/auth/login [429, waited out]"
+                    r.request_meta["name"] = f"{name} [429, waited out]"
                     wait = self.problem_retry_after(r)
                     if wait is None:
                         raise StopUser()
@@ -190,14 +385,11 @@ class YmeraUser(HttpUser):
                     body = r.json()
                     if body.get("token_type") != "bearer" or not body.get("access_token"):
                         raise Bad(self.describe(r, "login body without a bearer token"))
-                    self.token = body["access_token"]
-                    self.role = body.get("role", "")
-                    self.token_expires_at = time.time() + float(body.get("expires_in", 3600))
                 except (Bad, ValueError) as e:
                     r.failure(str(e))
                     raise StopUser() from None
                 r.success()
-                return
+                return body
 
     def problem_retry_after(self, r) -> float | None:
         """The Retry-After of a well-formed 429 problem, else marks a failure."""
@@ -231,7 +423,8 @@ class YmeraUser(HttpUser):
         url = r.request.url if r.request is not None else r.url
         text = (r.text or "")[:300].replace("\n", " ")
         return (f"{why} | {method} {url} -> {r.status_code} "
-                f"request_id={r.headers.get('X-Request-Id', '-')} body={text!r}")
+                f"request_id={r.headers.get('X-Request-Id', '-')} "
+                f"trace_id={trace_id_of(r.request)} body={text!r}")
 
     def expect(self, r, *statuses: int) -> None:
         """Status is one of `statuses`; every response has X-Request-Id;
@@ -349,9 +542,11 @@ class Reader(YmeraUser):
                     SHARED_AGENTS.add(a["id"])
         if first_of("reader"):
             for visit in (self.health, self.system_info, self.probes, self.metrics,
-                          self.analytics, self.export, self.live_sse, self.live_ws):
+                          self.analytics, self.export, self.live_sse, self.live_ws,
+                          self.get_agent_as_of, self.prometheus, self.spec):
                 visit()
 
+    @tag("read")
     @task(10)
     def list_agents(self) -> None:
         params = {"limit": random.choice([10, 20, 50, 100])}
@@ -390,6 +585,7 @@ class Reader(YmeraUser):
             self.call("GET", f"{API}/agents", "GET /api/v1/agents", (200,), check,
                       params={**params, "cursor": page["next_cursor"]})
 
+    @tag("read")
     @task(10)
     def get_agent_task(self) -> None:
         agent_id = SHARED_AGENTS.pick()
@@ -397,6 +593,7 @@ class Reader(YmeraUser):
             return self.list_agents()
         self.get_agent(agent_id)
 
+    @tag("read")
     @task(3)
     def get_agent_conditional(self) -> None:
         agent_id = SHARED_AGENTS.pick()
@@ -419,6 +616,7 @@ class Reader(YmeraUser):
         self.call("GET", f"{API}/agents/{agent_id}", "GET /api/v1/agents/{id}",
                   (200, 304), check, headers=headers)
 
+    @tag("search")
     @task(5)
     def search(self) -> None:
         params = {"q": random.choice(SEARCH_TERMS), "limit": random.choice([10, 20, 50])}
@@ -437,6 +635,7 @@ class Reader(YmeraUser):
         self.call("GET", f"{API}/agents/search", "GET /api/v1/agents/search", (200,), check,
                   params=params)
 
+    @tag("history")
     @task(2)
     def history(self) -> None:
         agent_id = SHARED_AGENTS.pick()
@@ -456,6 +655,7 @@ class Reader(YmeraUser):
         self.call("GET", f"{API}/agents/{agent_id}/history",
                   "GET /api/v1/agents/{id}/history", (200,), check)
 
+    @tag("read")
     @task(3)
     def list_projects(self) -> None:
         self.call("GET", f"{API}/projects", "GET /api/v1/projects", (200,),
@@ -466,6 +666,7 @@ class Reader(YmeraUser):
         if not isinstance(p.get("agent_count"), int) or p["agent_count"] < 0:
             raise Bad(f"listed project without a count: {p!r}")
 
+    @tag("read")
     @task(3)
     def get_project(self) -> None:
         pid = SHARED_PROJECTS.pick()
@@ -474,6 +675,7 @@ class Reader(YmeraUser):
         self.call("GET", f"{API}/projects/{pid}", "GET /api/v1/projects/{id}", (200,),
                   lambda r: self.check_project(r, pid))
 
+    @tag("ops")
     @task(1)
     def metrics(self) -> None:
         def check(r):
@@ -487,6 +689,7 @@ class Reader(YmeraUser):
 
         self.call("GET", f"{API}/metrics", "GET /api/v1/metrics", (200,), check)
 
+    @tag("read")
     @task(1)
     def analytics(self) -> None:
         params = {"bucket": random.choice(["minute", "hour", "day"])}
@@ -497,6 +700,11 @@ class Reader(YmeraUser):
             params["to"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
         if random.random() < 0.3 and (pid := SHARED_PROJECTS.pick()):
             params["project_id"] = pid
+        name = "GET /api/v1/analytics"
+        if random.random() < 0.2:
+            # The totals as they stood a minute ago, from the event log.
+            params["as_of"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+            name = "GET /api/v1/analytics?as_of"
 
         def check(r):
             self.read_seq(r)
@@ -508,9 +716,9 @@ class Reader(YmeraUser):
                 raise Bad(self.describe(r, "analytics totals incomplete"))
             return a
 
-        self.call("GET", f"{API}/analytics", "GET /api/v1/analytics", (200,), check,
-                  params=params)
+        self.call("GET", f"{API}/analytics", name, (200,), check, params=params)
 
+    @tag("ops")
     @task(1)
     def health(self) -> None:
         def check(r):
@@ -523,6 +731,7 @@ class Reader(YmeraUser):
 
         self.call("GET", f"{API}/health", "GET /api/v1/health", (200,), check, auth=False)
 
+    @tag("ops")
     @task(1)
     def system_info(self) -> None:
         def check(r):
@@ -538,11 +747,56 @@ class Reader(YmeraUser):
         self.call("GET", f"{API}/system/info", "GET /api/v1/system/info", (200,), check,
                   auth=False)
 
+    @tag("ops")
     @task(1)
     def probes(self) -> None:
         self.call("GET", "/livez", "GET /livez", (200,), auth=False)
         self.call("GET", "/readyz", "GET /readyz", (200,), auth=False)
 
+    @tag("as_of")
+    @task(2)
+    def get_agent_as_of(self) -> None:
+        """An agent as it was a moment ago, rebuilt from its events."""
+        agent_id = SHARED_AGENTS.pick()
+        if agent_id is None:
+            return self.list_agents()
+        then = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+        def check(r):
+            a = r.json()
+            if a.get("id") != agent_id or not isinstance(a.get("version"), int):
+                raise Bad(self.describe(r, "as_of read without the agent's id and version"))
+            return a
+
+        self.call("GET", f"{API}/agents/{agent_id}", "GET /api/v1/agents/{id}?as_of", (200,),
+                  check, params={"as_of": then})
+
+    @tag("prometheus")
+    @task(1)
+    def prometheus(self) -> None:
+        """The root Prometheus scrape (no token)."""
+        def check(r):
+            if not r.headers.get("Content-Type", "").startswith("text/plain"):
+                raise Bad(self.describe(r, "scrape is not text/plain"))
+            if "ymera_http_requests_total" not in r.text:
+                raise Bad(self.describe(r, "scrape without ymera_http_requests_total"))
+            return True
+
+        self.call("GET", "/metrics", "GET /metrics", (200,), check, auth=False)
+
+    @tag("spec")
+    @task(1)
+    def spec(self) -> None:
+        def check(r):
+            spec = r.json()
+            if not str(spec.get("openapi", "")).startswith("3.") or "/api/v1/agents" not in spec.get("paths", {}):
+                raise Bad(self.describe(r, "not an OpenAPI 3 spec of the agents API"))
+            return True
+
+        self.call("GET", f"{API}/openapi.json", "GET /api/v1/openapi.json", (200,), check,
+                  auth=False)
+
+    @tag("export")
     @task(1)
     def export(self) -> None:
         fmt = random.choice(["csv", "ndjson", "json"])
@@ -575,6 +829,7 @@ class Reader(YmeraUser):
         self.call("GET", f"{API}/agents/export", "GET /api/v1/agents/export", (200,), check,
                   params=params)
 
+    @tag("live")
     @task(1)
     def live_sse(self) -> None:
         """Opens the SSE feed replaying the last few events, reads the first
@@ -606,6 +861,7 @@ class Reader(YmeraUser):
             finally:
                 r.close()
 
+    @tag("live")
     @task(1)
     def live_ws(self) -> None:
         """Opens the WebSocket feed replaying the last few events, reads one
@@ -614,12 +870,14 @@ class Reader(YmeraUser):
 
         since = max(0, last_seq() - 5)
         url = self.host.replace("http", "ws", 1).rstrip("/") + f"{API}/ws?since_seq={since}"
+        traceparent = new_traceparent()
         start = time.perf_counter()
         exc = None
         size = 0
         try:
             ws = websocket.create_connection(
-                url, timeout=5, header=[f"Authorization: Bearer {self.auth()['Authorization'][7:]}"])
+                url, timeout=5, header=[f"Authorization: Bearer {self.auth()['Authorization'][7:]}",
+                                        f"traceparent: {traceparent}"])
             try:
                 ws.settimeout(3)
                 try:
@@ -638,13 +896,14 @@ class Reader(YmeraUser):
             exc = e
         self.environment.events.request.fire(
             request_type="WS", name="GET /api/v1/ws", response_time=(time.perf_counter() - start) * 1000,
-            response_length=size, exception=exc, context={})
+            response_length=size, exception=exc, context={"trace_id": traceparent.split("-")[1]})
 
 
 class Writer(YmeraUser):
     """Writes, each followed by a read-your-writes check: ~1 in 5 users."""
 
     weight = 1
+    account_role = "editor"
     wait_time = between(0.5, 2.0)
 
     def on_start(self) -> None:
@@ -691,6 +950,7 @@ class Writer(YmeraUser):
                       (201,), replayed, headers=headers, json=body)
         return out
 
+    @tag("write")
     @task(5)
     def create_shared_agent(self) -> None:
         out = self.create_agent("shared")
@@ -699,6 +959,7 @@ class Writer(YmeraUser):
             if self.get_agent(agent["id"], min_seq=seq):
                 SHARED_AGENTS.add(agent["id"])
 
+    @tag("write")
     @task(4)
     def update_shared_agent(self) -> None:
         agent_id = SHARED_AGENTS.pick()
@@ -727,6 +988,7 @@ class Writer(YmeraUser):
             a, seq = out
             self.get_agent(agent_id, min_seq=seq, min_version=a["version"])
 
+    @tag("write")
     @task(2)
     def agent_lifecycle(self) -> None:
         """Create, read, update with If-Match, a stale If-Match (412),
@@ -772,6 +1034,7 @@ class Writer(YmeraUser):
         self.expect_gone(path, "GET /api/v1/agents/{id} [deleted]", out)
         self.call("DELETE", path, "DELETE /api/v1/agents/{id} [already deleted]", (404,))
 
+    @tag("write")
     @task(1)
     def bulk(self) -> None:
         n = random.randint(10, 50)
@@ -816,6 +1079,7 @@ class Writer(YmeraUser):
                 SHARED_PROJECTS.add(p["id"])
         return out
 
+    @tag("write")
     @task(1)
     def project_lifecycle(self) -> None:
         if len(SHARED_PROJECTS) < 20 and random.random() < 0.3:
@@ -849,11 +1113,14 @@ class Writer(YmeraUser):
 
     # ----------------------------------------------------------------- users
 
+    @tag("users")
     @task(1)
     def users(self) -> None:
-        """Admin only: add a viewer, list users, remove it."""
-        if self.role != "admin":
+        """With the load admin's token: add a viewer, list users, remove it."""
+        admin, role = ADMIN.get(self)
+        if role != "admin":
             return
+        as_admin = {"Authorization": f"Bearer {admin}"}
         name = f"load-{RUN_ID}-{uuid.uuid4().hex[:8]}"
 
         def created(r):
@@ -864,6 +1131,7 @@ class Writer(YmeraUser):
             return u
 
         if not self.call("POST", f"{API}/users", "POST /api/v1/users", (201,), created,
+                         headers=as_admin, auth=False,
                          json={"username": name, "password": uuid.uuid4().hex, "role": "viewer"}):
             return
 
@@ -873,11 +1141,40 @@ class Writer(YmeraUser):
                 raise Bad(self.describe(r, f"new user {name} not listed"))
             return True
 
-        self.call("GET", f"{API}/users", "GET /api/v1/users", (200,), listed)
-        self.call("DELETE", f"{API}/users/{name}", "DELETE /api/v1/users/{username}", (204,))
+        self.call("GET", f"{API}/users", "GET /api/v1/users", (200,), listed,
+                  headers=as_admin, auth=False)
+        self.call("DELETE", f"{API}/users/{name}", "DELETE /api/v1/users/{username}", (204,),
+                  headers=as_admin, auth=False)
+
+
+@events.init.add_listener
+def _drop_idle_user_classes(environment, **_kw) -> None:
+    """With --tags or --exclude-tags, a kind of user left without a task
+    (writers under ``--tags read``) is dropped instead of failing the run.
+    Locust filters the tasks once, when the users spawn; doing it now is the
+    same filtering, earlier."""
+    environment._filter_tasks_by_tags()
+    kept = [u for u in environment.user_classes if u.tasks]
+    if kept:
+        environment.user_classes[:] = kept
 
 
 @events.quitting.add_listener
 def _summary(environment, **_kw) -> None:
+    """Totals, and the trace report, from the process that has them all."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    rows = TRACES.rows()
+    path = os.path.join(REPORT_DIR, "ymera_traces.csv")
+    fields = ["kind", "name", "response_time_ms", "status", "request_id", "trace_id", "error"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    slowest = [r for r in rows if r["kind"] == "slowest"][:10]
+    if slowest:
+        print(f"locust: slowest requests and their traces (all in {path}):")
+        for r in slowest:
+            print(f"locust:   {r['response_time_ms']:>9} ms  {r['name']}  trace_id={r['trace_id']}")
     s = environment.stats.total
     print(f"locust: {s.num_requests} requests, {s.num_failures} failures")

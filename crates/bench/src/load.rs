@@ -146,3 +146,51 @@ mod tests {
         assert_eq!(quantile_ms(&[], 0.5), 0.0);
     }
 }
+
+/// What an open loop gathered: each operation's result, and the errors.
+#[derive(Debug)]
+pub struct Gathered<T> {
+    pub results: Vec<T>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+/// Starts `op(n)` `rate` times a second for `secs`, open loop: each on a
+/// task of its own, never waiting for the ones before (a slow answer does
+/// not slow the load down). Waits for all of them.
+pub async fn open_loop<T, F, Fut>(rate: f64, secs: Duration, mut op: F) -> Gathered<T>
+where
+    T: Send + 'static,
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut tasks = vec![];
+    let mut n = 0;
+    while started.elapsed() < secs {
+        ticker.tick().await;
+        tasks.push(tokio::spawn(op(n)));
+        n += 1;
+    }
+    let mut gathered = Gathered {
+        results: Vec::with_capacity(tasks.len()),
+        errors: 0,
+        first_error: None,
+    };
+    for t in tasks {
+        let outcome = t
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|result| result);
+        match outcome {
+            Ok(result) => gathered.results.push(result),
+            Err(e) => {
+                gathered.errors += 1;
+                gathered.first_error.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    gathered
+}

@@ -178,6 +178,40 @@ impl Row {
     }
 }
 
+impl Row {
+    /// A row judged on the p99 latency of `run` being under `limit_ms`
+    /// (no raw limit: a fixed bound).
+    pub fn p99_under(
+        name: &'static str,
+        target: &'static str,
+        run: &Run,
+        limit_ms: f64,
+        note: impl Into<String>,
+    ) -> Row {
+        let p99 = run.quantile_ms(0.99);
+        let ours = Figure {
+            value: p99,
+            unit: "ms p99",
+            p50_ms: Some(run.quantile_ms(0.5)),
+            p99_ms: Some(p99),
+            count: run.ops,
+            secs: run.secs,
+        };
+        let mut row = Row::ratio(
+            name,
+            target,
+            ours,
+            Figure::plain(limit_ms, "ms"),
+            0.0,
+            p99 < limit_ms,
+            note,
+        );
+        row.raw = None;
+        row.ratio = None;
+        row
+    }
+}
+
 /// `a / b`, or 0 when `b` is not positive (a raw limit that measured
 /// nothing).
 pub fn ratio(a: f64, b: f64) -> f64 {

@@ -157,8 +157,9 @@ impl Env {
         Ok(infra::db::pool(&cfg)?)
     }
 
-    /// Drops every database and stream this run made.
+    /// Drops every database, stream and search index this run made.
     pub async fn cleanup(&self) {
+        let _ = std::fs::remove_dir_all(search_root());
         let dbs = std::mem::take(&mut *self.databases.lock().unwrap_or_else(|p| p.into_inner()));
         for db in dbs {
             self.drop_database(&db).await;
@@ -228,10 +229,23 @@ pub fn ymera_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// Where this run's children keep their search indexes; removed by
+/// [`Env::cleanup`].
+pub fn search_root() -> PathBuf {
+    std::env::temp_dir().join(format!("ymera-bench-search-{}", std::process::id()))
+}
+
 /// Environment for a `ymera` child working on `stream`/`prefix` and the
 /// database at `db_url`.
 pub fn ymera_env(env: &Env, stream: &str, prefix: &str, db_url: &str) -> Vec<(String, String)> {
+    // Each child serving reads keeps a search index of its own; a fresh
+    // process builds it from the log.
+    let search_dir = search_root()
+        .join(format!("{stream}-{}", uuid::Uuid::now_v7().simple()))
+        .display()
+        .to_string();
     [
+        ("YMERA_SEARCH_DIR", search_dir.as_str()),
         ("YMERA_NATS_URL", env.nats_url.as_str()),
         ("YMERA_STREAM", stream),
         ("YMERA_SUBJECT_PREFIX", prefix),
@@ -242,7 +256,7 @@ pub fn ymera_env(env: &Env, stream: &str, prefix: &str, db_url: &str) -> Vec<(St
         ("YMERA_LOG_FORMAT", "text"),
         ("RUST_LOG", "warn"),
         // The harness is one client hammering the API: limits off.
-        ("YMERA_RATE_LIMIT_PER_TOKEN", "0"),
+        ("YMERA_RATE_LIMIT_PER_USER", "0"),
         ("YMERA_RATE_LIMIT_PER_IP", "0"),
         ("YMERA_LOGIN_ATTEMPTS_PER_MINUTE", "1000000"),
     ]
@@ -266,6 +280,17 @@ impl Server {
         bin: &Path,
         role: &str,
         vars: &[(String, String)],
+    ) -> anyhow::Result<Server> {
+        Server::start_as(bin, role, vars, None).await
+    }
+
+    /// [`Server::start`] with a `token` from another server on the same
+    /// database (a `query-api` serves no login), or logged in when `None`.
+    pub async fn start_as(
+        bin: &Path,
+        role: &str,
+        vars: &[(String, String)],
+        token: Option<String>,
     ) -> anyhow::Result<Server> {
         let mut child = Command::new(bin)
             .arg(role)
@@ -308,7 +333,10 @@ impl Server {
             client,
             token: String::new(),
         };
-        server.token = server.login().await?;
+        server.token = match token {
+            Some(token) => token,
+            None => server.login().await?,
+        };
         Ok(server)
     }
 

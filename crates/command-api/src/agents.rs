@@ -196,11 +196,11 @@ pub async fn update_agent(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateAgentRequest>,
 ) -> Result<Response, ApiError> {
-    let expected = write.if_match()?;
+    let expected = write.if_match();
     let changes = body.parse().map_err(invalid)?;
     let agent = state
         .commands
-        .update_agent(&write.ctx, id.into(), expected, changes)
+        .update_agent(&write.ctx, id.into(), expected.as_deref(), changes)
         .await?;
     Ok(written(&agent)?.updated())
 }
@@ -219,10 +219,10 @@ pub async fn delete_agent(
     write: WriteRequest,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Response, ApiError> {
-    let expected = write.if_match()?;
+    let expected = write.if_match();
     let deleted = state
         .commands
-        .delete_agent(&write.ctx, id.into(), expected)
+        .delete_agent(&write.ctx, id.into(), expected.as_deref())
         .await?;
     Ok(write_response::deleted(deleted.seq))
 }

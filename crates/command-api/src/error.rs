@@ -28,9 +28,9 @@ pub enum WriteError {
     /// append, every time it was decided again. 409; the client retries.
     #[error("the resource kept changing concurrently; gave up after {attempts} attempts")]
     Conflict { attempts: u32 },
-    /// `If-Match` named a version other than the current one. 412.
-    #[error("If-Match names version {expected}; the current version is {current}")]
-    PreconditionFailed { expected: u64, current: u64 },
+    /// `If-Match` named no strong tag of the current version. 412.
+    #[error("If-Match does not name the current version, {current}")]
+    PreconditionFailed { current: u64 },
     /// The command names what does not exist (an agent joining a missing
     /// project). 422 listing each bad field, and each bad item of a bulk
     /// command.
@@ -146,13 +146,10 @@ mod tests {
             )
         );
         assert_eq!(
-            answer(WriteError::PreconditionFailed {
-                expected: 3,
-                current: 4
-            }),
+            answer(WriteError::PreconditionFailed { current: 4 }),
             (
                 StatusCode::PRECONDITION_FAILED,
-                "If-Match names version 3; the current version is 4".into()
+                "If-Match does not name the current version, 4".into()
             )
         );
     }

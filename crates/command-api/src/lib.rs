@@ -79,13 +79,25 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
 
 /// The write routes, relative to `/api/v1`.
 pub fn router(state: CommandState) -> OpenApiRouter {
-    OpenApiRouter::new()
-        .merge(agents::router(state.http.bulk_body_limit))
-        .merge(projects::router())
-        .merge(users::router())
+    routes(state.http.bulk_body_limit)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             idempotency::idempotency,
         ))
         .with_state(state)
+}
+
+/// The write side's part of the OpenAPI spec, relative to `/api/v1`: the
+/// same whichever roles a process plays, so every process can serve the
+/// whole spec.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    // The bulk body limit shapes no part of the spec.
+    routes(0).into_openapi()
+}
+
+fn routes(bulk_body_limit: usize) -> OpenApiRouter<CommandState> {
+    OpenApiRouter::new()
+        .merge(agents::router(bulk_body_limit))
+        .merge(projects::router())
+        .merge(users::router())
 }

@@ -148,11 +148,11 @@ pub async fn update_project(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateProjectRequest>,
 ) -> Result<Response, ApiError> {
-    let expected = write.if_match()?;
+    let expected = write.if_match();
     let changes = body.parse().map_err(invalid)?;
     let project = state
         .commands
-        .update_project(&write.ctx, id.into(), expected, changes)
+        .update_project(&write.ctx, id.into(), expected.as_deref(), changes)
         .await?;
     Ok(written(&project)?.updated())
 }
@@ -171,10 +171,10 @@ pub async fn delete_project(
     write: WriteRequest,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Response, ApiError> {
-    let expected = write.if_match()?;
+    let expected = write.if_match();
     let seq = state
         .commands
-        .delete_project(&write.ctx, id.into(), expected)
+        .delete_project(&write.ctx, id.into(), expected.as_deref())
         .await?;
     Ok(write_response::deleted(seq))
 }

@@ -22,6 +22,7 @@ use chrono::{SubsecRound, Utc};
 use events::agent::AgentState;
 use events::project::ProjectState;
 use events::{AgentId, Aggregate, Envelope, EventMeta, ProjectId, Recorded};
+use infra::telemetry::TraceHeaders;
 use infra::{EventStore, StoreError, StoredEvent};
 use uuid::Uuid;
 
@@ -33,9 +34,9 @@ use crate::keyed::KeyedWrite;
 pub struct WriteContext {
     pub actor: String,
     pub request_id: String,
-    /// The W3C trace context of the HTTP request, carried into the NATS
+    /// The trace context of the HTTP request, carried into the NATS
     /// headers so the projection continues the same trace.
-    pub traceparent: Option<String>,
+    pub trace: TraceHeaders,
     /// Set when the request carries an `Idempotency-Key`: what the write
     /// appends is then named from it, so a retry cannot store a copy.
     pub keyed: Option<Arc<KeyedWrite>>,
@@ -259,14 +260,15 @@ where
     }
 
     /// Decides `command` against the aggregate and appends what it yields.
-    /// `if_match` is the version the caller expects (412 otherwise).
+    /// `if_match` lists the versions the caller accepts (412 for any
+    /// other; `None` accepts any).
     /// `command` may be called more than once: after a lost race the state
     /// is reloaded and the command rebuilt against it.
     pub async fn execute(
         &self,
         id: A::Id,
         ctx: &WriteContext,
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
         command: impl Fn(&A) -> Result<A::Command, WriteError>,
     ) -> Result<Committed<A>, WriteError> {
         let slot = self.slot(id);
@@ -282,14 +284,10 @@ where
                 };
                 fresh = true;
             }
+            let current = slot.state.version();
             let decided = if_match
-                .filter(|v| *v != slot.state.version())
-                .map(|expected| {
-                    Err(WriteError::PreconditionFailed {
-                        expected,
-                        current: slot.state.version(),
-                    })
-                })
+                .filter(|accepted| !accepted.contains(&current))
+                .map(|_| Err(WriteError::PreconditionFailed { current }))
                 .unwrap_or_else(|| command(&slot.state).and_then(|c| Ok(slot.state.decide(c)?)));
             let events = match decided {
                 Ok(events) if !events.is_empty() => events,
@@ -374,7 +372,7 @@ where
             );
             expected = self
                 .store
-                .append(&subject, expected, &envelope, ctx.traceparent.as_deref())
+                .append(&subject, expected, &envelope, Some(&ctx.trace))
                 .await?;
             ctx.appended(id.into());
             state = state.evolve(&Recorded { meta, event });

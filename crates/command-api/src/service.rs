@@ -140,7 +140,7 @@ impl Commands {
         &self,
         ctx: &WriteContext,
         id: AgentId,
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
         patch: AgentChanges,
     ) -> Result<AgentWrite, WriteError> {
         let joins = patch.project_id.flatten().map(ProjectId::from);
@@ -181,7 +181,7 @@ impl Commands {
         &self,
         ctx: &WriteContext,
         id: AgentId,
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
     ) -> Result<AgentWrite, WriteError> {
         if let Some(stored) = self.agents.stored_before(id, ctx).await? {
             return Ok(stored);
@@ -303,10 +303,7 @@ impl Commands {
                 envelope,
             })
             .collect();
-        let seqs = self
-            .store
-            .append_batch(&batch, ctx.traceparent.as_deref())
-            .await?;
+        let seqs = self.store.append_batch(&batch, Some(&ctx.trace)).await?;
 
         let mut written = Vec::with_capacity(prepared.len());
         for ((id, _, _, recorded), seq) in prepared.into_iter().zip(seqs) {
@@ -365,7 +362,7 @@ impl Commands {
         &self,
         ctx: &WriteContext,
         id: ProjectId,
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
         patch: ProjectChanges,
     ) -> Result<Committed<ProjectState>, WriteError> {
         if let Some(stored) = self.projects.stored_before(id, ctx).await? {
@@ -386,7 +383,7 @@ impl Commands {
         &self,
         ctx: &WriteContext,
         id: ProjectId,
-        if_match: Option<u64>,
+        if_match: Option<&[u64]>,
     ) -> Result<u64, WriteError> {
         let deleted = match self.projects.stored_before(id, ctx).await? {
             Some(stored) => stored,

@@ -1,16 +1,19 @@
 //! What every agent and project write carries besides its body: an editor's
 //! token, the context recorded in each event it appends (actor, request id,
 //! trace context, and how a keyed write names what it appends) and an
-//! optional `If-Match` precondition, which documents itself for the updates
-//! and deletes that take it.
+//! optional `If-Match` precondition (RFC 9110: `*` or a list of entity
+//! tags, compared strongly; a malformed value is a 400), which documents
+//! itself for the updates and deletes that take it.
 
 use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
+use axum::http::header;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, header};
 use infra::http::auth::Editor;
+use infra::http::preconditions::EntityTags;
 use infra::http::{ApiError, RequestId};
+use infra::telemetry::TraceHeaders;
 use utoipa::IntoParams;
 
 use crate::CommandState;
@@ -31,8 +34,8 @@ pub struct WriteRequest {
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct IfMatch {
-    #[param(rename = "If-Match", value_type = Option<String>, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}")$"#)]
-    value: Option<HeaderValue>,
+    #[param(rename = "If-Match", value_type = Option<String>, nullable = false, pattern = r#"^(\*|(W/)?"[0-9]{1,19}"( *, *(W/)?"[0-9]{1,19}")*)$"#)]
+    value: Option<EntityTags>,
 }
 
 impl FromRequestParts<CommandState> for WriteRequest {
@@ -51,7 +54,7 @@ impl FromRequestParts<CommandState> for WriteRequest {
             ctx: WriteContext {
                 actor: claims.sub,
                 request_id,
-                traceparent: traceparent(&parts.headers),
+                trace: TraceHeaders::from_http(&parts.headers),
                 // Set by the idempotency middleware on a keyed write.
                 keyed: parts
                     .extensions
@@ -59,44 +62,22 @@ impl FromRequestParts<CommandState> for WriteRequest {
                     .map(|k| Arc::new(KeyedWrite::new(k.clone()))),
             },
             if_match: IfMatch {
-                value: parts.headers.get(header::IF_MATCH).cloned(),
+                value: EntityTags::from_headers(&parts.headers, &header::IF_MATCH)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?,
             },
         })
     }
 }
 
-/// The W3C trace context, if the client sent a plausible one.
-fn traceparent(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 128)
-        .map(str::to_owned)
-}
-
 impl WriteRequest {
-    /// The version `If-Match: "<version>"` expects (a weak `W/` prefix is
-    /// accepted; `*` or no header expects none). A value that names no
-    /// version can match nothing: 412.
-    pub fn if_match(&self) -> Result<Option<u64>, ApiError> {
-        let Some(value) = &self.if_match.value else {
-            return Ok(None);
-        };
-        let raw = value
-            .to_str()
-            .map_err(|_| ApiError::BadRequest("If-Match is not valid ASCII".into()))?
-            .trim();
-        if raw == "*" {
-            return Ok(None);
-        }
-        if raw.contains(',') {
-            return Err(ApiError::BadRequest("If-Match takes a single ETag".into()));
-        }
-        let tag = raw.strip_prefix("W/").unwrap_or(raw).trim_matches('"');
-        tag.parse::<u64>().map(Some).map_err(|_| {
-            ApiError::PreconditionFailed(format!(
-                "If-Match {raw} names no version of this resource"
-            ))
-        })
+    /// The versions `If-Match` accepts, compared strongly as RFC 9110 says:
+    /// `None` without the header or for `*`; else the versions its strong
+    /// tags name (`"3"`), possibly none, since a weak tag (`W/"3"`) or one
+    /// naming no version never matches: 412.
+    pub fn if_match(&self) -> Option<Vec<u64>> {
+        self.if_match
+            .value
+            .as_ref()
+            .and_then(EntityTags::strong_versions)
     }
 }

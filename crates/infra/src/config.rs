@@ -10,7 +10,8 @@ use secrecy::SecretString;
 /// Where the event log lives and how the stream is provisioned.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NatsConfig {
-    /// NATS server URL (JetStream must be enabled).
+    /// NATS server URL (JetStream must be enabled), or the URLs of a
+    /// cluster's nodes separated by commas.
     #[arg(long, env = "YMERA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
     /// Name of the JetStream stream that holds the event log.
@@ -44,6 +45,13 @@ pub enum StreamStorage {
 }
 
 impl NatsConfig {
+    /// The servers `nats_url` names: one URL, or several separated by
+    /// commas (the nodes of a cluster, so that a process starting while
+    /// one of them is down still connects).
+    pub fn nats_servers(&self) -> Vec<&str> {
+        self.nats_url.split(',').map(str::trim).collect()
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
@@ -83,6 +91,11 @@ pub struct DbConfig {
     /// milliseconds.
     #[arg(long, env = "YMERA_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 1_000)]
     pub db_acquire_timeout_ms: u64,
+    /// How long a starting process or a command waits for PostgreSQL to
+    /// answer before it gives up (`ymera` then exits with code 3), in
+    /// seconds.
+    #[arg(long, env = "YMERA_DB_WAIT_SECS", default_value_t = 60)]
+    pub db_wait_secs: u64,
 }
 
 impl DbConfig {
@@ -91,7 +104,13 @@ impl DbConfig {
             database_url: url.into(),
             db_max_connections: 16,
             db_acquire_timeout_ms: 1_000,
+            db_wait_secs: 60,
         }
+    }
+
+    /// How long to wait for PostgreSQL to answer at start.
+    pub fn wait(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.db_wait_secs)
     }
 }
 
@@ -122,6 +141,23 @@ pub struct AuthConfig {
     /// password when they are not given. Never for production.
     #[arg(long, env = "YMERA_DEV", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub dev: bool,
+}
+
+/// The methods CORS allows unless configured: every one the API has.
+const CORS_METHODS: &str = "GET,POST,PUT,DELETE";
+/// The request headers CORS allows unless configured: every one the API
+/// reads.
+const CORS_HEADERS: &str = "authorization,content-type,if-match,if-none-match,idempotency-key,\
+                            x-request-id,x-min-event-seq,last-event-id,traceparent,tracestate,baggage";
+
+/// Where a query process keeps its search index.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SearchConfig {
+    /// The search index's directory: each query process needs its own. It
+    /// is rebuilt from the log when missing, of another version or of
+    /// another stream, and resumed from its checkpoint otherwise.
+    #[arg(long, env = "YMERA_SEARCH_DIR", default_value = ".data/search")]
+    pub search_dir: std::path::PathBuf,
 }
 
 /// How the HTTP side listens and what it accepts.
@@ -170,10 +206,11 @@ pub struct HttpConfig {
     /// one that looks complete).
     #[arg(long, env = "YMERA_EXPORT_STALL_TIMEOUT_MS", default_value_t = 30_000)]
     pub export_stall_timeout_ms: u64,
-    /// Requests per second each token may make to the API, sustained
-    /// (bursts of twice that are allowed). 0 turns the limit off.
-    #[arg(long, env = "YMERA_RATE_LIMIT_PER_TOKEN", default_value_t = 1_000)]
-    pub rate_limit_per_token: u32,
+    /// Requests per second each user may make to the API, sustained
+    /// (bursts of twice that are allowed), whichever of their tokens they
+    /// use. 0 turns the limit off.
+    #[arg(long, env = "YMERA_RATE_LIMIT_PER_USER", default_value_t = 1_000)]
+    pub rate_limit_per_user: u32,
     /// Requests per second each client address may make without a valid
     /// token. 0 turns the limit off.
     #[arg(long, env = "YMERA_RATE_LIMIT_PER_IP", default_value_t = 100)]
@@ -190,6 +227,31 @@ pub struct HttpConfig {
     /// `X-Forwarded-For`: only behind a reverse proxy that sets it.
     #[arg(long, env = "YMERA_TRUST_FORWARDED_FOR", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
     pub trust_forwarded_for: bool,
+    /// Origins allowed to call the API from a browser (CORS), comma
+    /// separated, or `*` for any. Empty (the default) turns CORS off.
+    #[arg(long, env = "YMERA_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Methods CORS allows, comma separated.
+    #[arg(
+        long,
+        env = "YMERA_CORS_METHODS",
+        value_delimiter = ',',
+        default_value = CORS_METHODS
+    )]
+    pub cors_methods: Vec<String>,
+    /// Request headers CORS allows, comma separated.
+    #[arg(
+        long,
+        env = "YMERA_CORS_HEADERS",
+        value_delimiter = ',',
+        default_value = CORS_HEADERS
+    )]
+    pub cors_headers: Vec<String>,
+    /// On SIGTERM, how long requests already running (downloads included)
+    /// may take to finish, in milliseconds, before they are cut off and
+    /// the live feeds closed.
+    #[arg(long, env = "YMERA_DRAIN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub drain_timeout_ms: u64,
 }
 
 impl HttpConfig {
@@ -206,16 +268,24 @@ impl HttpConfig {
             live_ping_secs: 15,
             export_max_concurrent: 4,
             export_stall_timeout_ms: 30_000,
-            rate_limit_per_token: 1_000,
+            rate_limit_per_user: 1_000,
             rate_limit_per_ip: 100,
             login_attempts_per_minute: 60,
             rate_limit_max_keys: 100_000,
             trust_forwarded_for: false,
+            cors_origins: Vec::new(),
+            cors_methods: CORS_METHODS.split(',').map(String::from).collect(),
+            cors_headers: CORS_HEADERS.split(',').map(String::from).collect(),
+            drain_timeout_ms: 10_000,
         }
     }
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_secs)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
     }
 
     pub fn min_seq_wait(&self) -> Duration {

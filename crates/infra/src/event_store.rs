@@ -8,23 +8,69 @@
 //! This module is the only one that speaks JetStream: callers ask it for
 //! what they mean (append, load a subject, read the log in order, subscribe
 //! durably from a sequence) and get our own types back, never a client.
+//!
+//! On a replicated stream (R3 on a three-node cluster) the stream's leader
+//! can change at any moment (a node dies, pauses, restarts):
+//!
+//! - An append whose ack did not come (a timeout, or no leader to answer) is
+//!   sent again a few times, unchanged: its `Nats-Msg-Id` makes a second
+//!   copy within the duplicate window a duplicate, and its expected subject
+//!   sequence makes a copy that landed read as a conflict, which
+//!   [`EventStore::append`] resolves by finding its own event last on the
+//!   subject. An append still unacknowledged after that is reported as
+//!   [`StoreError::Unavailable`]: maybe stored, maybe not, never a success
+//!   or a clean failure (the command side remembers it as unknown).
+//! - An atomic batch carries no `Nats-Msg-Id` and is not sent again here
+//!   (see [`EventStore::append_batch`]); nor is anything while the client is
+//!   disconnected: both fail fast with 503.
+//! - Direct gets may be answered by any replica, a lagging follower
+//!   included. The reads that decide a write (an aggregate's events and its
+//!   last sequence: the expected sequence of the next append and whether
+//!   the aggregate exists) are therefore read from the leader when the
+//!   stream has replicas; on R1 the only replica is the leader, and the
+//!   cheaper direct gets are just as current.
 
 mod consumers;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::StorageType};
 use bytes::Bytes;
 use events::{AggregateType, Envelope};
 use uuid::Uuid;
 
 use crate::config::{NatsConfig, StreamStorage};
+use crate::telemetry::TraceHeaders;
 
 pub use consumers::{Reader, StoredMessage, Subscription};
 
-/// Header that carries the W3C trace context from HTTP into the log.
-pub const TRACEPARENT: &str = "traceparent";
+/// NATS message headers as an OpenTelemetry carrier: the trace context
+/// (`traceparent`, `tracestate`, `baggage`) rides on every appended event,
+/// so the projection of an event continues the trace of the request that
+/// wrote it.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceCarrier<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for TraceCarrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Writes a trace context into the headers of a message to append.
+struct TraceWriter<'a>(&'a mut HeaderMap);
+
+impl opentelemetry::propagation::Injector for TraceWriter<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
 
 /// One event as it sits in the stream.
 #[derive(Debug, Clone)]
@@ -61,6 +107,9 @@ pub struct EventStore {
     js: jetstream::Context,
     stream: String,
     prefix: String,
+    /// Whether the reads that decide a write go to the stream's leader (a
+    /// replicated stream) rather than to any replica by direct get.
+    leader_reads: bool,
 }
 
 impl EventStore {
@@ -74,7 +123,7 @@ impl EventStore {
             .request_timeout(Some(cfg.request_timeout()))
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connect(&cfg.nats_url)
+            .connect(cfg.nats_servers())
             .await
             .map_err(unavailable)?;
         let mut js = jetstream::new(client.clone());
@@ -84,6 +133,7 @@ impl EventStore {
             js,
             stream: cfg.stream.clone(),
             prefix: cfg.subject_prefix.clone(),
+            leader_reads: cfg.stream_replicas > 1,
         };
         store.ensure_stream(cfg).await?;
         Ok(store)
@@ -185,7 +235,7 @@ impl EventStore {
         subject: &str,
         expected: u64,
         envelope: &Envelope,
-        traceparent: Option<&str>,
+        trace: Option<&TraceHeaders>,
     ) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
         tracing::Span::current()
@@ -204,25 +254,18 @@ impl EventStore {
         );
         // The append span's own context when tracing is on (so the
         // projection hangs under it), else the caller's as it came.
-        let traced = crate::telemetry::current_traceparent();
-        if let Some(tp) = traced.as_deref().or(traceparent) {
-            headers.insert(TRACEPARENT, tp);
-        }
+        crate::telemetry::inject_current_or(trace, &mut TraceWriter(&mut headers));
         let publish = jetstream::message::PublishMessage::build()
             .payload(Bytes::from(payload))
             .headers(headers);
-        let acked = async {
-            self.js
-                .send_publish(subject.to_owned(), publish)
-                .await?
-                .await
-        };
-        let seq = match acked.await.map_err(publish_error) {
+        let seq = match self.publish_until_acked(subject, publish, started).await {
             Ok(ack) => ack.sequence,
             // JetStream checks the expected sequence before the duplicate
             // window, so a retry of an append that did land (its ack was
             // lost) reads as a conflict. If the subject's last event is
             // this very event, the append succeeded: answer as a duplicate.
+            // The subject's last event is read from the leader (on a
+            // replicated stream), which stored what it acknowledged.
             Err(StoreError::Conflict) => match self.last_on_subject(subject).await? {
                 Some(last) if last.envelope.event_id == envelope.event_id => last.seq,
                 _ => return Err(StoreError::Conflict),
@@ -234,19 +277,94 @@ impl EventStore {
         Ok(seq)
     }
 
+    /// Publishes one append and waits for its ack, sending it again,
+    /// unchanged, while the ack does not come for a reason that says
+    /// nothing of whether it was stored: a timeout, or no stream leader to
+    /// answer (an election in progress). Safe because the message carries
+    /// its `Nats-Msg-Id` and expected subject sequence (see the module
+    /// doc); bounded by [`APPEND_RETRY_BUDGET`], far inside any duplicate
+    /// window. Anything else, a disconnected client included, ends at once.
+    async fn publish_until_acked(
+        &self,
+        subject: &str,
+        publish: jetstream::message::PublishMessage,
+        started: Instant,
+    ) -> Result<jetstream::publish::PublishAck, StoreError> {
+        let mut pause = APPEND_RETRY_FIRST_PAUSE;
+        loop {
+            self.connected()?;
+            let acked = async {
+                self.js
+                    .send_publish(subject.to_owned(), publish.clone())
+                    .await?
+                    .await
+            };
+            match acked.await {
+                Ok(ack) => return Ok(ack),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        PublishErrorKind::TimedOut | PublishErrorKind::StreamNotFound
+                    ) && started.elapsed() + pause < APPEND_RETRY_BUDGET =>
+                {
+                    tracing::warn!(error = %e, ?pause, "append not acknowledged; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => return Err(publish_error(e)),
+            }
+        }
+    }
+
     /// The sequence of the last event on `subject` (0 when there is none):
-    /// one cheap direct get, to check a cached state is still current.
+    /// one cheap get, to check a cached state is still current.
     pub async fn last_seq_of(&self, subject: &str) -> Result<u64, StoreError> {
         Ok(self.last_on_subject(subject).await?.map_or(0, |e| e.seq))
     }
 
-    /// The last event stored on `subject`, if any.
+    /// The last event stored on `subject`, if any, as the leader has it
+    /// (see the module doc).
     pub async fn last_on_subject(&self, subject: &str) -> Result<Option<StoredEvent>, StoreError> {
         let stream = self.stream().await?;
-        match stream.direct_get_last_for_subject(subject).await {
-            Ok(message) => decode(message.sequence, &message.payload).map(Some),
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(unavailable(e)),
+        let message = if self.leader_reads {
+            match stream.get_last_raw_message_by_subject(subject).await {
+                Ok(message) => message,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            }
+        } else {
+            match stream.direct_get_last_for_subject(subject).await {
+                Ok(message) => message,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            }
+        };
+        decode(message.sequence, &message.payload).map(Some)
+    }
+
+    /// The first message on `subject` at sequence `from` or later, as the
+    /// leader has it (see the module doc).
+    async fn next_on_subject(
+        &self,
+        stream: &jetstream::stream::Stream<()>,
+        subject: &str,
+        from: u64,
+    ) -> Result<Option<StreamMessage>, StoreError> {
+        if self.leader_reads {
+            match stream.get_first_raw_message_by_subject(subject, from).await {
+                Ok(message) => Ok(Some(message)),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
+        } else {
+            match stream
+                .direct_get_next_for_subject(subject, Some(from))
+                .await
+            {
+                Ok(message) => Ok(Some(message)),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+                Err(e) => Err(unavailable(e)),
+            }
         }
     }
 
@@ -263,10 +381,8 @@ impl EventStore {
     pub async fn append_batch(
         &self,
         items: &[BatchItem<'_>],
-        traceparent: Option<&str>,
+        trace: Option<&TraceHeaders>,
     ) -> Result<Vec<u64>, StoreError> {
-        let traced = crate::telemetry::current_traceparent();
-        let traceparent = traced.as_deref().or(traceparent);
         if items.is_empty() {
             return Ok(vec![]);
         }
@@ -290,9 +406,7 @@ impl EventStore {
                 "Nats-Expected-Last-Subject-Sequence",
                 item.expected.to_string().as_str(),
             );
-            if let Some(tp) = traceparent {
-                headers.insert(TRACEPARENT, tp);
-            }
+            crate::telemetry::inject_current_or(trace, &mut TraceWriter(&mut headers));
             if i == last {
                 headers.insert("Nats-Batch-Commit", "1");
             }
@@ -342,11 +456,13 @@ impl EventStore {
     /// Every event of one aggregate, oldest first, with the subject's last
     /// sequence (0 when there is none): the `expected` of the next append.
     ///
-    /// Most aggregates have a few events: those are read with direct gets,
-    /// one request each, leaving no state on the server. Past
-    /// [`DIRECT_LOAD_LIMIT`] events the rest streams through an ordered
-    /// consumer, whose setup costs more than a handful of gets but whose
-    /// reads do not.
+    /// Most aggregates have a few events: those are read one request each
+    /// (direct gets on R1, leader gets on a replicated stream), leaving no
+    /// state on the server. Past [`DIRECT_LOAD_LIMIT`] events the rest
+    /// streams through an ordered consumer, whose setup costs more than a
+    /// handful of gets but whose reads do not. A consumer may read from a
+    /// lagging replica, so on a replicated stream whatever the leader holds
+    /// beyond it is read from the leader last.
     #[tracing::instrument(skip_all, fields(subject, events), err)]
     pub async fn load(&self, subject: &str) -> Result<(Vec<StoredEvent>, u64), StoreError> {
         tracing::Span::current().record("subject", subject);
@@ -355,20 +471,19 @@ impl EventStore {
         let mut out = Vec::new();
         let mut from = 1;
         loop {
-            if out.len() >= DIRECT_LOAD_LIMIT {
+            if out.len() == DIRECT_LOAD_LIMIT {
                 self.load_rest(subject, from, &mut out).await?;
-                break;
+                from = out.last().map_or(from, |e| e.seq + 1);
+                if !self.leader_reads {
+                    break;
+                }
             }
-            match stream
-                .direct_get_next_for_subject(subject, Some(from))
-                .await
-            {
-                Ok(message) => {
+            match self.next_on_subject(&stream, subject, from).await? {
+                Some(message) => {
                     from = message.sequence + 1;
                     out.push(decode(message.sequence, &message.payload)?);
                 }
-                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(unavailable(e)),
+                None => break,
             }
         }
         tracing::Span::current().record("events", out.len());
@@ -427,6 +542,16 @@ pub struct StreamState {
 /// How many events of an aggregate are read by direct gets before the rest
 /// streams through a consumer.
 pub const DIRECT_LOAD_LIMIT: usize = 16;
+
+/// How long an unacknowledged append is sent again (see
+/// [`EventStore::append`]): long enough to ride out a short stall, short
+/// enough that the caller still answers (503) well within its own timeout.
+/// Far inside the shortest sensible duplicate window.
+pub const APPEND_RETRY_BUDGET: Duration = Duration::from_secs(4);
+
+/// The pause before the first resend of an unacknowledged append; each
+/// next pause doubles.
+const APPEND_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 /// The most events one atomic batch may hold (a JetStream limit).
 pub const MAX_BATCH: usize = 1_000;

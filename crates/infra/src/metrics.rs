@@ -272,6 +272,15 @@ pub fn record_projector_batch(batch: &ProjectorBatch<'_>) {
     metrics::gauge!("ymera_projector_lag_seconds").set(lag_seconds);
 }
 
+/// Records a committed batch of the search index: `events` read from the
+/// log, up to `checkpoint`.
+pub fn record_search_batch(events: u64, checkpoint: u64, elapsed: Duration) {
+    install();
+    metrics::counter!("ymera_search_events_indexed_total").increment(events);
+    metrics::histogram!("ymera_search_batch_duration_seconds").record(elapsed.as_secs_f64());
+    metrics::gauge!("ymera_search_checkpoint").set(checkpoint as f64);
+}
+
 /// The number of open live-feed connections.
 pub fn live_connections() -> i64 {
     install().live.load(Ordering::Relaxed)

@@ -125,25 +125,23 @@ pub async fn advance(
     to: u64,
     notify: bool,
 ) -> Result<bool, sqlx::Error> {
-    let moved = sqlx::query(
-        "UPDATE projector_checkpoint SET last_seq = $4, updated_at = now() \
-         WHERE name = $1 AND epoch = $2 AND last_seq = $3 AND $4 > last_seq",
-    )
-    .bind(name)
-    .bind(claim.epoch)
-    .bind(claim.checkpoint as i64)
-    .bind(to as i64)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if moved && notify {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(to.to_string())
-            .execute(&mut **tx)
-            .await?;
+    const MOVE: &str = "UPDATE projector_checkpoint SET last_seq = $4, updated_at = now() \
+         WHERE name = $1 AND epoch = $2 AND last_seq = $3 AND $4 > last_seq RETURNING last_seq";
+    // One round trip for both: a live batch waits on it.
+    const MOVE_AND_NOTIFY: &str = "WITH moved AS (UPDATE projector_checkpoint \
+         SET last_seq = $4, updated_at = now() \
+         WHERE name = $1 AND epoch = $2 AND last_seq = $3 AND $4 > last_seq RETURNING last_seq) \
+         SELECT moved.last_seq FROM moved \
+         CROSS JOIN LATERAL (SELECT pg_notify($5, moved.last_seq::text)) notified";
+    let mut query = sqlx::query(if notify { MOVE_AND_NOTIFY } else { MOVE })
+        .bind(name)
+        .bind(claim.epoch)
+        .bind(claim.checkpoint as i64)
+        .bind(to as i64);
+    if notify {
+        query = query.bind(CHANNEL);
     }
+    let moved = query.fetch_optional(&mut **tx).await?.is_some();
     Ok(moved)
 }
 
@@ -202,6 +200,12 @@ impl ProjectionWatch {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
+        ProjectionWatch { rx }
+    }
+
+    /// A watch on another checkpoint that moves forward: the search
+    /// index's, which its query process keeps itself.
+    pub fn following(rx: watch::Receiver<u64>) -> Self {
         ProjectionWatch { rx }
     }
 

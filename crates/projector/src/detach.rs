@@ -32,6 +32,7 @@ use events::agent::{AgentChanges, AgentCommand, AgentState};
 use events::envelope::EventCodec;
 use events::{Aggregate, AggregateType, Envelope, EventMeta, Recorded};
 use infra::event_store::{StoredMessage, Subscription};
+use infra::telemetry::TraceHeaders;
 use infra::{EventStore, StoreError, StoredEvent};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -128,13 +129,17 @@ impl Detacher {
             tokio::time::sleep(POLL).await;
         }
         let project = deletion.envelope.aggregate_id;
+        // The detaches are part of the deletion's request: same trace.
+        let trace = message
+            .trace()
+            .map_or_else(TraceHeaders::default, |c| TraceHeaders::extract(&c));
         let members: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM agents WHERE project_id = $1")
             .bind(project)
             .fetch_all(&self.pool)
             .await?;
         tracing::Span::current().record("agents", members.len());
         for agent in members {
-            self.detach(deletion, message.traceparent(), agent).await?;
+            self.detach(deletion, &trace, agent).await?;
             if progress.elapsed() > PROGRESS_EVERY {
                 subscription.still_working_on(message).await?;
                 progress = Instant::now();
@@ -148,7 +153,7 @@ impl Detacher {
     async fn detach(
         &self,
         deletion: &StoredEvent,
-        traceparent: Option<&str>,
+        trace: &TraceHeaders,
         agent: Uuid,
     ) -> Result<(), DetachError> {
         let project = deletion.envelope.aggregate_id;
@@ -192,7 +197,7 @@ impl Detacher {
             );
             match self
                 .store
-                .append(&subject, last, &envelope, traceparent)
+                .append(&subject, last, &envelope, Some(trace))
                 .await
             {
                 Ok(_) => return Ok(()),

@@ -19,6 +19,7 @@ mod apply;
 pub mod detach;
 pub mod lease;
 pub mod parked;
+pub mod progress;
 pub mod rebuild;
 
 use std::time::Duration;
@@ -63,7 +64,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            batch_size: 1_000,
+            batch_size: 5_000,
             name: projection::MAIN.to_owned(),
             consumer: format!("ymera-projector-{}", projection::MAIN),
             live: true,
@@ -72,9 +73,6 @@ impl Default for Settings {
         }
     }
 }
-
-/// How long a batch waits for more events once it has its first.
-const LINGER: Duration = Duration::from_millis(2);
 
 /// The advisory lock that a live projector's batch holds shared and a
 /// rebuild's swap takes exclusive, so the swap happens between batches.
@@ -204,26 +202,17 @@ impl Projector {
             Ok(Some(Ok(m))) => m,
         };
         let mut batch = vec![first];
-        // Gather what follows within a moment of the first: when the log is
-        // ahead (a catch-up, a burst) everything is at hand, batches fill
-        // and commits are few; under a steady stream of writes, the first
-        // event of a batch waits at most LINGER to be applied. (The moment
-        // counts from the first event, not from the last one: a stream
-        // with an event every millisecond would otherwise fill all
-        // `batch_size` before applying any.)
-        let deadline = tokio::time::Instant::now() + LINGER;
+        // Take whatever else is at hand, and no more: nothing waits for a
+        // batch to fill. When the log is ahead (a catch-up, a burst) the
+        // client has prefetched the next pulls, batches fill and commits
+        // are few; under a steady stream of writes, what arrived while the
+        // last batch committed forms the next one, so the batch grows with
+        // the load and an event waits at most for the batch before it.
         while batch.len() < self.settings.batch_size {
-            let next = match messages.next().now_or_never() {
-                Some(next) => next,
-                None => match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(next) => next,
-                    Err(_) => break,
-                },
-            };
-            match next {
-                Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => return Err(e.into()),
-                None => break,
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                Some(Some(Err(e))) => return Err(e.into()),
+                Some(None) | None => break,
             }
         }
         let count = batch.len();
@@ -260,6 +249,13 @@ impl Projector {
                 .bind(SWAP_LOCK)
                 .execute(&mut *tx)
                 .await?;
+        } else {
+            // A rebuild or replay that dies starts again from the log, so
+            // its commits need not wait for the disk; the swap into the
+            // live schema does.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
         }
         let mut checkpoint = self.checkpoint;
         let mut finished = false;
@@ -279,7 +275,7 @@ impl Projector {
                 seq,
                 subject: message.subject(),
                 payload: message.payload(),
-                traceparent: message.traceparent(),
+                trace: message.trace(),
             });
             checkpoint = seq;
         }
@@ -344,9 +340,6 @@ impl Projector {
     /// applies events while this one does. `ownership` says which, for
     /// `/health` and the metrics.
     pub async fn run(mut self, ownership: Ownership, shutdown: CancellationToken) {
-        if self.settings.live {
-            tokio::spawn(tidy_search_indexes(self.pool.clone(), shutdown.clone()));
-        }
         let name = self.settings.name.clone();
         ownership.set(&name, false);
         loop {
@@ -395,41 +388,6 @@ impl Projector {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        }
-    }
-}
-
-/// How often the live projection's GIN indexes have their pending lists
-/// merged in the background.
-const TIDY_EVERY: Duration = Duration::from_millis(500);
-
-/// Merges the pending lists of the agents' GIN indexes into the indexes,
-/// from a connection of its own, every [`TIDY_EVERY`].
-///
-/// A GIN index takes new entries into a pending list first (cheap) and
-/// merges the list when it outgrows `gin_pending_list_limit` (4 MB), in
-/// whichever insert crosses the limit. Left to that, every couple of
-/// seconds under a steady write load one projector batch stalled for
-/// ~100 ms merging the list, and every write behind it waited. Merged
-/// here, the list never grows that far; should it (a burst), an insert
-/// that finds a merge already running does not wait for it. Searches
-/// gain too: they scan the pending list entry by entry.
-async fn tidy_search_indexes(pool: PgPool, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(TIDY_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let merged = sqlx::query(
-            "SELECT gin_clean_pending_list('agents_search_doc'::regclass), \
-                    gin_clean_pending_list('agents_by_tags'::regclass)",
-        )
-        .execute(&pool)
-        .await;
-        if let Err(e) = merged {
-            tracing::debug!(error = %e, "merging the search indexes' pending lists failed");
         }
     }
 }

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::apply;
 
 /// One parked event.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct Parked {
     pub seq: i64,
     pub subject: String,

@@ -1,7 +1,10 @@
 //! Rebuilding the read models from the log, and replaying it for analysts.
 //!
 //! A rebuild projects the whole log into a fresh schema while the live read
-//! models keep serving, never running ahead of the live projection. Once it
+//! models keep serving, never running ahead of the live projection: into
+//! tables with their keys only, in large batches whose commits do not wait
+//! for the disk, and the filter indexes are made once the bulk of the log
+//! is in (a sorted pass each, instead of an insert per row). Once it
 //! has caught up, it compares the new models with the live ones table by
 //! table (row counts and checksums) at one event, still without holding the
 //! live projector: the live models are read in one snapshot, and the new
@@ -20,7 +23,6 @@
 //! the read models: a row changed behind the live projector's back after
 //! the full comparison is not seen (the next rebuild sees it).
 
-use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -29,6 +31,7 @@ use infra::db::{self, READ_SCHEMA};
 use infra::{EventStore, projection};
 use sqlx::PgPool;
 
+use crate::progress::Reporter;
 use crate::{MIGRATIONS, Projector, SWAP_LOCK, Settings};
 
 /// The gap (events) a rebuild closes while holding the live projector, and
@@ -231,63 +234,6 @@ fn differences(live: &[TableCheck], rebuilt: &[TableCheck], since: Option<u64>) 
         .collect()
 }
 
-/// Progress lines: a bar on a terminal, plain lines otherwise.
-#[derive(Debug)]
-struct Progress {
-    started: Instant,
-    last: Instant,
-    tty: bool,
-    total: u64,
-}
-
-impl Progress {
-    fn new(total: u64) -> Self {
-        let now = Instant::now();
-        Progress {
-            started: now,
-            last: now - Duration::from_secs(10),
-            tty: std::io::stderr().is_terminal(),
-            total,
-        }
-    }
-
-    fn show(&mut self, done: u64, force: bool) {
-        let every = if self.tty {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(2)
-        };
-        if !force && self.last.elapsed() < every {
-            return;
-        }
-        self.last = Instant::now();
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let rate = done as f64 / secs;
-        let total = self.total.max(done).max(1);
-        let left = if rate > 0.0 {
-            (total - done) as f64 / rate
-        } else {
-            0.0
-        };
-        let pct = done as f64 * 100.0 / total as f64;
-        if self.tty {
-            let filled = (pct / 5.0) as usize;
-            eprint!(
-                "\r[{}{}] {pct:5.1}% {done}/{total} events, {rate:.0}/s, {left:.0}s left   ",
-                "=".repeat(filled),
-                " ".repeat(20 - filled.min(20))
-            );
-            if force {
-                eprintln!();
-            }
-        } else {
-            eprintln!(
-                "rebuild: {done}/{total} events ({pct:.1}%), {rate:.0} events/s, about {left:.0}s left"
-            );
-        }
-    }
-}
-
 /// A schema name for this run.
 fn fresh_schema(prefix: &str) -> String {
     format!("{prefix}_{}", Utc::now().format("%Y%m%d%H%M%S%3f"))
@@ -310,9 +256,60 @@ async fn prepare(live: &PgPool, schema: &str) -> Result<(), RebuildError> {
     Ok(())
 }
 
+/// The filter indexes of `schema` (every index but the primary keys and
+/// unique ones), dropped so that a rebuild or replay loads its tables
+/// without maintaining them row by row; [`create_indexes`] makes them again
+/// from what this returns, each in one sorted pass over the loaded rows.
+async fn drop_filter_indexes(pool: &PgPool, schema: &str) -> Result<Vec<String>, sqlx::Error> {
+    db::assert_identifier(schema);
+    let indexes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_indexdef(c.oid) FROM pg_index x \
+         JOIN pg_class c ON c.oid = x.indexrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = $1 AND NOT x.indisprimary AND NOT x.indisunique \
+         ORDER BY c.relname",
+    )
+    .bind(schema)
+    .fetch_all(pool)
+    .await?;
+    for (name, _) in &indexes {
+        db::assert_identifier(name);
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {schema}.{name}")))
+            .execute(pool)
+            .await?;
+    }
+    Ok(indexes.into_iter().map(|(_, def)| def).collect())
+}
+
+/// Index builds run at once: the sorts are CPU-bound, and one per core of
+/// a small database server keeps it busy.
+const INDEX_BUILDERS: usize = 2;
+
+/// Makes the indexes that [`drop_filter_indexes`] dropped, a few at a time,
+/// each with room to sort in memory.
+async fn create_indexes(pool: &PgPool, definitions: &[String]) -> Result<(), sqlx::Error> {
+    let builders = (0..INDEX_BUILDERS).map(|k| async move {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("SET maintenance_work_mem = '256MB'")
+            .execute(&mut *conn)
+            .await?;
+        // Definitions as PostgreSQL printed them for this schema.
+        for definition in definitions.iter().skip(k).step_by(INDEX_BUILDERS) {
+            sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
+                .execute(&mut *conn)
+                .await?;
+        }
+        sqlx::query("RESET maintenance_work_mem")
+            .execute(&mut *conn)
+            .await?;
+        Ok::<_, sqlx::Error>(())
+    });
+    futures::future::try_join_all(builders).await?;
+    Ok(())
+}
+
 fn bounded(consumer: String, stop_at: Option<u64>, stop_after: Option<DateTime<Utc>>) -> Settings {
     Settings {
-        batch_size: 1_000,
         consumer,
         live: false,
         stop_at,
@@ -325,18 +322,19 @@ fn bounded(consumer: String, stop_at: Option<u64>, stop_after: Option<DateTime<U
 /// With `force`, swaps even when the new models disagree with the live ones
 /// (to repair corrupted models, or to fill a read model that a migration
 /// added after events were already projected); the differences are logged.
+/// Reports how far it has come to `progress`.
 pub async fn rebuild(
     store: &EventStore,
     db_cfg: &DbConfig,
     live: &PgPool,
     force: bool,
+    progress: &Reporter,
 ) -> Result<RebuildReport, RebuildError> {
-    let started = Instant::now();
     let schema = fresh_schema("ymera_read_rebuild");
     prepare(live, &schema).await?;
     let pool = db::pool_reading(db_cfg, &schema)?;
     let consumer = format!("ymera-{schema}").replace('_', "-");
-    let result = rebuild_into(store, live, &pool, &schema, &consumer, started, force).await;
+    let result = rebuild_into(store, live, &pool, &schema, &consumer, force, progress).await;
     let _ = store.unsubscribe(&consumer).await;
     pool.close().await;
     if result.is_err() {
@@ -355,21 +353,26 @@ async fn rebuild_into(
     pool: &PgPool,
     schema: &str,
     consumer: &str,
-    started: Instant,
     force: bool,
+    progress: &Reporter,
 ) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
+    // The bulk of the log goes into tables with their keys only; the
+    // filter indexes are made once it is in.
+    let indexes = drop_filter_indexes(pool, schema).await?;
     // The new models must match the live ones at one sequence, so the
     // rebuild follows the live checkpoint and never runs past it (a live
     // projector that is behind, or not running, is caught up with later,
     // by itself, on the swapped-in models).
     let live_at = projection::checkpoint(live).await?;
+    progress.total_at_least(live_at);
     let mut rebuild = Rebuilding {
         projector: Projector::new(
             store.clone(),
             pool.clone(),
             bounded(consumer.to_owned(), Some(live_at), None),
         ),
-        progress: Progress::new(live_at),
+        progress,
         live,
         pool,
         schema,
@@ -380,6 +383,7 @@ async fn rebuild_into(
     // live projector goes on: first every row, at one event, then, while
     // many events came after, the rows those changed.
     rebuild.catch_up().await?;
+    create_indexes(pool, &indexes).await?;
     let (checked_at, tables) = rebuild.compare_at_live_snapshot(None).await?;
     let mut compared = checked_at;
     for _ in 0..TAIL_ROUNDS {
@@ -400,7 +404,6 @@ async fn rebuild_into(
         .await?;
     let live_at = projection::checkpoint_in(&mut tx, READ_SCHEMA, projection::MAIN).await?;
     rebuild.advance_to(live_at).await?;
-    rebuild.progress.show(live_at, true);
     let mut conn = pool.acquire().await?;
     let (old, new) = tokio::try_join!(
         checksums_since(&mut tx, READ_SCHEMA, Some(compared)),
@@ -451,7 +454,7 @@ async fn rebuild_into(
 /// compared with.
 struct Rebuilding<'a> {
     projector: Projector,
-    progress: Progress,
+    progress: &'a Reporter,
     live: &'a PgPool,
     pool: &'a PgPool,
     schema: &'a str,
@@ -467,7 +470,7 @@ impl Rebuilding<'_> {
             self.projector
                 .process_next_batch(Duration::from_secs(2))
                 .await?;
-            self.progress.show(self.projector.checkpoint(), false);
+            self.progress.done(self.projector.checkpoint());
         }
         Ok(())
     }
@@ -478,7 +481,7 @@ impl Rebuilding<'_> {
     async fn catch_up(&mut self) -> Result<u64, RebuildError> {
         loop {
             let live_at = projection::checkpoint(self.live).await?;
-            self.progress.total = self.progress.total.max(live_at);
+            self.progress.total_at_least(live_at);
             if live_at.saturating_sub(self.projector.checkpoint()) <= SWAP_GAP {
                 return Ok(live_at);
             }
@@ -548,12 +551,14 @@ pub enum Until {
 
 /// Replays the log from the start into `schema` (which must not exist),
 /// leaving the live read models alone. Returns the last sequence applied.
+/// Reports how far it has come to `progress`.
 pub async fn replay(
     store: &EventStore,
     db_cfg: &DbConfig,
     live: &PgPool,
     schema: &str,
     until: Until,
+    progress: &Reporter,
 ) -> Result<u64, RebuildError> {
     if schema == READ_SCHEMA
         || schema == db::CORE_SCHEMA
@@ -584,18 +589,19 @@ pub async fn replay(
         Until::End => (Some(end), None),
     };
     let goal = stop_at.unwrap_or(end);
-    let mut progress = Progress::new(goal);
+    progress.total_at_least(goal);
     let mut projector = Projector::new(
         store.clone(),
         pool.clone(),
         bounded(consumer.clone(), stop_at, stop_after),
     );
     let result = async {
+        let indexes = drop_filter_indexes(&pool, schema).await?;
         while projector.checkpoint() < goal && !projector.finished() {
             projector.process_next_batch(Duration::from_secs(2)).await?;
-            progress.show(projector.checkpoint(), false);
+            progress.done(projector.checkpoint());
         }
-        progress.show(projector.checkpoint(), true);
+        create_indexes(&pool, &indexes).await?;
         Ok::<_, RebuildError>(projector.checkpoint())
     }
     .await;

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use infra::http::auth::Viewer;
-use infra::http::{ApiError, ApiPath, Problem, QueryPairs, etag};
+use infra::http::{ApiError, ApiPath, Problem, QueryPairs};
 use infra::views::{AgentView, Page};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -78,7 +78,7 @@ pub async fn get_agent(
             None => "no such agent".into(),
         }));
     };
-    Ok(conditional(&headers, etag(agent.version), Json(agent), seq))
+    Ok(conditional(&headers, agent.version, Json(agent), seq))
 }
 
 /// One agent by id (`$1`) with the projection's checkpoint, from one

@@ -1,10 +1,13 @@
 //! Conditional GET for single resources: an `ETag` on every answer, and 304
-//! when the reader already holds that version (`If-None-Match`); and how a
-//! single resource's read documents its parameters and answers.
+//! when the reader already holds that version (`If-None-Match`, compared
+//! weakly as RFC 9110 says: `W/"3"` matches, as does any tag of a list, and
+//! `*`); and how a single resource's read documents its parameters and
+//! answers.
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use infra::http::Problem;
+use infra::http::preconditions::EntityTags;
+use infra::http::{Problem, etag};
 use utoipa::{IntoParams, IntoResponses};
 
 use crate::projection::with_projection_seq;
@@ -27,7 +30,7 @@ pub struct ResourceHeaders {
     /// Same as min_seq
     #[param(rename = "X-Min-Event-Seq", nullable = false)]
     pub x_min_event_seq: Option<u64>,
-    /// 304 when the ETag matches
+    /// 304 when one of the listed entity tags matches the ETag, weakly (W/"3" matches "3"), or for *; a malformed value is ignored
     #[param(rename = "If-None-Match", nullable = false)]
     pub if_none_match: Option<String>,
 }
@@ -45,24 +48,24 @@ pub enum ResourceResponses {
     NotFound(Problem),
 }
 
-/// A single-resource answer with its `ETag` and `X-Projection-Seq`, or 304
-/// when `If-None-Match` names the tag.
+/// A single-resource answer of `version` with its `ETag` and
+/// `X-Projection-Seq`, or 304 when `If-None-Match` matches the tag. A
+/// malformed `If-None-Match` is ignored: the reader gets the resource.
 pub(crate) fn conditional(
     headers: &HeaderMap,
-    tag: HeaderValue,
+    version: u64,
     body: impl IntoResponse,
     seq: u64,
 ) -> Response {
-    let not_modified = headers.get(header::IF_NONE_MATCH).is_some_and(|v| {
-        v.as_bytes()
-            .split(|b| *b == b',')
-            .any(|t| t.trim_ascii() == tag.as_bytes() || t.trim_ascii() == b"*")
-    });
+    let not_modified = EntityTags::from_headers(headers, &header::IF_NONE_MATCH)
+        .ok()
+        .flatten()
+        .is_some_and(|tags| tags.matches_weakly(&version.to_string()));
     let mut response = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         body.into_response()
     };
-    response.headers_mut().insert(header::ETAG, tag);
+    response.headers_mut().insert(header::ETAG, etag(version));
     with_projection_seq(response, seq)
 }

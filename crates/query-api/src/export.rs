@@ -17,9 +17,15 @@
 //! chunk for that long loses its export (transaction rolled back,
 //! connection and slot given back, the response cut off).
 //!
-//! Should the database fail mid-stream, the response is cut off (the
-//! chunked body never ends properly), which every HTTP client reports as an
-//! error: a truncated export never looks complete.
+//! Should the database fail mid-stream, or the process's shutdown drain
+//! end before the export does, the response is cut off (the chunked body
+//! never ends properly), which every HTTP client reports as an error: a
+//! truncated export never looks complete.
+//!
+//! CSV fields that a spreadsheet would run as a formula (starting with
+//! `=`, `+`, `-`, `@`, a tab or a carriage return) are defused as OWASP
+//! advises: prefixed with `'` and quoted. `csv_formula_guard=false` turns
+//! that off for a consumer that wants the values verbatim.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +44,7 @@ use infra::views::AgentView;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, QueryBuilder, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::QueryState;
@@ -65,16 +72,21 @@ pub struct Exports {
     slots: Arc<Semaphore>,
     /// How long a client may leave the next chunk untaken.
     stall_timeout: Duration,
+    /// Fires when the shutdown drain ends: exports still running are cut
+    /// off.
+    stopped: CancellationToken,
 }
 
 impl Exports {
-    /// Exports on a pool of their own beside `pool`, as `http` bounds them.
-    pub fn new(pool: &PgPool, http: &HttpConfig) -> Exports {
+    /// Exports on a pool of their own beside `pool`, as `http` bounds them,
+    /// cut off when `stopped` fires.
+    pub fn new(pool: &PgPool, http: &HttpConfig, stopped: CancellationToken) -> Exports {
         let max = http.export_max_concurrent.max(1);
         Exports {
             pool: infra::db::side_pool(pool, max),
             slots: Arc::new(Semaphore::new(max as usize)),
             stall_timeout: http.export_stall_timeout(),
+            stopped,
         }
     }
 
@@ -139,11 +151,21 @@ pub const CSV_HEADER: [&str; 13] = [
     "created_by",
 ];
 
+/// The first characters that make a spreadsheet read a cell as a formula
+/// (OWASP, CSV injection).
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
 /// Appends one RFC 4180 field: quoted (quotes doubled) when it holds a
-/// comma, a quote, CR or LF.
-fn csv_field(out: &mut Vec<u8>, value: &str) {
-    if value.contains([',', '"', '\r', '\n']) {
+/// comma, a quote, CR or LF. With `guard`, a field that starts like a
+/// formula is prefixed with `'` and quoted, so a spreadsheet shows it as
+/// text.
+fn csv_field(out: &mut Vec<u8>, value: &str, guard: bool) {
+    let defused = guard && value.starts_with(FORMULA_STARTS);
+    if defused || value.contains([',', '"', '\r', '\n']) {
         out.push(b'"');
+        if defused {
+            out.push(b'\'');
+        }
         for part in value.split_inclusive('"') {
             out.extend_from_slice(part.as_bytes());
             if part.ends_with('"') {
@@ -156,17 +178,17 @@ fn csv_field(out: &mut Vec<u8>, value: &str) {
     }
 }
 
-fn csv_record<'a>(out: &mut Vec<u8>, fields: impl IntoIterator<Item = &'a str>) {
+fn csv_record<'a>(out: &mut Vec<u8>, fields: impl IntoIterator<Item = &'a str>, guard: bool) {
     for (i, f) in fields.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        csv_field(out, f);
+        csv_field(out, f, guard);
     }
     out.extend_from_slice(b"\r\n");
 }
 
-fn csv_agent(out: &mut Vec<u8>, a: &AgentView) {
+fn csv_agent(out: &mut Vec<u8>, a: &AgentView, guard: bool) {
     let time = |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
     let fields = [
         a.id.to_string(),
@@ -183,7 +205,7 @@ fn csv_agent(out: &mut Vec<u8>, a: &AgentView) {
         time(&a.updated_at),
         a.created_by.clone(),
     ];
-    csv_record(out, fields.iter().map(String::as_str));
+    csv_record(out, fields.iter().map(String::as_str), guard);
 }
 
 /// Compact JSON text of a field (strings, lists and maps cannot fail to
@@ -195,6 +217,8 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 /// How far the response has got.
 struct Export {
     format: Format,
+    /// Whether CSV fields that start like a formula are defused.
+    formula_guard: bool,
     rows_sent: u64,
 }
 
@@ -203,7 +227,7 @@ impl Export {
     fn preamble(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self.format {
-            Format::Csv => csv_record(&mut out, CSV_HEADER),
+            Format::Csv => csv_record(&mut out, CSV_HEADER, false),
             Format::Json => out.push(b'['),
             Format::Ndjson => {}
         }
@@ -215,7 +239,7 @@ impl Export {
         for row in rows {
             let a = agent(row)?;
             match self.format {
-                Format::Csv => csv_agent(&mut out, &a),
+                Format::Csv => csv_agent(&mut out, &a, self.formula_guard),
                 Format::Ndjson => {
                     serde_json::to_writer(&mut out, &a)?;
                     out.push(b'\n');
@@ -320,14 +344,26 @@ async fn open(
 #[derive(Debug)]
 pub struct ExportParams {
     pub format: Format,
+    /// `csv_formula_guard`: defuse CSV fields that start like a formula
+    /// (default true).
+    pub formula_guard: bool,
     pub filters: Filters,
 }
 
 impl Params for ExportParams {
     fn parse(query: &QueryPairs) -> Result<ExportParams, ApiError> {
-        query.only(&["format", "status", "type", "project_id", "tag", "min_seq"])?;
+        query.only(&[
+            "format",
+            "csv_formula_guard",
+            "status",
+            "type",
+            "project_id",
+            "tag",
+            "min_seq",
+        ])?;
         Ok(ExportParams {
             format: Format::parse(query.one("format")?)?,
+            formula_guard: query.parse::<bool>("csv_formula_guard")?.unwrap_or(true),
             filters: Filters::parse(query)?,
         })
     }
@@ -342,11 +378,16 @@ impl Params for ExportParams {
 /// data for the stall timeout has its download cut off.
 /// `csv` (default): RFC 4180 with a header row and CRLF line ends;
 /// `capabilities`, `config` and `tags` are JSON text, `project_id` is empty
-/// when null. `ndjson`: one agent object per line. `json`: one array of
-/// agent objects.
+/// when null; a field that starts with `=`, `+`, `-`, `@`, a tab or a
+/// carriage return is prefixed with `'` and quoted, so a spreadsheet shows
+/// it as text rather than run it as a formula (`csv_formula_guard=false`
+/// keeps fields verbatim). `ndjson`: one agent object per line. `json`: one
+/// array of agent objects. An export still running when the server's
+/// shutdown drain ends is cut off.
 #[utoipa::path(get, path = "/agents/export", tag = "agents",
     params(
         ("format" = inline(Option<infra::http::schema::ExportFormat>), Query, description = "csv (default), ndjson or json"),
+        ("csv_formula_guard" = Option<bool>, Query, description = "CSV only: prefix fields that start with =, +, -, @, tab or CR with ' (default true)"),
         Filters, MinSeq, MinSeqHeader,
     ),
     security(("bearer" = [])),
@@ -359,7 +400,11 @@ impl Params for ExportParams {
 pub async fn export_agents(
     State(state): State<QueryState>,
     _viewer: Viewer,
-    Fresh(ExportParams { format, filters }): Fresh<ExportParams>,
+    Fresh(ExportParams {
+        format,
+        formula_guard,
+        filters,
+    }): Fresh<ExportParams>,
     send_timeout: SendTimeout,
 ) -> Result<Response, ApiError> {
     let exports = &state.exports;
@@ -373,25 +418,32 @@ pub async fn export_agents(
     tokio::spawn(fetch_chunks(tx, sender, exports.stall_timeout, slot));
     let export = Export {
         format,
+        formula_guard,
         rows_sent: 0,
     };
+    let stopped = exports.stopped.clone();
     let preamble = Bytes::from(export.preamble());
     let rows = stream::try_unfold(
         (export, chunks, false),
-        |(mut export, mut chunks, done)| async move {
-            if done {
-                return Ok(None);
+        move |(mut export, mut chunks, done)| {
+            let stopped = stopped.clone();
+            async move {
+                if done {
+                    return Ok(None);
+                }
+                let rows = tokio::select! {
+                    rows = chunks.recv() => rows,
+                    () = stopped.cancelled() => anyhow::bail!("the server is shutting down"),
+                };
+                let rows =
+                    rows.ok_or_else(|| anyhow::anyhow!("the export's fetch task ended early"))??;
+                if rows.is_empty() {
+                    let trailer = Bytes::from_static(export.trailer());
+                    return Ok(Some((trailer, (export, chunks, true))));
+                }
+                let chunk = Bytes::from(export.encode(&rows)?);
+                Ok::<_, anyhow::Error>(Some((chunk, (export, chunks, false))))
             }
-            let rows = chunks
-                .recv()
-                .await
-                .ok_or_else(|| anyhow::anyhow!("the export's fetch task ended early"))??;
-            if rows.is_empty() {
-                let trailer = Bytes::from_static(export.trailer());
-                return Ok(Some((trailer, (export, chunks, true))));
-            }
-            let chunk = Bytes::from(export.encode(&rows)?);
-            Ok::<_, anyhow::Error>(Some((chunk, (export, chunks, false))))
         },
     );
     let body = futures::StreamExt::chain(stream::once(async { Ok(preamble) }), rows);
@@ -430,10 +482,30 @@ mod tests {
     #[test]
     fn csv_quotes_only_what_needs_it() {
         let mut out = Vec::new();
-        csv_record(&mut out, ["plain", "a,b", "say \"hi\"", "two\nlines", ""]);
+        csv_record(
+            &mut out,
+            ["plain", "a,b", "say \"hi\"", "two\nlines", ""],
+            true,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "plain,\"a,b\",\"say \"\"hi\"\"\",\"two\nlines\",\r\n"
         );
+    }
+
+    #[test]
+    fn csv_formula_guard_defuses_formula_starts_only() {
+        let fields = [
+            "=1+2", "+1", "-x", "@SUM(A1)", "\tx", "\rx", "a=b", "=\"q\",r",
+        ];
+        let mut out = Vec::new();
+        csv_record(&mut out, fields, true);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "\"'=1+2\",\"'+1\",\"'-x\",\"'@SUM(A1)\",\"'\tx\",\"'\rx\",a=b,\"'=\"\"q\"\",r\"\r\n"
+        );
+        let mut out = Vec::new();
+        csv_record(&mut out, ["=1+2", "-x"], false);
+        assert_eq!(String::from_utf8(out).unwrap(), "=1+2,-x\r\n");
     }
 }

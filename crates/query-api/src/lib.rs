@@ -1,4 +1,6 @@
-//! The read side: every read is served from the PostgreSQL read models.
+//! The read side: every read is served from the PostgreSQL read models,
+//! except search, which has an index of its own in each query process
+//! ([`search::index`]).
 //!
 //! Each response says which event sequence its data reflects
 //! (`X-Projection-Seq`), read in the same statement as the data, and a
@@ -46,6 +48,8 @@ pub struct QueryState {
     pub http: Arc<HttpConfig>,
     pub live: Arc<live::LiveHub>,
     pub exports: Arc<export::Exports>,
+    /// This process's search index, kept from the log by its own reader.
+    pub search: Arc<search::SearchIndex>,
 }
 
 impl FromRef<QueryState> for Arc<Auth> {
@@ -56,6 +60,23 @@ impl FromRef<QueryState> for Arc<Auth> {
 
 /// The read routes, relative to `/api/v1`, except the streaming ones.
 pub fn router(state: QueryState) -> OpenApiRouter {
+    routes().with_state(state)
+}
+
+/// The streaming read routes (export), relative to `/api/v1`: to be
+/// mounted outside the request timeout.
+pub fn streaming_router(state: QueryState) -> OpenApiRouter {
+    export::router().with_state(state)
+}
+
+/// The read side's part of the OpenAPI spec, relative to `/api/v1`: the
+/// same whichever roles a process plays, so every process can serve the
+/// whole spec.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    routes().merge(export::router()).into_openapi()
+}
+
+fn routes() -> OpenApiRouter<QueryState> {
     OpenApiRouter::new()
         .merge(agents::router())
         .merge(search::router())
@@ -64,11 +85,4 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         .merge(projects::router())
         .merge(metrics::router())
         .merge(analytics::router())
-        .with_state(state)
-}
-
-/// The streaming read routes (export), relative to `/api/v1`: to be
-/// mounted outside the request timeout.
-pub fn streaming_router(state: QueryState) -> OpenApiRouter {
-    export::router().with_state(state)
 }

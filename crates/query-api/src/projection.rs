@@ -11,7 +11,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use infra::http::{ApiError, QueryPairs, X_PROJECTION_SEQ, min_seq};
-use infra::projection::MAIN;
+use infra::projection::{MAIN, ProjectionWatch};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use utoipa::IntoParams;
@@ -40,8 +40,19 @@ pub(crate) async fn await_min_seq(
     headers: &HeaderMap,
     query: &QueryPairs,
 ) -> Result<(), ApiError> {
+    await_min_seq_on(&state.watch, state, headers, query).await
+}
+
+/// Honours `X-Min-Event-Seq` / `?min_seq=` on the checkpoint `watch`
+/// follows: the projection's, or the search index's.
+pub(crate) async fn await_min_seq_on(
+    watch: &ProjectionWatch,
+    state: &QueryState,
+    headers: &HeaderMap,
+    query: &QueryPairs,
+) -> Result<(), ApiError> {
     if let Some(seq) = min_seq(headers, query)? {
-        if seq > state.watch.current() {
+        if seq > watch.current() {
             // A sequence past the end of the log can never be reached:
             // say so at once instead of waiting out the timeout.
             let end = state.store.last_seq().await?;
@@ -51,7 +62,7 @@ pub(crate) async fn await_min_seq(
                 )));
             }
         }
-        state.watch.wait_for(seq, state.http.min_seq_wait()).await?;
+        watch.wait_for(seq, state.http.min_seq_wait()).await?;
     }
     Ok(())
 }

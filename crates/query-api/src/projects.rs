@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use infra::http::auth::Viewer;
-use infra::http::{ApiError, ApiPath, etag};
+use infra::http::{ApiError, ApiPath};
 use infra::views::{Page, ProjectView};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -68,12 +68,7 @@ pub async fn get_project(
         .await?;
     let seq = projection_seq(&row)?;
     let project = project_of(&row)?.ok_or_else(|| ApiError::NotFound("no such project".into()))?;
-    Ok(conditional(
-        &headers,
-        etag(project.version),
-        Json(project),
-        seq,
-    ))
+    Ok(conditional(&headers, project.version, Json(project), seq))
 }
 
 /// List projects, newest first.

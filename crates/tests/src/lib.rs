@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use infra::auth::Role as UserRole;
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
+use projector::progress::Reporter;
 use projector::rebuild::{self, Until};
 use reqwest::{Method, RequestBuilder, Response};
 use secrecy::SecretString;
@@ -22,6 +23,7 @@ use ymera::{Deps, Role, Running, Settings};
 
 pub use ymera;
 
+pub mod cluster;
 pub mod faults;
 pub mod nats;
 pub mod process;
@@ -30,6 +32,10 @@ pub mod seed;
 
 pub const ADMIN_PASSWORD: &str = "admin-password-for-tests";
 pub const JWT_SECRET: &str = "a-test-secret-that-is-long-enough-0123456789";
+/// The stream's consumers while a `TestApp` runs and no client listens:
+/// the projector's subscription, the detacher's (projector::detach) and the
+/// search index's reader, each for as long as the process runs.
+pub const BACKGROUND_CONSUMERS: usize = 3;
 
 pub fn nats_url() -> String {
     std::env::var("YMERA_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -56,10 +62,12 @@ pub struct Sandbox {
 struct Cleanup {
     stream: String,
     database: String,
+    search_root: std::path::PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.search_root);
         let stream = self.stream.clone();
         let database = self.database.clone();
         let worker = std::thread::spawn(move || {
@@ -116,10 +124,14 @@ impl Sandbox {
                 dev: false,
             },
             http,
+            search: SearchConfig {
+                search_dir: std::env::temp_dir().join(format!("ymera-search-{id}")),
+            },
         };
         let cleanup = Arc::new(Cleanup {
             stream: settings.nats.stream.clone(),
             database: db_name,
+            search_root: settings.search.search_dir.clone(),
         });
         Sandbox {
             id,
@@ -141,13 +153,33 @@ impl Sandbox {
         (sandbox, nats, pg)
     }
 
+    /// A search index directory no process uses yet, removed with the
+    /// sandbox.
+    pub fn fresh_search_dir(&self) -> std::path::PathBuf {
+        self.settings
+            .search
+            .search_dir
+            .join(Uuid::now_v7().simple().to_string())
+    }
+
     /// Starts a process playing `role` on a free port.
     pub async fn start(&self, role: Role) -> TestApp {
         self.start_with(role, &self.settings).await
     }
 
     /// Starts a process with adjusted settings (same database and stream).
+    ///
+    /// The sandbox's `search_dir` is the root of its processes' search
+    /// indexes: a process started with it gets a fresh directory of its own
+    /// below it (each query process needs its own index). Settings that
+    /// name another directory (a test that restarts a process on its
+    /// index) are used as given.
     pub async fn start_with(&self, role: Role, settings: &Settings) -> TestApp {
+        let mut settings = settings.clone();
+        if settings.search.search_dir == self.settings.search.search_dir {
+            settings.search.search_dir = self.fresh_search_dir();
+        }
+        let settings = &settings;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -173,7 +205,7 @@ impl Sandbox {
 }
 
 /// `postgres://u:p@h:port/db?x` with the database replaced.
-fn url_with_database(url: &str, db: &str) -> String {
+pub(crate) fn url_with_database(url: &str, db: &str) -> String {
     let (head, query) = url
         .split_once('?')
         .map_or((url, None), |(h, q)| (h, Some(q)));
@@ -311,6 +343,29 @@ impl TestApp {
     }
 
     /// The stream's last sequence, straight from JetStream.
+    /// Writes five agents (`a0` to `a4`), waits for the projection, then
+    /// renames `a3` to `tampered` in the live read model behind the
+    /// projector's back: read models a rebuild must find wrong.
+    pub async fn tamper_with_the_read_model(&self) {
+        let token = self.admin_token().await;
+        for i in 0..5 {
+            self.create_agent(&token, agent_body(&format!("a{i}")))
+                .await;
+        }
+        self.settled(&token).await;
+        sqlx::query("UPDATE agents SET name = 'tampered' WHERE name = 'a3'")
+            .execute(&self.deps.pool)
+            .await
+            .expect("tamper with the read model");
+    }
+
+    /// Waits until the projection has applied every event appended so far.
+    pub async fn settled(&self, token: &str) {
+        let last = self.last_seq().await;
+        let r = self.read_at("/api/v1/agents?limit=1", token, last).await;
+        assert_eq!(r.status(), 200, "the projection catches up");
+    }
+
     pub async fn last_seq(&self) -> u64 {
         self.deps.store.last_seq().await.expect("stream state")
     }
@@ -381,9 +436,16 @@ impl TestApp {
         schema: &str,
     ) -> (Vec<rebuild::TableCheck>, Vec<rebuild::TableCheck>) {
         let db = &self.sandbox.settings.db;
-        rebuild::replay(&self.deps.store, db, &self.deps.pool, schema, Until::End)
-            .await
-            .expect("replay the log");
+        rebuild::replay(
+            &self.deps.store,
+            db,
+            &self.deps.pool,
+            schema,
+            Until::End,
+            &Reporter::silent(),
+        )
+        .await
+        .expect("replay the log");
         let mut conn = self.deps.pool.acquire().await.expect("a connection");
         let live = rebuild::checksums(&mut conn, infra::db::READ_SCHEMA).await;
         let replayed = rebuild::checksums(&mut conn, schema).await;
@@ -391,6 +453,33 @@ impl TestApp {
             live.expect("live checksums"),
             replayed.expect("replayed checksums"),
         )
+    }
+
+    /// `GET /agents/search` with `query`, once the search index has
+    /// applied `min_seq`: must answer 200; the page.
+    pub async fn search(&self, token: &str, query: &[(&str, &str)], min_seq: u64) -> Value {
+        let r = self
+            .request(Method::GET, "/api/v1/agents/search", Some(token))
+            .query(query)
+            .header("x-min-event-seq", min_seq.to_string())
+            .send()
+            .await
+            .expect("GET /agents/search");
+        assert_eq!(r.status(), 200, "search {query:?}");
+        assert!(header_u64(&r, "x-projection-seq") >= min_seq);
+        r.json().await.expect("a search page")
+    }
+
+    /// The JSON body of `GET path` without a token (the operational
+    /// routes), whatever the status.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.request(Method::GET, path, None)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// Stops the process gracefully and waits for it.
@@ -444,6 +533,16 @@ where
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// The names of a page's items.
+pub fn names(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|a| a["name"].as_str().expect("a name").to_owned())
+        .collect()
 }
 
 /// A minimal valid agent body.

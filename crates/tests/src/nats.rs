@@ -26,7 +26,8 @@ pub struct PrivateNats {
     dir: PathBuf,
 }
 
-fn binary() -> PathBuf {
+/// The `nats-server` binary tests run.
+pub fn binary() -> PathBuf {
     match std::env::var_os("YMERA_TEST_NATS_BIN") {
         Some(bin) => PathBuf::from(bin),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.data/venv/bin/nats-server"),

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use tokio::process::{Child, Command};
@@ -35,7 +36,8 @@ pub fn spawn(sandbox: &Sandbox, command: &str) -> (Child, SocketAddr) {
 }
 
 /// [`spawn`] with extra environment variables (settings such as
-/// `YMERA_TRUST_FORWARDED_FOR`).
+/// `YMERA_TRUST_FORWARDED_FOR`, or `YMERA_SEARCH_DIR` to name the search
+/// index's directory rather than take a fresh one).
 pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Child, SocketAddr) {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -52,6 +54,7 @@ pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Ch
         .env("YMERA_JWT_SECRET", secret.expose_secret())
         .env("YMERA_ADMIN_PASSWORD", crate::ADMIN_PASSWORD)
         .env("RUST_LOG", "warn")
+        .env("YMERA_SEARCH_DIR", sandbox.fresh_search_dir())
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -59,4 +62,31 @@ pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Ch
         .spawn()
         .expect("start ymera");
     (child, addr)
+}
+
+/// Waits until the child serving on `addr` is ready, then logs in as the
+/// sandbox's admin: the token.
+pub async fn ready_admin_token(addr: SocketAddr) -> String {
+    let client = reqwest::Client::new();
+    crate::eventually(Duration::from_secs(60), "ymera to be ready", || async {
+        let r = client
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    let r = client
+        .post(format!("http://{addr}/api/v1/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": crate::ADMIN_PASSWORD}))
+        .send()
+        .await
+        .expect("login request");
+    assert_eq!(r.status(), 200, "admin login");
+    let body: serde_json::Value = r.json().await.expect("login body");
+    body["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_owned()
 }

@@ -380,11 +380,60 @@ async fn unknown_routes_and_methods_are_problems() {
     );
 }
 
+/// The README's promise: the API limit is per user, whichever of their
+/// tokens they send (a login mints a new one, so a limit per token would
+/// be no limit), and users do not share a bucket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limits_per_token_and_on_login() {
+async fn the_rate_limit_is_per_user_across_their_tokens() {
     let sandbox = tests::Sandbox::new().await;
     let mut settings = sandbox.settings.clone();
-    settings.http.rate_limit_per_token = 5;
+    // One a second, bursts of two: a bucket drained stays drained for the
+    // next few requests, however slow the machine.
+    settings.http.rate_limit_per_user = 1;
+    let app = sandbox.start_with(ymera::Role::All, &settings).await;
+    let viewer = app.token_for(Role::Viewer).await;
+    let first = app.admin_token().await;
+    // Logins within one second sign the same claims; a later one does not.
+    let second = tests::eventually(
+        std::time::Duration::from_secs(5),
+        "a second, different token",
+        || async {
+            let token = app.admin_token().await;
+            (token != first).then_some(token)
+        },
+    )
+    .await;
+    let get = |token: &str| {
+        app.request(Method::GET, "/api/v1/agents", Some(token))
+            .send()
+    };
+    let mut drained = false;
+    for _ in 0..5 {
+        if get(&first).await.unwrap().status() == 429 {
+            drained = true;
+            break;
+        }
+    }
+    assert!(drained, "the admin's first token is limited");
+    let r = get(&second).await.unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "the admin's second token shares the first one's bucket"
+    );
+    assert!(header(&r, "retry-after").is_some());
+    assert_eq!(
+        get(&viewer).await.unwrap().status(),
+        200,
+        "another user has a bucket of their own"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_user_and_on_login() {
+    let sandbox = tests::Sandbox::new().await;
+    let mut settings = sandbox.settings.clone();
+    settings.http.rate_limit_per_user = 5;
     settings.http.login_attempts_per_minute = 3;
     let app = sandbox.start_with(ymera::Role::All, &settings).await;
     let token = app.admin_token().await;

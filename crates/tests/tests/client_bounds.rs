@@ -207,21 +207,7 @@ async fn a_bulk_of_millions_of_items_is_refused_in_bounded_memory() {
     let pid = child.id().unwrap();
     let base = format!("http://{addr}");
     let client = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "ymera to serve", || async {
-        let r = client.get(format!("{base}/livez")).send().await.ok()?;
-        r.status().is_success().then_some(())
-    })
-    .await;
-    let r = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": tests::ADMIN_PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    let token = r.json::<Value>().await.unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = tests::process::ready_admin_token(addr).await;
 
     let limit = 16 * 1024 * 1024;
     let mut body = Vec::with_capacity(limit);

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use chrono::Utc;
 use events::{AggregateType, Envelope, EventMeta};
+use futures::StreamExt;
 use infra::{EventStore, StoreError};
 use projector::{Outcome, Projector, Settings};
 use serde_json::json;
-use tests::{Sandbox, header_u64};
+use tests::{Sandbox, agent_body, header_u64};
 use uuid::Uuid;
 use ymera::Role;
 
@@ -267,4 +268,100 @@ async fn an_event_that_cannot_be_applied_is_parked_and_the_rest_applied() {
         .await
         .unwrap();
     assert_eq!(rows, 1, "the retried event was applied");
+}
+
+/// A message that the projector's consumer delivered but that never
+/// reached the projector (it went down with the NATS server it was routed
+/// through, as when a node is killed) is applied all the same: the
+/// projector must not apply the deliveries after it, whose cumulative
+/// acknowledgement would acknowledge the lost one too, so it would never
+/// come again. Here a second client pulls from the projector's consumer
+/// and drops what it gets, which is what the consumer sees of such a loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_on_its_way_to_the_projector_is_applied_all_the_same() {
+    let sandbox = Sandbox::new().await;
+    // The write API alone: the projector is driven by the test.
+    let app = sandbox.start(Role::Command).await;
+    let token = app.admin_token().await;
+    let (store, pool) = (&app.deps.store, &app.deps.pool);
+    let settings = Settings {
+        consumer: "lossy".into(),
+        ..Settings::default()
+    };
+    let mut projector = Projector::new(store.clone(), pool.clone(), settings);
+    // Subscribed (the idle step makes the subscription when the log is
+    // still empty), and applied whatever the log already holds.
+    let start = app.last_seq().await;
+    drain(&mut projector, start).await;
+    let _ = projector
+        .process_next_batch(Duration::from_millis(100))
+        .await
+        .unwrap();
+
+    // Another pull on the projector's consumer, waiting for one message.
+    let js = async_nats::jetstream::new(async_nats::connect(tests::nats_url()).await.unwrap());
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(store.stream_name())
+        .await
+        .unwrap()
+        .get_consumer("lossy")
+        .await
+        .unwrap();
+    let mut astray = consumer
+        .batch()
+        .max_messages(1)
+        .expires(Duration::from_secs(20))
+        .messages()
+        .await
+        .unwrap();
+    let lost = tokio::spawn(async move {
+        let message = astray.next().await.expect("a message").expect("no error");
+        message.info().unwrap().stream_sequence
+    });
+
+    // Agents are created until that pull has taken one (the server shares
+    // the messages among the waiting pulls), then one more, so that a
+    // delivery follows the lost one.
+    let mut created: i64 = 0;
+    while !lost.is_finished() {
+        assert!(created < 50, "the other pull never got a message");
+        let r = app
+            .create_agent(&token, agent_body(&format!("a{created}")))
+            .await;
+        assert_eq!(r.status(), 201);
+        created += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lost = lost.await.unwrap();
+    let r = app.create_agent(&token, agent_body("after")).await;
+    assert_eq!(r.status(), 201);
+    let last = header_u64(&r, "x-event-seq");
+    assert!(lost < last);
+
+    // The projector gets there, through an error and a fresh subscription
+    // when it notices the gap, and applied the lost event.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while projector.checkpoint() < last {
+        assert!(tokio::time::Instant::now() < deadline, "projector stuck");
+        let _ = projector
+            .process_next_batch(Duration::from_millis(500))
+            .await;
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE seq = $1")
+        .bind(lost as i64)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1, "event {lost}, delivered elsewhere, was applied");
+    let agents: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        agents,
+        created + 1,
+        "every created agent is in the read model"
+    );
+    let (live, fold) = app.live_and_replayed("fold_of_the_log").await;
+    assert_eq!(live, fold, "the read models equal a fold of the log");
 }

@@ -412,6 +412,80 @@ async fn csv_quotes_commas_quotes_and_newlines_and_formats_agree() {
     assert_eq!(r.status(), 401);
 }
 
+/// Fields a spreadsheet would run as a formula are defused in CSV (a
+/// leading `'`, quoted), unless the client asks for them verbatim; other
+/// formats are never touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_defuses_formulas_unless_asked_not_to() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let r = app
+        .create_agent(
+            &token,
+            json!({"name": "=HYPERLINK(\"http://evil.example\",\"x\")", "type": "-llm",
+                   "description": "@SUM(A1:A9)", "capabilities": ["+1"],
+                   "tags": {"k": "\tv"}}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let seq = header_u64(&r, "x-event-seq");
+    let export = |query: &'static str| {
+        let app = &app;
+        let token = token.clone();
+        async move {
+            let r = app
+                .request(
+                    Method::GET,
+                    &format!("/api/v1/agents/export?min_seq={seq}&{query}"),
+                    Some(&token),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{query}");
+            let mut parser = CsvParser::default();
+            let mut records = Vec::new();
+            parser.feed(&r.bytes().await.unwrap(), |r| records.push(r));
+            parser.finish();
+            assert_eq!(records.len(), 2, "{query}");
+            let header_row = records.remove(0);
+            header_row
+                .into_iter()
+                .zip(records.remove(0))
+                .collect::<std::collections::HashMap<_, _>>()
+        }
+    };
+    let guarded = export("format=csv").await;
+    assert_eq!(
+        guarded["name"],
+        "'=HYPERLINK(\"http://evil.example\",\"x\")"
+    );
+    assert_eq!(guarded["type"], "'-llm");
+    assert_eq!(guarded["description"], "'@SUM(A1:A9)");
+    // JSON text starts with a bracket: nothing to defuse.
+    assert_eq!(guarded["capabilities"], "[\"+1\"]");
+    assert_eq!(guarded["status"], "active");
+
+    let verbatim = export("format=csv&csv_formula_guard=false").await;
+    assert_eq!(
+        verbatim["name"],
+        "=HYPERLINK(\"http://evil.example\",\"x\")"
+    );
+    assert_eq!(verbatim["type"], "-llm");
+    assert_eq!(verbatim["description"], "@SUM(A1:A9)");
+
+    let r = app
+        .request(
+            Method::GET,
+            "/api/v1/agents/export?csv_formula_guard=maybe",
+            Some(&token),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
 /// A client that hangs up mid-export ends the export's transaction and
 /// gives its connection back: forty abandoned exports in a row (more than
 /// the pool holds) leave every read working and no transaction open.

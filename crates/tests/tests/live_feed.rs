@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tests::{Sandbox, TestApp, agent_body, eventually, header_u64};
+use tests::{BACKGROUND_CONSUMERS, Sandbox, TestApp, agent_body, eventually, header_u64};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::{self, Message, client::IntoClientRequest};
 use uuid::Uuid;
@@ -414,10 +414,7 @@ async fn the_feed_reads_the_stream_only_while_a_client_listens() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    // A write goes through the projector: its subscription exists, and so
-    // does the detacher's (projector::detach), which follows the project
-    // subjects for as long as the process runs.
-    let background = 2;
+    let background = BACKGROUND_CONSUMERS;
     let r = app.create_agent(&token, agent_body("before")).await;
     assert_eq!(r.status(), 201);
     wait_for(background).await;
@@ -468,7 +465,7 @@ async fn stay_connected(app: &TestApp, token: &str) -> (Ws, LiveLoad) {
     let mut stays = ws_connect(app, "", Some(token)).await.unwrap();
     app.create_agent(token, agent_body("seen")).await;
     next_event(&mut stays, Duration::from_secs(2)).await;
-    let background = 2; // the projector's and the detacher's
+    let background = BACKGROUND_CONSUMERS;
     let baseline = eventually(Duration::from_secs(10), "the baseline", || async {
         let load = live_load(app).await;
         (load.stream_consumers == background + 1).then_some(load)

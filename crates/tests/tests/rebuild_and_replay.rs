@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{Duration, Utc};
 use infra::projection::ProjectionWatch;
+use projector::progress::Reporter;
 use projector::rebuild::{self, RebuildError, Until};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -28,13 +29,6 @@ async fn schemas_like(app: &TestApp, pattern: &str) -> Vec<String> {
 async fn checksums(app: &TestApp, schema: &str) -> Vec<rebuild::TableCheck> {
     let mut conn = app.deps.pool.acquire().await.unwrap();
     rebuild::checksums(&mut conn, schema).await.unwrap()
-}
-
-/// Waits until the live projection has applied everything in the stream.
-async fn settled(app: &TestApp, token: &str) {
-    let last = app.last_seq().await;
-    let r = app.read_at("/api/v1/agents?limit=1", token, last).await;
-    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +57,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         .unwrap();
     }
 
-    settled(&app, &token).await;
+    app.settled(&token).await;
 
     // Load: a writer and a reader that reads its own writes.
     let stop = CancellationToken::new();
@@ -152,6 +146,7 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         &app.sandbox.settings.db,
         &app.deps.pool,
         false,
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -190,13 +185,14 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
         .await;
     assert_eq!(r.status(), 200);
     // ...and the live models equal a fresh replay of the whole log.
-    settled(&app, &token).await;
+    app.settled(&token).await;
     let last = rebuild::replay(
         &app.deps.store,
         &app.sandbox.settings.db,
         &app.deps.pool,
         "verify_after_rebuild",
         Until::End,
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -215,20 +211,13 @@ async fn rebuild_under_load_swaps_in_without_a_failed_read() {
 async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
-    for i in 0..5 {
-        app.create_agent(&token, agent_body(&format!("a{i}"))).await;
-    }
-    settled(&app, &token).await;
-    // Corrupt the live read model behind the projector's back.
-    sqlx::query("UPDATE agents SET name = 'tampered' WHERE name = 'a3'")
-        .execute(&app.deps.pool)
-        .await
-        .unwrap();
+    app.tamper_with_the_read_model().await;
     match rebuild::rebuild(
         &app.deps.store,
         &app.sandbox.settings.db,
         &app.deps.pool,
         false,
+        &Reporter::silent(),
     )
     .await
     {
@@ -252,6 +241,7 @@ async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
         &app.sandbox.settings.db,
         &app.deps.pool,
         true,
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -266,7 +256,7 @@ async fn a_rebuild_that_disagrees_with_the_live_models_does_not_swap() {
     // The system still works.
     let r = app.create_agent(&token, agent_body("later")).await;
     assert_eq!(r.status(), 201);
-    settled(&app, &token).await;
+    app.settled(&token).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,6 +319,7 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
         &app.deps.pool,
         "analysis_then",
         Until::Time(until),
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -366,6 +357,7 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
         &app.deps.pool,
         "analysis_two",
         Until::Seq(2),
+        &Reporter::silent(),
     )
     .await
     .unwrap();
@@ -386,7 +378,8 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
             &app.sandbox.settings.db,
             &app.deps.pool,
             "ymera_read",
-            Until::End
+            Until::End,
+            &Reporter::silent()
         )
         .await,
         Err(RebuildError::Invalid(_))
@@ -397,7 +390,8 @@ async fn replay_until_a_past_time_reproduces_what_analytics_said_of_it() {
             &app.sandbox.settings.db,
             &app.deps.pool,
             "analysis_two",
-            Until::End
+            Until::End,
+            &Reporter::silent()
         )
         .await,
         Err(RebuildError::Invalid(_))
@@ -431,7 +425,13 @@ async fn a_rebuild_with_no_live_projector_running_swaps_at_the_live_checkpoint()
 
     let report = tokio::time::timeout(
         std::time::Duration::from_secs(30),
-        rebuild::rebuild(&app.deps.store, &sandbox.settings.db, &app.deps.pool, false),
+        rebuild::rebuild(
+            &app.deps.store,
+            &sandbox.settings.db,
+            &app.deps.pool,
+            false,
+            &Reporter::silent(),
+        ),
     )
     .await
     .expect("the rebuild does not wait for a projector that is not there")
@@ -517,6 +517,7 @@ async fn a_rebuild_of_200_000_events_holds_the_live_projector_under_a_second() {
         &app.sandbox.settings.db,
         &app.deps.pool,
         false,
+        &Reporter::silent(),
     )
     .await
     .unwrap();

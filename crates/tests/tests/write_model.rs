@@ -167,8 +167,15 @@ async fn if_match_guards_updates_and_deletes() {
     assert_eq!(r.status(), 412);
     assert_eq!(app.last_seq().await, seq, "stale If-Match appends nothing");
 
+    // A weak tag never matches If-Match (RFC 9110 strong comparison).
     let r = put(&app, &token, &path, json!({"description": "two"}))
         .header("if-match", "W/\"2\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 412);
+    let r = put(&app, &token, &path, json!({"description": "two"}))
+        .header("if-match", "\"2\"")
         .send()
         .await
         .unwrap();

@@ -6,24 +6,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::http::StatusCode;
+use axum::Router;
+use axum::body::Bytes;
+use axum::http::{StatusCode, header};
+use axum::response::Html;
 use axum::routing::get;
-use axum::{Json, Router};
 use chrono::Utc;
 use command_api::CommandState;
 use infra::EventStore;
 use infra::auth::Auth;
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
-use infra::http::ops::{self, Ops};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
+use infra::http::drain::{self, Drain};
+use infra::http::ops::{self, Needs, Ops};
 use infra::http::ratelimit::{self, Limits};
 use infra::projection::{Ownership, ProjectionWatch};
 use query_api::QueryState;
+use query_api::search::SearchIndex;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
+use utoipa_scalar::Scalar;
 
 pub const GIT_SHA: &str = env!("YMERA_GIT_SHA");
 
@@ -67,6 +72,7 @@ pub struct Settings {
     pub db: DbConfig,
     pub auth: AuthConfig,
     pub http: HttpConfig,
+    pub search: SearchConfig,
 }
 
 /// The connections every role needs, made ready: stream provisioned,
@@ -77,19 +83,27 @@ pub struct Deps {
     pub pool: PgPool,
 }
 
-/// How long start-up waits for PostgreSQL before giving up.
-const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+/// A dependency that did not answer in time: nothing can be done without
+/// it (`ymera` exits with code 3).
+#[derive(Debug)]
+pub struct Unreachable(pub &'static str);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is not reachable", self.0)
+    }
+}
 
 /// Connects to NATS and PostgreSQL and applies every migration.
 pub async fn connect(nats: &NatsConfig, db: &DbConfig) -> anyhow::Result<Deps> {
     let pool = infra::db::pool(db).context("bad database URL")?;
-    infra::db::wait_ready(&pool, STARTUP_DEADLINE)
+    infra::db::wait_ready(&pool, db.wait())
         .await
-        .context("PostgreSQL is not reachable")?;
+        .context(Unreachable("PostgreSQL"))?;
     migrate(&pool).await?;
     let store = EventStore::connect(nats)
         .await
-        .context("NATS JetStream is not reachable")?;
+        .context(Unreachable("NATS JetStream"))?;
     Ok(Deps { store, pool })
 }
 
@@ -107,9 +121,13 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 
 /// The HTTP application of `role`: its API routes under `/api/v1`, the
 /// operational routes at the root and under `/api/v1`, the OpenAPI spec at
-/// `/api/v1/openapi.json`, and the middleware every request passes.
-/// `projector` is the ownership of this process's projector, if it runs
-/// one.
+/// `/api/v1/openapi.json` and its interactive reference at `/docs` (the
+/// whole spec, whatever the role), and the middleware every request
+/// passes. `projector` is the ownership of this process's projector, if it
+/// runs one; `search` its search index, in a role that serves reads. The
+/// app refuses new work once `drain` begins, and its live feeds and exports
+/// end when the drain does.
+#[allow(clippy::too_many_arguments)] // each is a separate part of the process
 pub fn app(
     role: Role,
     deps: &Deps,
@@ -117,8 +135,10 @@ pub fn app(
     http: Arc<HttpConfig>,
     watch: ProjectionWatch,
     projector: Option<Ownership>,
-    shutdown: CancellationToken,
-) -> Router {
+    search: Option<Arc<SearchIndex>>,
+    drain: Arc<Drain>,
+) -> anyhow::Result<Router> {
+    let stopped = drain.stopped().clone();
     let ops_state = Arc::new(Ops {
         store: deps.store.clone(),
         pool: deps.pool.clone(),
@@ -127,6 +147,12 @@ pub fn app(
         started_at: Utc::now(),
         degraded_lag_events: http.degraded_lag_events,
         projector,
+        needs: Needs {
+            nats: role.commands() || role.projects(),
+            postgres: role.queries() || role.projects(),
+        },
+        draining: drain.draining().clone(),
+        search: search.as_ref().map(|s| s.watch()),
     });
     let limits = Arc::new(Limits::new(auth.clone(), &http));
     let limited = || axum::middleware::from_fn_with_state(limits.clone(), ratelimit::rate_limit);
@@ -147,14 +173,19 @@ pub fn app(
         );
         api = api.merge(command_api::router(state).layer(limited()));
     }
-    let query_state = role.queries().then(|| QueryState {
+    let query_state = search.map(|search| QueryState {
+        search,
         pool: deps.pool.clone(),
         store: deps.store.clone(),
         auth: auth.clone(),
         watch,
         http: http.clone(),
-        live: query_api::live::LiveHub::spawn(deps.store.clone(), &http, shutdown.clone()),
-        exports: Arc::new(query_api::export::Exports::new(&deps.pool, &http)),
+        live: query_api::live::LiveHub::spawn(deps.store.clone(), &http, stopped.clone()),
+        exports: Arc::new(query_api::export::Exports::new(
+            &deps.pool,
+            &http,
+            stopped.clone(),
+        )),
     });
     if let Some(state) = &query_state {
         api = api.merge(query_api::router(state.clone()).layer(limited()));
@@ -163,26 +194,46 @@ pub fn app(
     if let Some(state) = query_state {
         api = api.merge(query_api::streaming_router(state).layer(limited()));
     }
-    let (api, spec) = OpenApiRouter::with_openapi(base_spec())
-        .nest("/api/v1", api)
-        .split_for_parts();
-    let mut spec = spec;
-    document_common_errors(&mut spec);
-    let spec = Arc::new(spec);
+    let api: Router = OpenApiRouter::new().nest("/api/v1", api).into();
+    // Rendered once: the spec is the same for the life of the process.
+    let spec = spec();
+    let docs = Html(
+        Scalar::new(spec.clone())
+            .title("YMERA API reference")
+            .to_html(),
+    );
+    let spec = (
+        [(header::CONTENT_TYPE, "application/json")],
+        Bytes::from(serde_json::to_vec(&spec).context("serializing the spec")?),
+    );
     let root_ops: Router = ops::router(ops_state).into();
     let scrape = deps.clone();
 
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .merge(root_ops.layer(timeout))
         .route(
             "/api/v1/openapi.json",
-            get(move || async move { Json(spec.as_ref().clone()) }),
+            get(move || async move { spec.clone() }),
         )
+        .route("/docs", get(move || async move { docs.clone() }))
         .route("/metrics", get(move || prometheus(scrape.clone())))
         .fallback(infra::http::context::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(http.body_limit))
-        .layer(axum::middleware::from_fn(infra::http::request_context))
+        .layer(axum::middleware::from_fn_with_state(drain, drain::admit));
+    infra::http::edge::layers(router, &http)
+}
+
+/// The whole OpenAPI spec: every role's endpoints under `/api/v1`, whichever
+/// roles this process plays, so that any process (behind nginx, a query API
+/// answers `/api/v1/openapi.json`) documents the whole API.
+pub fn spec() -> OpenApi {
+    let mut api = ops::spec();
+    api.merge(command_api::spec());
+    api.merge(query_api::spec());
+    let mut spec = base_spec().nest("/api/v1", api);
+    document_common_errors(&mut spec);
+    spec
 }
 
 /// `GET /metrics`: the Prometheus scrape, without auth (api.md); put it
@@ -315,7 +366,9 @@ impl Running {
 
 /// Starts `role` on `listener`: connects, migrates, bootstraps the first
 /// admin (write roles), spawns the projector (projector roles) and serves
-/// HTTP until `shutdown`, then drains in-flight requests.
+/// HTTP until `shutdown`, then drains: not ready, new work refused,
+/// in-flight requests given up to the drain timeout, then everything
+/// stopped.
 pub async fn start(
     role: Role,
     settings: &Settings,
@@ -323,15 +376,18 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     let deps = connect(&settings.nats, &settings.db).await?;
+    let drain = Drain::spawn(shutdown, settings.http.drain_timeout());
+    // What runs for the life of the process stops when the drain ends.
+    let stopped = drain.stopped().clone();
     // Every role verifies tokens, so every role follows changes to users.
-    let sessions = infra::sessions::Sessions::spawn(deps.pool.clone(), shutdown.clone());
+    let sessions = infra::sessions::Sessions::spawn(deps.pool.clone(), stopped.clone());
     let auth = Arc::new(Auth::from_config(&settings.auth)?.with_sessions(sessions));
     let generated_admin_password = if role.commands() {
         command_api::accounts::bootstrap_admin(&deps.pool, &settings.auth).await?
     } else {
         None
     };
-    infra::metrics::spawn_upkeep(shutdown.clone());
+    infra::metrics::spawn_upkeep(stopped.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let ownership = role.projects().then(Ownership::default);
     if let Some(ownership) = &ownership {
@@ -340,11 +396,21 @@ pub async fn start(
             deps.pool.clone(),
             projector::Settings::default(),
         );
-        tasks.spawn(projector.run(ownership.clone(), shutdown.clone()));
+        tasks.spawn(projector.run(ownership.clone(), stopped.clone()));
         let detacher = projector::detach::Detacher::new(deps.store.clone(), deps.pool.clone());
-        tasks.spawn(detacher.run(shutdown.clone()));
+        tasks.spawn(detacher.run(stopped.clone()));
     }
-    let watch = ProjectionWatch::spawn(deps.pool.clone(), shutdown.clone());
+    let search = if role.queries() {
+        let index = Arc::new(
+            SearchIndex::open(&settings.search.search_dir, deps.store.stream_name())
+                .context("opening the search index")?,
+        );
+        tasks.spawn(index.clone().run(deps.store.clone(), stopped.clone()));
+        Some(index)
+    } else {
+        None
+    };
+    let watch = ProjectionWatch::spawn(deps.pool.clone(), stopped.clone());
     let router = app(
         role,
         &deps,
@@ -352,16 +418,25 @@ pub async fn start(
         Arc::new(settings.http.clone()),
         watch,
         ownership,
-        shutdown.clone(),
-    );
+        search,
+        drain,
+    )?;
     let addr = listener.local_addr()?;
-    let stop = shutdown.clone();
     tasks.spawn(async move {
-        let served = infra::http::send_timeout::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP server failed");
+        let serving = infra::http::send_timeout::serve(listener, router)
+            .with_graceful_shutdown(stopped.clone().cancelled_owned())
+            .into_future();
+        // Past the drain, connections still open get a moment to send
+        // what was cut off (close frames, the end of a stream), no more.
+        let closing = async {
+            stopped.cancelled().await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        tokio::select! {
+            served = serving => if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            },
+            () = closing => tracing::warn!("connections still open after the drain; closing them"),
         }
     });
     tracing::info!(role = role.name(), %addr, stream = deps.store.stream_name(), "ymera is serving");
@@ -373,3 +448,6 @@ pub async fn start(
         tasks,
     })
 }
+
+/// How long connections may stay open once the drain has ended.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);

@@ -3,14 +3,18 @@
 //! Thin on purpose: parse the command line, set up logging, call the
 //! library, and turn SIGTERM/Ctrl-C into a graceful shutdown.
 
-use std::io::Read;
+mod progress;
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use command_api::accounts;
 use infra::auth::{Role as UserRole, Username};
-use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig};
+use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use infra::telemetry::{self, TelemetryConfig};
+use projector::rebuild::{RebuildError, Until};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use ymera::{Role, Settings};
@@ -23,14 +27,30 @@ use ymera::{Role, Settings};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The version `--version` prints: the crate's, and the commit it was built
+/// from ("unknown" outside a git checkout, e.g. from a source tarball).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("YMERA_GIT_SHA"), ")");
+
+/// What `--help` says after the commands and options.
+const AFTER_HELP: &str = "\
+Without a command, ymera runs `all`. Options of the top level (logs and
+traces) go anywhere on the line: `ymera --log-format json migrate`.
+
+Exit codes:
+  0  done
+  1  failed (the message says why)
+  2  usage: a bad option or value
+  3  a dependency (PostgreSQL, NATS) is unreachable
+  4  a check failed: rebuilt read models disagree with the live ones";
+
 /// YMERA: an event-sourced backend for fleets of AI agents.
 #[derive(Debug, Parser)]
-#[command(name = "ymera", version, about)]
+#[command(name = "ymera", version = VERSION, about, after_help = AFTER_HELP)]
 struct Cli {
     #[command(flatten)]
     telemetry: TelemetryConfig,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +63,8 @@ struct Serve {
     auth: AuthConfig,
     #[command(flatten)]
     http: HttpConfig,
+    #[command(flatten)]
+    search: SearchConfig,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,13 +84,22 @@ enum Command {
         db: DbConfig,
     },
     /// Build every read model afresh from the log in a new schema while the
-    /// live ones keep serving, check both agree, and swap atomically.
+    /// live ones keep serving, check both agree, and swap atomically. With
+    /// --search, build a query process's search index instead.
     Rebuild {
         /// Swap even when the rebuilt models disagree with the live ones:
         /// to repair corrupted read models, or after an upgrade that added
         /// a read model. The differences are logged.
         #[arg(long)]
         force: bool,
+        /// Rebuild the search index in --search-dir from the log (into a
+        /// fresh directory beside it, then moved into its place), with the
+        /// query process that uses it stopped. A running query process
+        /// rebuilds a missing or outdated index by itself.
+        #[arg(long, conflicts_with = "force")]
+        search: bool,
+        #[command(flatten)]
+        search_dir: SearchConfig,
         #[command(flatten)]
         nats: NatsConfig,
         #[command(flatten)]
@@ -95,12 +126,35 @@ enum Command {
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Print a shell completion script: `source <(ymera completions bash)`,
+    /// or save it where your shell loads completions from.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// How a command that lists things prints them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+enum Format {
+    /// Aligned columns, for people.
+    #[default]
+    Text,
+    /// One JSON array, for scripts.
+    Json,
+}
+
+/// The output option of the commands that list things.
+#[derive(Debug, clap::Args)]
+struct Output {
+    /// Output format.
+    #[arg(short, long = "output", value_enum, default_value_t = Format::Text)]
+    output: Format,
 }
 
 #[derive(Debug, Subcommand)]
 enum ParkedCommand {
     /// List parked events with the reason each was parked.
     List {
+        #[command(flatten)]
+        output: Output,
         #[command(flatten)]
         db: DbConfig,
     },
@@ -119,9 +173,11 @@ enum UserCommand {
     /// Add a user. The password is read from YMERA_NEW_USER_PASSWORD or,
     /// with --password-stdin, from standard input.
     Add {
+        /// The new user's name.
         #[arg(long)]
         username: String,
-        #[arg(long, value_parser = parse_role)]
+        /// What the user may do.
+        #[arg(long, value_enum)]
         role: UserRole,
         /// Read the password from standard input.
         #[arg(long)]
@@ -132,11 +188,14 @@ enum UserCommand {
     /// List users with their role and who created them.
     List {
         #[command(flatten)]
+        output: Output,
+        #[command(flatten)]
         db: DbConfig,
     },
     /// Delete a user; every token of theirs stops working. The last admin
     /// cannot be deleted.
     Delete {
+        /// The user to delete.
         #[arg(long)]
         username: String,
         #[command(flatten)]
@@ -145,6 +204,7 @@ enum UserCommand {
     /// Set a user's password; every token of theirs issued before stops
     /// working. The password is read like `user add`'s.
     Passwd {
+        /// The user whose password to set.
         #[arg(long)]
         username: String,
         /// Read the password from standard input.
@@ -155,40 +215,102 @@ enum UserCommand {
     },
 }
 
-fn parse_role(s: &str) -> Result<UserRole, String> {
-    UserRole::parse(s).ok_or_else(|| "one of admin, editor, viewer".into())
+/// An error in what the user asked for, found after parsing (a username
+/// no user can have, a bad time): exit code 2, like clap's own.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-/// `ymera` alone, or `ymera --some-flag`, means `ymera all`.
-fn args() -> Vec<String> {
-    let mut args: Vec<String> = std::env::args().collect();
-    let first = args.get(1).map(String::as_str);
-    let is_help_or_version = matches!(first, Some("-h" | "--help" | "-V" | "--version"));
-    if first.is_none() || (first.is_some_and(|a| a.starts_with('-')) && !is_help_or_version) {
-        args.insert(1, "all".into());
+impl std::error::Error for Usage {}
+
+/// The exit code for `error`, as `--help` lists them.
+fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<Usage>().is_some() {
+        2
+    } else if error.downcast_ref::<ymera::Unreachable>().is_some() {
+        3
+    } else if matches!(
+        error.downcast_ref::<RebuildError>(),
+        Some(RebuildError::Mismatch { .. })
+    ) {
+        4
+    } else {
+        1
     }
-    args
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse_from(args());
-    let _telemetry = telemetry::init(&cli.telemetry)?;
-    match cli.command {
+async fn main() -> ExitCode {
+    let Cli { telemetry, command } = Cli::parse();
+    let _telemetry = match telemetry::init(&telemetry, progress::log_writer()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // `ymera` alone (or with top-level options only) runs every role.
+    match run(command.unwrap_or_else(all_from_env)).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// `ymera` without a command: `all`, configured from the environment.
+fn all_from_env() -> Command {
+    let matches = Serve::augment_args(clap::Command::new("ymera all")).get_matches_from(["ymera"]);
+    Command::All(Serve::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::All(s) => serve(Role::All, s).await,
         Command::CommandApi(s) => serve(Role::Command, s).await,
         Command::QueryApi(s) => serve(Role::Query, s).await,
         Command::Projector(s) => serve(Role::Projector, s).await,
         Command::Migrate { db } => {
-            let pool = infra::db::pool(&db)?;
-            infra::db::wait_ready(&pool, std::time::Duration::from_secs(30)).await?;
+            let pool = ready_pool(&db).await?;
             ymera::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
         }
-        Command::Rebuild { force, nats, db } => {
+        Command::Rebuild {
+            search: true,
+            search_dir,
+            nats,
+            ..
+        } => {
+            let store = infra::EventStore::connect(&nats)
+                .await
+                .context("NATS JetStream is not reachable")?;
+            let started = std::time::Instant::now();
+            let dir = &search_dir.search_dir;
+            let checkpoint = query_api::search::index::rebuild_offline(dir, &store).await?;
+            println!(
+                "rebuilt the search index in {} from events 1..={checkpoint} in {:.1}s",
+                dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Rebuild {
+            force, nats, db, ..
+        } => {
             let deps = ymera::connect(&nats, &db).await?;
-            let report = projector::rebuild::rebuild(&deps.store, &db, &deps.pool, force).await?;
+            let (reporter, shown) = progress::show("rebuild");
+            let report =
+                projector::rebuild::rebuild(&deps.store, &db, &deps.pool, force, &reporter).await;
+            drop(reporter);
+            shown.await?;
+            let report = report?;
             println!(
                 "rebuilt the read models from {} events in {:.1}s and swapped them in",
                 report.events,
@@ -210,26 +332,42 @@ async fn main() -> anyhow::Result<()> {
             db,
         } => {
             let until = match until.as_deref() {
-                None => projector::rebuild::Until::End,
+                None => Until::End,
                 Some(u) => match u.parse::<u64>() {
-                    Ok(seq) => projector::rebuild::Until::Seq(seq),
-                    Err(_) => projector::rebuild::Until::Time(
+                    Ok(seq) => Until::Seq(seq),
+                    Err(_) => Until::Time(
                         chrono::DateTime::parse_from_rfc3339(u)
-                            .context("--until takes a stream sequence or an RFC 3339 time")?
+                            .map_err(|_| {
+                                Usage(format!(
+                                    "--until {u:?}: a stream sequence or an RFC 3339 time"
+                                ))
+                            })?
                             .with_timezone(&chrono::Utc),
                     ),
                 },
             };
             let deps = ymera::connect(&nats, &db).await?;
-            let last =
-                projector::rebuild::replay(&deps.store, &db, &deps.pool, &into_schema, until)
-                    .await?;
-            println!("replayed events 1..={last} into schema {into_schema}");
+            let (reporter, shown) = progress::show("replay");
+            let last = projector::rebuild::replay(
+                &deps.store,
+                &db,
+                &deps.pool,
+                &into_schema,
+                until,
+                &reporter,
+            )
+            .await;
+            drop(reporter);
+            shown.await?;
+            println!("replayed events 1..={} into schema {into_schema}", last?);
             Ok(())
         }
-        Command::Parked(ParkedCommand::List { db }) => {
-            let pool = infra::db::pool(&db)?;
+        Command::Parked(ParkedCommand::List { output, db }) => {
+            let pool = ready_pool(&db).await?;
             let parked = projector::parked::list(&pool).await?;
+            if output.output == Format::Json {
+                return print_json(&parked);
+            }
             if parked.is_empty() {
                 println!("no parked events");
             }
@@ -251,17 +389,37 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::User(command) => user(command).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ymera", &mut std::io::stdout());
+            Ok(())
+        }
     }
+}
+
+/// A pool on `db`, once PostgreSQL answers.
+async fn ready_pool(db: &DbConfig) -> anyhow::Result<sqlx::PgPool> {
+    let pool = infra::db::pool(db)?;
+    infra::db::wait_ready(&pool, db.wait())
+        .await
+        .context(ymera::Unreachable("PostgreSQL"))?;
+    Ok(pool)
+}
+
+/// Prints `rows` as one JSON array.
+fn print_json(rows: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, rows)?;
+    writeln!(out)?;
+    Ok(())
 }
 
 /// `ymera user …`: the users table, straight through the database.
 async fn user(command: UserCommand) -> anyhow::Result<()> {
     let (UserCommand::Add { db, .. }
-    | UserCommand::List { db }
+    | UserCommand::List { db, .. }
     | UserCommand::Delete { db, .. }
     | UserCommand::Passwd { db, .. }) = &command;
-    let pool = infra::db::pool(db)?;
-    infra::db::wait_ready(&pool, std::time::Duration::from_secs(30)).await?;
+    let pool = ready_pool(db).await?;
     ymera::migrate(&pool).await?;
     match command {
         UserCommand::Add {
@@ -276,8 +434,12 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
             anyhow::ensure!(added, "a user named {username:?} exists already");
             println!("user {username} added as {}", role.as_str());
         }
-        UserCommand::List { .. } => {
-            for u in accounts::list(&pool).await? {
+        UserCommand::List { output, .. } => {
+            let users = accounts::list(&pool).await?;
+            if output.output == Format::Json {
+                return print_json(&users);
+            }
+            for u in users {
                 println!(
                     "{:<24} {:<7} {}  by {}",
                     u.username,
@@ -308,25 +470,25 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
 }
 
 fn parse_username(name: &str) -> anyhow::Result<Username> {
-    Username::parse(name).with_context(|| format!("username {name:?} {}", Username::RULE))
+    Username::parse(name)
+        .ok_or_else(|| Usage(format!("username {name:?} {}", Username::RULE)).into())
 }
 
 /// A new password from standard input or `YMERA_NEW_USER_PASSWORD`.
 fn new_password(from_stdin: bool) -> anyhow::Result<SecretString> {
-    let password = if from_stdin {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s)?;
-        SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned())
-    } else {
-        SecretString::from(
-            std::env::var("YMERA_NEW_USER_PASSWORD")
-                .context("set YMERA_NEW_USER_PASSWORD or pass --password-stdin")?,
-        )
-    };
-    anyhow::ensure!(
-        (8..=1024).contains(&password.expose_secret().chars().count()),
-        "the password needs 8 to 1024 characters"
-    );
+    let password =
+        if from_stdin {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            SecretString::from(s.trim_end_matches(['\r', '\n']).to_owned())
+        } else {
+            SecretString::from(std::env::var("YMERA_NEW_USER_PASSWORD").map_err(|_| {
+                Usage("set YMERA_NEW_USER_PASSWORD or pass --password-stdin".into())
+            })?)
+        };
+    if !(8..=1024).contains(&password.expose_secret().chars().count()) {
+        return Err(Usage("the password needs 8 to 1024 characters".into()).into());
+    }
     Ok(password)
 }
 
@@ -336,6 +498,7 @@ async fn serve(role: Role, s: Serve) -> anyhow::Result<()> {
         db: s.db,
         auth: s.auth,
         http: s.http,
+        search: s.search,
     };
     let listener = tokio::net::TcpListener::bind(settings.http.bind)
         .await

@@ -24,7 +24,8 @@ pub struct Plan {
     pub bulk_clients: usize,
     pub catchup_events: u64,
     pub rebuild_events: u64,
-    /// Agents seeded into the read model for search and export.
+    /// Agents seeded for search (as events its index reads) and export
+    /// (straight into the read model).
     pub seed_agents: u64,
     pub visible_secs: Duration,
 }
@@ -64,6 +65,7 @@ impl Plan {
 pub struct Main {
     pub server: Server,
     pub stream: String,
+    pub db_url: String,
     /// A pool on the same database, for the raw limits of the read rows.
     pub pool: PgPool,
     /// Agents seeded directly into the read model so far.
@@ -125,6 +127,8 @@ pub struct Ctx {
     replay: Option<Replay>,
     /// ours ops/s of single create, for write-to-visible's load.
     pub create_rate: Option<f64>,
+    /// ours ops/s of get by id, the reference of search.
+    pub get_by_id_rate: Option<f64>,
     pub idle_rss: Option<u64>,
     pub loaded_rss: Option<u64>,
 }
@@ -141,6 +145,7 @@ impl Ctx {
             raw: None,
             replay: None,
             create_rate: None,
+            get_by_id_rate: None,
             idle_rss: None,
             loaded_rss: None,
         }
@@ -173,6 +178,7 @@ impl Ctx {
             self.main = Some(Main {
                 server,
                 stream,
+                db_url: db_url.clone(),
                 pool,
                 seeded: 0,
             });

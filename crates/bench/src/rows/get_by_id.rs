@@ -64,6 +64,8 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     )
     .await;
     ours.check("ours")?;
+    ctx.get_by_id_rate = Some(ours.rate());
+    let main = ctx.main().await?;
     let pool = main.pool.clone();
     let raw = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
         let id = ids[(n as usize * 7919) % ids.len()];

@@ -14,6 +14,8 @@ mod read_model;
 mod rebuild;
 mod search;
 mod single_create;
+mod single_create_r3;
+mod write_to_searchable;
 mod write_to_visible;
 
 pub use context::{Ctx, Plan};
@@ -22,8 +24,13 @@ use crate::report::Row;
 
 /// Every row, in table order: (name on the command line, label in the
 /// table, target).
-pub const ROWS: [(&str, &str, &str); 9] = [
+pub const ROWS: [(&str, &str, &str); 11] = [
     ("single-create", "single create", single_create::TARGET),
+    (
+        "single-create-r3",
+        "single create (R3)",
+        single_create_r3::TARGET,
+    ),
     ("bulk-ingest", "bulk ingest", bulk_ingest::TARGET),
     (
         "projection-catch-up",
@@ -34,6 +41,11 @@ pub const ROWS: [(&str, &str, &str); 9] = [
         "write-to-visible",
         "write-to-visible",
         write_to_visible::TARGET,
+    ),
+    (
+        "write-to-searchable",
+        "write-to-searchable",
+        write_to_searchable::TARGET,
     ),
     ("get-by-id", "get by id", get_by_id::TARGET),
     ("search", "search", search::TARGET),
@@ -49,11 +61,13 @@ const MEMORY_IDLE: &str = "memory-idle";
 /// The order the rows run in, which lets them share work: the
 /// single-create rate drives write-to-visible, its load gives the loaded
 /// memory, and catch-up leaves the live projection rebuild starts from.
-const RUN_ORDER: [&str; 10] = [
+const RUN_ORDER: [&str; 12] = [
     MEMORY_IDLE,
     "single-create",
+    "single-create-r3",
     "bulk-ingest",
     "write-to-visible",
+    "write-to-searchable",
     "get-by-id",
     "search",
     "export",
@@ -81,8 +95,10 @@ pub async fn run(ctx: &mut Ctx, selected: &[&str]) -> Vec<Row> {
         let result: anyhow::Result<Vec<Row>> = match name {
             MEMORY_IDLE => ctx.main().await.map(|_| vec![]),
             "single-create" => single_create::run(ctx).await.map(|r| vec![r]),
+            "single-create-r3" => single_create_r3::run(ctx).await.map(|r| vec![r]),
             "bulk-ingest" => bulk_ingest::run(ctx).await.map(|r| vec![r]),
             "write-to-visible" => write_to_visible::run(ctx).await.map(|r| vec![r]),
+            "write-to-searchable" => write_to_searchable::run(ctx).await.map(|r| vec![r]),
             "get-by-id" => get_by_id::run(ctx).await.map(|r| vec![r]),
             "search" => search::run(ctx).await.map(|r| vec![r]),
             "export" => export::run(ctx).await.map(|r| vec![r]),

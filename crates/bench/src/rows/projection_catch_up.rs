@@ -3,7 +3,8 @@
 //! events already in the stream to an empty read model, in events/s.
 //!
 //! Raw limit: COPY of the same `agents` and `events` rows into the same
-//! tables (same indexes, same triggers), 1,000 per transaction with a
+//! tables, which carry their primary keys and filter indexes only (search
+//! is not PostgreSQL's), a projector batch per transaction with a
 //! checkpoint update, as the projector commits.
 
 use std::time::Instant;
@@ -14,20 +15,24 @@ use super::Ctx;
 use super::read_model::copy_rows;
 use crate::report::{Figure, Row};
 
-pub const TARGET: &str = ">= 0.5 events/s";
+pub const TARGET: &str = ">= 50,000 events/s and >= 0.5";
+
+/// The rate the row must reach besides its ratio to the raw limit.
+const MIN_RATE: f64 = 50_000.0;
 
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let target = ctx.plan.catchup_events;
     let r = ctx.replay_filled(target).await?;
-    // Raw first, into the very tables the projector writes (same indexes,
-    // same triggers): the same rows of agents and events, 1,000 per
+    // Raw first, into the very tables the projector writes (keys and
+    // filter indexes): the same rows of agents and events, a batch per
     // transaction with a checkpoint update, as COPY.
+    let batch = projector::Settings::default().batch_size as u64;
     empty_read_model(&r.pool).await?;
     let started = Instant::now();
     let mut conn = r.pool.acquire().await?;
     let mut seq = 0;
     while seq < target {
-        let n = (target - seq).min(1_000);
+        let n = (target - seq).min(batch);
         let mut tx = sqlx::Acquire::begin(&mut *conn).await?;
         copy_rows(&mut tx, "", seq, n).await?;
         sqlx::query(
@@ -50,19 +55,21 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     empty_read_model(&r.pool).await?;
     let started = Instant::now();
     let applied = r.project_to_end().await?;
-    let ours_secs = started.elapsed().as_secs_f64();
+    let ours = Figure::rate_only(applied, started.elapsed().as_secs_f64(), "events/s");
+    let fast_enough = ours.value >= MIN_RATE;
     Ok(Row::ratio(
         "projection catch-up",
         TARGET,
-        Figure::rate_only(applied, ours_secs, "events/s"),
+        ours,
         Figure::rate_only(applied, raw_secs, "events/s"),
         0.5,
-        true,
+        fast_enough,
         format!(
             "{applied} agent.created events already in the stream, applied by \
-             projector::Projector::process_next_batch (batches of 1,000) into an empty read \
-             model; raw = COPY of the same agents and events rows into the same tables, 1,000 \
-             per transaction with a checkpoint update"
+             projector::Projector::process_next_batch (batches of up to {batch}) into an empty \
+             read model; raw = COPY of the same agents and events rows into the same tables \
+             (primary keys and filter indexes only), {batch} per transaction with a checkpoint \
+             update"
         ),
     ))
 }
@@ -70,7 +77,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
 /// Empties the replay sandbox's read model and sets its checkpoint back to
 /// the start of the stream.
 async fn empty_read_model(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::query("TRUNCATE agents, events, search_words, parked_events")
+    sqlx::query("TRUNCATE agents, events, parked_events")
         .execute(pool)
         .await?;
     sqlx::query("DELETE FROM projector_checkpoint")

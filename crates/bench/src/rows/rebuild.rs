@@ -18,7 +18,10 @@ use super::read_model::copy_rows;
 use crate::report::{Figure, Row};
 use crate::sandbox::{run_with_deadline, ymera_env};
 
-pub const TARGET: &str = ">= 0.5 events/s";
+pub const TARGET: &str = ">= 50,000 events/s and >= 0.5";
+
+/// The rate the row must reach besides its ratio to the raw limit.
+const MIN_RATE: f64 = 50_000.0;
 
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let help = std::process::Command::new(&ctx.ymera)
@@ -112,13 +115,15 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     } else {
         copy_rate
     };
+    let ours = Figure::rate_only(stored, took.as_secs_f64(), "events/s");
+    let fast_enough = ours.value >= MIN_RATE;
     Ok(Row::ratio(
         "rebuild",
         TARGET,
-        Figure::rate_only(stored, took.as_secs_f64(), "events/s"),
+        ours,
         raw,
         0.5,
-        true,
+        fast_enough,
         note,
     ))
 }

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream;
 use reqwest::StatusCode;
 
 use super::http::http_loop;
@@ -22,7 +23,7 @@ use crate::sandbox::{RssSampler, Server};
 pub const TARGET: &str = ">= 0.5 ops/s, p99 <= 3x raw";
 
 /// `POST /agents` from `plan.clients` clients in a closed loop.
-async fn creates(server: &Server, plan: &Plan) -> Run {
+pub(super) async fn creates(server: &Server, plan: &Plan) -> Run {
     let url = server.url("/api/v1/agents");
     let token = server.token.clone();
     http_loop(
@@ -39,6 +40,22 @@ async fn creates(server: &Server, plan: &Plan) -> Run {
                 .json(&data::body(&data::agent(n)))
         },
     )
+    .await
+}
+
+/// The raw limit of a create: the guarded publish of a create's envelope
+/// to `prefix`, each awaiting its ack, from `plan.clients` clients.
+pub(super) async fn raw_creates(js: jetstream::Context, prefix: String, plan: &Plan) -> Run {
+    closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
+        let e = data::event(&data::agent(n));
+        let msg = guarded(&e, true);
+        let subject = e.subject(&prefix);
+        let js = js.clone();
+        async move {
+            js.send_publish(subject, msg).await?.await?;
+            Ok(1)
+        }
+    })
     .await
 }
 
@@ -63,18 +80,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let ours = creates(writer, &plan).await;
     ours.check("ours (ymera command-api)")?;
 
-    let js = ctx.env.js.clone();
-    let raw = closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
-        let e = data::event(&data::agent(n));
-        let msg = guarded(&e, true);
-        let subject = e.subject(&raw_prefix);
-        let js = js.clone();
-        async move {
-            js.send_publish(subject, msg).await?.await?;
-            Ok(1)
-        }
-    })
-    .await;
+    let raw = raw_creates(ctx.env.js.clone(), raw_prefix, &plan).await;
     raw.check("raw")?;
     let p99_ok = ours.quantile_ms(0.99) <= 3.0 * raw.quantile_ms(0.99);
     Ok(Row::ratio(

@@ -17,8 +17,8 @@ use super::context::Main;
 use super::http::expect;
 use super::{Ctx, single_create};
 use crate::data;
-use crate::load::Run;
-use crate::report::{Figure, Row};
+use crate::load::{Run, open_loop};
+use crate::report::Row;
 
 pub const TARGET: &str = "p99 < 50 ms";
 
@@ -39,52 +39,29 @@ async fn visible_at(main: &Main, rate: f64, secs: Duration) -> anyhow::Result<Ru
         }
     });
 
-    let writes: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
-    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let started = Instant::now();
-    let mut tasks = vec![];
-    let mut n = 10_000_000u64;
-    while started.elapsed() < secs {
-        ticker.tick().await;
-        n += 1;
-        let body = serde_json::to_vec(&data::body(&data::agent(n)))?;
-        let req = main
-            .server
+    let server = &main.server;
+    let gathered = open_loop(rate, secs, |n| {
+        let body = serde_json::to_vec(&data::body(&data::agent(10_000_000 + n)));
+        let req = server
             .post("/api/v1/agents")
-            .header("content-type", "application/json")
-            .body(body);
-        let writes = writes.clone();
-        let errors = errors.clone();
-        let first_error = first_error.clone();
-        tasks.push(tokio::spawn(async move {
-            let outcome = async {
-                let r = req.send().await?;
-                let at = Instant::now();
-                expect(r.status(), StatusCode::CREATED, "POST /agents")?;
-                let seq: u64 = r
-                    .headers()
-                    .get("x-event-seq")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .context("no X-Event-Seq")?;
-                writes.lock().await.push((seq, at));
-                anyhow::Ok(())
-            }
-            .await;
-            if let Err(e) = outcome {
-                errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                first_error.lock().await.get_or_insert(format!("{e:#}"));
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+            .header("content-type", "application/json");
+        async move {
+            let r = req.body(body?).send().await?;
+            let at = Instant::now();
+            expect(r.status(), StatusCode::CREATED, "POST /agents")?;
+            let seq: u64 = r
+                .headers()
+                .get("x-event-seq")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .context("no X-Event-Seq")?;
+            anyhow::Ok((seq, at))
+        }
+    })
+    .await;
     // Let the projection catch up with the last write.
-    let last = writes.lock().await.iter().map(|w| w.0).max().unwrap_or(0);
+    let writes = gathered.results;
+    let last = writes.iter().map(|w| w.0).max().unwrap_or(0);
     let wait = Instant::now();
     while seen.lock().await.last().is_none_or(|s| s.0 < last)
         && wait.elapsed() < Duration::from_secs(10)
@@ -94,7 +71,6 @@ async fn visible_at(main: &Main, rate: f64, secs: Duration) -> anyhow::Result<Ru
     listen_task.abort();
 
     let seen = seen.lock().await.clone();
-    let writes = writes.lock().await.clone();
     let mut lat = Vec::with_capacity(writes.len());
     let mut invisible = 0;
     for (seq, at) in &writes {
@@ -108,12 +84,11 @@ async fn visible_at(main: &Main, rate: f64, secs: Duration) -> anyhow::Result<Ru
         }
     }
     lat.sort_unstable();
-    let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
     let run = Run {
         ops: lat.len() as u64,
         units: lat.len() as u64,
-        errors: errors + invisible,
-        first_error: first_error.lock().await.clone().or_else(|| {
+        errors: gathered.errors + invisible,
+        first_error: gathered.first_error.or_else(|| {
             (invisible > 0).then(|| format!("{invisible} writes never became visible within 10 s"))
         }),
         secs: secs.as_secs_f64(),
@@ -122,14 +97,20 @@ async fn visible_at(main: &Main, rate: f64, secs: Duration) -> anyhow::Result<Ru
     Ok(run)
 }
 
-pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
-    let plan = ctx.plan.clone();
+/// The load of the write-to-visible and write-to-searchable rows: half the
+/// single-create rate (measured first if that row did not run), with the
+/// main server settled.
+pub(super) async fn half_create_rate(ctx: &mut Ctx) -> anyhow::Result<f64> {
     if ctx.create_rate.is_none() {
-        // The load is half the single-create rate: measure that first.
         single_create::run_briefly(ctx).await?;
     }
-    let rate = (ctx.create_rate.unwrap_or(100.0) / 2.0).max(1.0);
     ctx.settle().await?;
+    Ok((ctx.create_rate.unwrap_or(100.0) / 2.0).max(1.0))
+}
+
+pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
+    let plan = ctx.plan.clone();
+    let rate = half_create_rate(ctx).await?;
     let main = ctx.main().await?;
     let run = visible_at(main, rate, plan.visible_secs).await?;
     run.check("write-to-visible")?;
@@ -140,21 +121,11 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let quarter = visible_at(main, rate / 2.0, plan.visible_secs / 2).await?;
     quarter.check("write-to-visible at a quarter")?;
 
-    let p99 = run.quantile_ms(0.99);
-    let mut row = Row::ratio(
+    Ok(Row::p99_under(
         "write-to-visible",
         TARGET,
-        Figure {
-            value: p99,
-            unit: "ms p99",
-            p50_ms: Some(run.quantile_ms(0.5)),
-            p99_ms: Some(p99),
-            count: run.ops,
-            secs: run.secs,
-        },
-        Figure::plain(50.0, "ms"),
-        0.0,
-        p99 < 50.0,
+        &run,
+        50.0,
         format!(
             "{} writes at {rate:.0}/s (half the single-create rate), open loop; visible = the \
              projector's NOTIFY of a checkpoint >= the write's X-Event-Seq (same transaction as \
@@ -166,8 +137,5 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
             quarter.quantile_ms(0.5),
             quarter.quantile_ms(0.99),
         ),
-    );
-    row.raw = None;
-    row.ratio = None;
-    Ok(row)
+    ))
 }

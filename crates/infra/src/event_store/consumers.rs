@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
 use futures::StreamExt;
 
-use super::{EventStore, StoreError, StoredEvent, TRACEPARENT, decode, unavailable};
+use super::{EventStore, StoreError, StoredEvent, TraceCarrier, decode, unavailable};
 
 /// How long the server waits for a subscription's ack before it delivers
 /// the message again.
@@ -33,6 +33,9 @@ pub struct StoredMessage {
     /// How many messages of the read or subscription the server had yet to
     /// deliver after this one.
     pub pending: u64,
+    /// The consumer's count of deliveries, this one included: one more
+    /// than the delivery before it unless a delivery went astray.
+    delivery: u64,
     message: jetstream::Message,
 }
 
@@ -48,13 +51,14 @@ impl std::fmt::Debug for StoredMessage {
 
 impl StoredMessage {
     fn new(message: jetstream::Message) -> Result<Self, StoreError> {
-        let (seq, pending) = {
+        let (seq, pending, delivery) = {
             let info = message.info().map_err(unavailable)?;
-            (info.stream_sequence, info.pending)
+            (info.stream_sequence, info.pending, info.consumer_sequence)
         };
         Ok(StoredMessage {
             seq,
             pending,
+            delivery,
             message,
         })
     }
@@ -69,13 +73,10 @@ impl StoredMessage {
         &self.message.payload
     }
 
-    /// The W3C trace context of the request that appended it.
-    pub fn traceparent(&self) -> Option<&str> {
-        self.message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(TRACEPARENT))
-            .map(|v| v.as_str())
+    /// The trace context of the request that appended it, for
+    /// [`telemetry::continue_trace`](crate::telemetry::continue_trace).
+    pub fn trace(&self) -> Option<TraceCarrier<'_>> {
+        self.message.headers.as_ref().map(TraceCarrier)
     }
 
     /// The payload read as an event.
@@ -165,8 +166,24 @@ impl Drop for Ephemeral {
 /// batch and acknowledged cumulatively: the server keeps its position
 /// across reconnects, and delivers again what stays unacknowledged for
 /// [`ACK_WAIT`].
+///
+/// A delivery can go astray: the server counts a message as delivered when
+/// it sends it, and a NATS server dying between the consumer and this
+/// client takes the message with it, while the deliveries after it arrive
+/// through the server the client reconnected to. Acknowledging one of
+/// those would acknowledge the lost message too (the acknowledgement is
+/// cumulative), so it would never come again. A subscription from
+/// [`EventStore::subscribe`] therefore checks that the consumer's delivery
+/// count goes up by exactly one from message to message, and ends with an
+/// error at the first that does not: its holder subscribes afresh from
+/// what it has applied.
 pub struct Subscription {
     messages: pull::Stream,
+    /// The delivery count of the last message handed out (0 before the
+    /// first), on a subscription whose deliveries must all arrive; `None`
+    /// on one from [`EventStore::follow`], which acknowledges each message
+    /// on its own, so that a lost one comes again after [`ACK_WAIT`].
+    last_delivery: Option<u64>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -181,6 +198,7 @@ impl Subscription {
     async fn pulling(
         consumer: jetstream::consumer::PullConsumer,
         batch_size: usize,
+        last_delivery: Option<u64>,
     ) -> Result<Subscription, StoreError> {
         let messages = consumer
             .stream()
@@ -190,13 +208,28 @@ impl Subscription {
             .messages()
             .await
             .map_err(unavailable)?;
-        Ok(Subscription { messages })
+        Ok(Subscription {
+            messages,
+            last_delivery,
+        })
     }
 
     /// The next message, waiting for it to be appended if need be; `None`
-    /// if the server ended the subscription. Cancel-safe.
+    /// if the server ended the subscription, an error if a delivery before
+    /// it went astray (see [`Subscription`]). Cancel-safe.
     pub async fn next(&mut self) -> Option<Result<StoredMessage, StoreError>> {
-        next_stored(&mut self.messages).await
+        let message = next_stored(&mut self.messages).await?;
+        if let (Ok(m), Some(last)) = (&message, self.last_delivery.as_mut()) {
+            if m.delivery != *last + 1 {
+                return Some(Err(StoreError::Unavailable(format!(
+                    "delivery {} of the subscription came after delivery {last}: \
+                     a message between them was lost on its way (event {} is next)",
+                    m.delivery, m.seq
+                ))));
+            }
+            *last = m.delivery;
+        }
+        Some(message)
     }
 
     /// Tells the server `message` is still being worked on, so it is not
@@ -333,7 +366,8 @@ impl EventStore {
             })
             .await
             .map_err(unavailable)?;
-        Subscription::pulling(consumer, batch_size).await
+        // The consumer is new: its first delivery is number 1.
+        Subscription::pulling(consumer, batch_size, Some(0)).await
     }
 
     /// Follows `subjects` durably as `name`, from where that subscription
@@ -366,7 +400,7 @@ impl EventStore {
             )
             .await
             .map_err(unavailable)?;
-        Subscription::pulling(consumer, 1).await
+        Subscription::pulling(consumer, 1, None).await
     }
 
     /// Deletes the durable subscription `name` from the server.

@@ -66,12 +66,8 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         trace_id = tracing::field::Empty,
         status = tracing::field::Empty,
     );
-    // Continue the caller's trace when it sent a W3C traceparent.
-    let incoming = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok());
-    crate::telemetry::continue_trace(&span, incoming);
+    // Continue the caller's trace when it sent a W3C trace context.
+    crate::telemetry::continue_trace(&span, &opentelemetry_http::HeaderExtractor(req.headers()));
     if let Some(trace_id) = span.in_scope(crate::telemetry::current_trace_id) {
         span.record("trace_id", trace_id);
     }

@@ -1,12 +1,15 @@
 //! HTTP plumbing shared by the APIs: the error type, our extractors, the
-//! request context middleware, the operational endpoints, and serving
-//! connections with a send timeout.
+//! request context middleware, the edge layers, the shutdown drain, the
+//! operational endpoints, and serving connections with a send timeout.
 
 pub mod auth;
 pub mod context;
+pub mod drain;
+pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod ops;
+pub mod preconditions;
 pub mod ratelimit;
 pub mod schema;
 pub mod send_timeout;

@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
@@ -35,6 +36,22 @@ pub struct Ops {
     /// Whether this process's projector owns the projection; `None` in a
     /// process that runs no projector.
     pub projector: Option<projection::Ownership>,
+    /// What `/readyz` asks: only the dependencies this role cannot serve
+    /// without.
+    pub needs: Needs,
+    /// Fires when the shutdown drain begins: `/readyz` answers 503 from
+    /// then on.
+    pub draining: CancellationToken,
+    /// The checkpoint of this process's search index; `None` in a process
+    /// that serves no reads.
+    pub search: Option<projection::ProjectionWatch>,
+}
+
+/// The dependencies a role cannot serve without, which `/readyz` probes.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    pub nats: bool,
+    pub postgres: bool,
 }
 
 pub type OpsState = Arc<Ops>;
@@ -100,7 +117,8 @@ pub struct Health {
     /// (NATS or PostgreSQL down).
     pub status: &'static str,
     pub version: &'static str,
-    /// `nats`, `postgres` and `projector`.
+    /// `nats`, `postgres` and `projector`, and `search` (the search index's
+    /// checkpoint and lag) in a process that serves reads.
     pub checks: BTreeMap<&'static str, Check>,
 }
 
@@ -148,6 +166,27 @@ impl Ops {
             }
             _ => Check::down("needs both NATS and PostgreSQL"),
         };
+        if let (Some(search), Ok(last)) = (&self.search, &nats) {
+            // The search index follows the log by itself: its lag is
+            // reported beside the projector's, and degrades like it.
+            let checkpoint = search.current();
+            let lag = last.saturating_sub(checkpoint);
+            let degraded = lag > self.degraded_lag_events;
+            if degraded {
+                status = "degraded";
+            }
+            checks.insert(
+                "search",
+                Check {
+                    status: if degraded { "degraded" } else { "ok" },
+                    latency_ms: None,
+                    checkpoint_seq: Some(checkpoint),
+                    last_seq: Some(*last),
+                    lag_events: Some(lag),
+                    ..Check::up(Duration::ZERO)
+                },
+            );
+        }
         checks.insert("nats", nats.map_or_else(Check::down, |_| Check::up(nats_t)));
         checks.insert("postgres", pg.map_or_else(Check::down, |_| Check::up(pg_t)));
         let lease = self
@@ -192,28 +231,75 @@ pub async fn health(State(ops): State<OpsState>) -> (StatusCode, Json<Health>) {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Status {
     pub status: &'static str,
+    /// `/readyz` in a process that serves reads: how many events of the
+    /// log its search index has yet to apply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search_lag_events: Option<u64>,
 }
 
 /// The process is alive. Never looks at dependencies.
 #[utoipa::path(get, path = "/livez", tag = "ops", responses((status = 200, body = Status)))]
 pub async fn livez() -> Json<Status> {
-    Json(Status { status: "ok" })
+    Json(Status {
+        status: "ok",
+        search_lag_events: None,
+    })
 }
 
-/// The process can serve: NATS and PostgreSQL are reachable.
+/// The process can serve.
+///
+/// `ready` when the dependencies its role cannot do without are reachable
+/// and it is not shutting down; `unavailable` or `draining` (the shutdown
+/// drain has begun) otherwise. A command API needs NATS (every write appends
+/// to the log); a query API needs PostgreSQL (every read is served from the
+/// read models); a projector, and a process playing every role, need both.
+/// A process that serves reads also reports its search index's lag.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
-    responses((status = 200, body = Status), (status = 503, body = Status)))]
+    responses(
+        (status = 200, description = "`ready`", body = Status),
+        (status = 503, description = "`unavailable` (a dependency the role needs is down) or `draining` (shutting down)", body = Status),
+    ))]
 pub async fn readyz(State(ops): State<OpsState>) -> (StatusCode, Json<Status>) {
-    let health = ops.health().await;
-    if health.status == "unavailable" {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Status {
-                status: "unavailable",
-            }),
-        )
+    let unready = |status, search_lag_events| {
+        let status = Status {
+            status,
+            search_lag_events,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, Json(status))
+    };
+    if ops.draining.is_cancelled() {
+        return unready("draining", None);
+    }
+    // The log's end is asked for when NATS is needed or the search index's
+    // lag is to be reported; a query API that cannot reach it stays ready.
+    let last_seq = async {
+        if ops.needs.nats || ops.search.is_some() {
+            Some(probe(ops.store.last_seq()).await.0)
+        } else {
+            None
+        }
+    };
+    let postgres = async {
+        if ops.needs.postgres {
+            probe(projection::checkpoint(&ops.pool)).await.0.map(drop)
+        } else {
+            Ok(())
+        }
+    };
+    let (last_seq, postgres) = tokio::join!(last_seq, postgres);
+    let search_lag_events = match (&ops.search, &last_seq) {
+        (Some(search), Some(Ok(last))) => Some(last.saturating_sub(search.current())),
+        _ => None,
+    };
+    let nats_ok = !ops.needs.nats || matches!(last_seq, Some(Ok(_)));
+    if nats_ok && postgres.is_ok() {
+        let status = Status {
+            status: "ready",
+            search_lag_events,
+        };
+        (StatusCode::OK, Json(status))
     } else {
-        (StatusCode::OK, Json(Status { status: "ready" }))
+        unready("unavailable", search_lag_events)
     }
 }
 
@@ -251,10 +337,19 @@ pub async fn system_info(State(ops): State<OpsState>) -> Json<SystemInfo> {
 
 /// The operational routes, at the root and under `/api/v1` alike.
 pub fn router(ops: OpsState) -> OpenApiRouter {
+    routes().with_state(ops)
+}
+
+/// The operational routes' part of the OpenAPI spec, relative to
+/// `/api/v1`.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+fn routes() -> OpenApiRouter<OpsState> {
     OpenApiRouter::new()
         .routes(routes!(health))
         .routes(routes!(livez))
         .routes(routes!(readyz))
         .routes(routes!(system_info))
-        .with_state(ops)
 }

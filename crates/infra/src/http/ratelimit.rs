@@ -1,9 +1,17 @@
-//! Rate limits: per token on the API (per client address before login),
-//! and on login attempts (per client address, then per valid username).
-//! Token buckets kept in this process, so with N copies of an API behind a
-//! balancer a client gets up to N times the limit; that is a deliberate
-//! trade for no shared state on the hot path. Every limiter's table is
-//! bounded whatever clients send (see [`RateLimiter`]).
+//! Rate limits: per user on the API (per client address before login), and
+//! on login attempts (per client address, then per valid username).
+//!
+//! Per user, not per token: a login mints a new token, so a limit per
+//! token would give one account as many allowances as it cares to log in
+//! for (sixty more a minute under the login limit). The user is who an
+//! operator thinks of as "a client", and every token of theirs shares one
+//! allowance; a load run gives each simulated user an account of its own.
+//!
+//! The buckets are `governor`'s (GCRA, the token bucket without a timer),
+//! kept in this process, so with N copies of an API behind a balancer a
+//! client gets up to N times the limit; that is a deliberate trade for no
+//! shared state on the hot path. Every limiter's table is bounded whatever
+//! clients send (see [`BoundedStore`]).
 //!
 //! Every limited response carries the `RateLimit-Limit`,
 //! `RateLimit-Remaining` and `RateLimit-Reset` headers (IETF draft); a
@@ -12,13 +20,19 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use governor::Quota;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
 
 use super::ApiError;
 use crate::auth::{Auth, Username};
@@ -33,12 +47,6 @@ static RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 /// lock, so that concurrent requests rarely wait on one another.
 const SHARDS: usize = 16;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// The verdict on one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
@@ -51,96 +59,132 @@ pub struct Decision {
     pub reset_secs: u64,
 }
 
-/// Token buckets by key: `per_sec` sustained, `burst` at once.
+/// A limiter's table: each key's GCRA state (the "theoretical arrival
+/// time" of its next request), under a keyed 64-bit hash of the key.
 ///
-/// Bounded by construction: keys are kept as a keyed 64-bit hash (a
-/// client's key costs 8 bytes whatever its length, and a client cannot
-/// aim collisions at another's bucket without the process's random hash
-/// key), and at most `max_keys` buckets are kept (`YMERA_RATE_LIMIT_MAX_KEYS`).
-/// A shard that is full first drops its buckets that have refilled to the
-/// brim (they say nothing a fresh bucket would not), then, during a flood
-/// of distinct keys, the least recently used ones: those keys start again
-/// with a full burst, the price of a bounded table. Each clean-up leaves a
+/// Bounded by construction: a client's key costs 8 bytes whatever its
+/// length (and a client cannot aim collisions at another's bucket without
+/// the process's random hash key), and at most `max_keys` are kept
+/// (`YMERA_RATE_LIMIT_MAX_KEYS`). A shard that is full drops the entries
+/// with the earliest arrival times: first those whose buckets have refilled
+/// to the brim (they say nothing a fresh bucket would not), then those
+/// nearest to it, which during a flood of distinct keys are the keys used
+/// once; those start again with a full burst, the price of a bounded table.
+/// Busy (drained) buckets are the last to go. Each clean-up leaves a
 /// quarter of the shard free, so its cost is spread over many requests.
 #[derive(Debug)]
-pub struct RateLimiter {
-    per_sec: f64,
-    burst: f64,
-    keys: RandomState,
+pub struct BoundedStore {
     shard_capacity: usize,
-    shards: Box<[Mutex<HashMap<u64, Bucket>>]>,
+    shards: Box<[Mutex<HashMap<u64, Nanos>>]>,
 }
 
-impl RateLimiter {
-    /// `None` when `per_sec` is 0: no limit. At most `max_keys` buckets.
-    pub fn new(per_sec: f64, burst: f64, max_keys: usize) -> Option<Self> {
-        (per_sec > 0.0).then(|| RateLimiter {
-            per_sec,
-            burst: burst.max(1.0),
-            keys: RandomState::new(),
+impl BoundedStore {
+    fn new(max_keys: usize) -> Self {
+        BoundedStore {
             shard_capacity: max_keys.div_ceil(SHARDS).max(4),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-        })
-    }
-
-    pub fn check(&self, key: impl Hash) -> Decision {
-        self.check_at(key, Instant::now())
-    }
-
-    fn check_at(&self, key: impl Hash, now: Instant) -> Decision {
-        let key = self.keys.hash_one(key);
-        let shard = &self.shards[(key % SHARDS as u64) as usize];
-        let mut buckets = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= self.shard_capacity && !buckets.contains_key(&key) {
-            self.make_room(&mut buckets, now);
-        }
-        let bucket = buckets.entry(key).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let elapsed = now.duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.per_sec).min(self.burst);
-        bucket.at = now;
-        let allowed = bucket.tokens >= 1.0;
-        if allowed {
-            bucket.tokens -= 1.0;
-        }
-        let reset = if allowed {
-            (self.burst - bucket.tokens) / self.per_sec
-        } else {
-            (1.0 - bucket.tokens) / self.per_sec
-        };
-        Decision {
-            allowed,
-            limit: self.burst as u64,
-            remaining: bucket.tokens.floor().max(0.0) as u64,
-            reset_secs: reset.ceil().max(if allowed { 0.0 } else { 1.0 }) as u64,
         }
     }
 
-    /// Brings a full shard down to three quarters of its capacity: buckets
-    /// that have refilled go first, then the least recently used.
-    fn make_room(&self, buckets: &mut HashMap<u64, Bucket>, now: Instant) {
-        buckets.retain(|_, b| {
-            b.tokens + now.duration_since(b.at).as_secs_f64() * self.per_sec < self.burst
-        });
+    /// Brings a full shard down to three quarters of its capacity, keeping
+    /// the latest arrival times.
+    fn make_room(&self, shard: &mut HashMap<u64, Nanos>) {
         let keep = self.shard_capacity * 3 / 4;
-        if buckets.len() > keep {
-            let mut last_used: Vec<Instant> = buckets.values().map(|b| b.at).collect();
-            let evicted = last_used.len() - keep;
-            let (_, cutoff, _) = last_used.select_nth_unstable(evicted - 1);
-            let cutoff = *cutoff;
-            buckets.retain(|_, b| b.at > cutoff);
+        let mut arrivals: Vec<Nanos> = shard.values().copied().collect();
+        let evicted = arrivals.len().saturating_sub(keep);
+        if evicted == 0 {
+            return;
         }
+        let (_, cutoff, _) = arrivals.select_nth_unstable(evicted - 1);
+        let cutoff = *cutoff;
+        shard.retain(|_, tat| *tat > cutoff);
     }
 
-    /// How many buckets are kept now.
+    /// How many keys are kept now.
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
+    }
+}
+
+impl StateStore for BoundedStore {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut shard = self.shards[(key % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (outcome, tat) = f(shard.get(key).copied())?;
+        if shard.len() >= self.shard_capacity && !shard.contains_key(key) {
+            self.make_room(&mut shard);
+        }
+        shard.insert(*key, tat);
+        Ok(outcome)
+    }
+}
+
+/// Buckets by key: `per_sec` sustained, `burst` at once; `governor`'s
+/// keyed limiter over a [`BoundedStore`].
+#[derive(Debug)]
+pub struct RateLimiter<C: Clock = DefaultClock> {
+    per_sec: f64,
+    burst: u32,
+    keys: RandomState,
+    limiter: governor::RateLimiter<u64, BoundedStore, C, StateInformationMiddleware>,
+}
+
+impl RateLimiter {
+    /// `None` when `per_sec` is 0: no limit. At most `max_keys` buckets.
+    pub fn new(per_sec: f64, burst: u32, max_keys: usize) -> Option<Self> {
+        Self::with_clock(per_sec, burst, max_keys, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> RateLimiter<C> {
+    fn with_clock(per_sec: f64, burst: u32, max_keys: usize, clock: C) -> Option<Self> {
+        if per_sec <= 0.0 {
+            return None;
+        }
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(Duration::from_secs_f64(1.0 / per_sec))?.allow_burst(burst);
+        Some(RateLimiter {
+            per_sec,
+            burst: burst.get(),
+            keys: RandomState::new(),
+            limiter: governor::RateLimiter::new(quota, BoundedStore::new(max_keys), clock),
+        })
+    }
+
+    pub fn check(&self, key: impl Hash) -> Decision {
+        let key = self.keys.hash_one(key);
+        let limit = u64::from(self.burst);
+        match self.limiter.check_key(&key) {
+            Ok(state) => {
+                let remaining = u64::from(state.remaining_burst_capacity());
+                let until_full = (limit - remaining.min(limit)) as f64 / self.per_sec;
+                Decision {
+                    allowed: true,
+                    limit,
+                    remaining,
+                    reset_secs: until_full.ceil() as u64,
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.limiter.clock().now());
+                Decision {
+                    allowed: false,
+                    limit,
+                    remaining: 0,
+                    reset_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                }
+            }
+        }
     }
 }
 
@@ -166,7 +210,7 @@ impl Decision {
 #[derive(Debug)]
 pub struct Limits {
     auth: Arc<Auth>,
-    per_token: Option<RateLimiter>,
+    per_user: Option<RateLimiter>,
     per_ip: Option<RateLimiter>,
     login_per_ip: Option<RateLimiter>,
     login_per_user: Option<RateLimiter>,
@@ -175,21 +219,17 @@ pub struct Limits {
 
 impl Limits {
     pub fn new(auth: Arc<Auth>, cfg: &HttpConfig) -> Self {
-        let per_min = f64::from(cfg.login_attempts_per_minute);
+        let per_min = cfg.login_attempts_per_minute;
         let max_keys = cfg.rate_limit_max_keys;
-        let login = || RateLimiter::new(per_min / 60.0, per_min, max_keys);
+        let login = || RateLimiter::new(f64::from(per_min) / 60.0, per_min, max_keys);
+        // Bursts of twice the rate per second.
+        let api = |per_sec: u32| {
+            RateLimiter::new(f64::from(per_sec), per_sec.saturating_mul(2), max_keys)
+        };
         Limits {
             auth,
-            per_token: RateLimiter::new(
-                f64::from(cfg.rate_limit_per_token),
-                2.0 * f64::from(cfg.rate_limit_per_token),
-                max_keys,
-            ),
-            per_ip: RateLimiter::new(
-                f64::from(cfg.rate_limit_per_ip),
-                2.0 * f64::from(cfg.rate_limit_per_ip),
-                max_keys,
-            ),
+            per_user: api(cfg.rate_limit_per_user),
+            per_ip: api(cfg.rate_limit_per_ip),
             login_per_ip: login(),
             login_per_user: login(),
             trust_forwarded_for: cfg.trust_forwarded_for,
@@ -239,17 +279,18 @@ impl Limits {
     }
 }
 
-/// Middleware: limits each token (or, without a valid one, each address).
+/// Middleware: limits each user, whichever of their tokens they send (or,
+/// without a valid token, each address).
 /// With no limit set it leaves the token alone: the handler's extractor
 /// verifies it if the route needs one.
 pub async fn rate_limit(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
-    if limits.per_token.is_none() && limits.per_ip.is_none() {
+    if limits.per_user.is_none() && limits.per_ip.is_none() {
         return next.run(req).await;
     }
     let (mut parts, body) = req.into_parts();
     let decision = match auth::authenticate(&mut parts, &limits.auth).await {
         Ok(claims) => limits
-            .per_token
+            .per_user
             .as_ref()
             .map(|l| l.check(claims.sub.as_str())),
         Err(_) => limits
@@ -271,48 +312,52 @@ pub async fn rate_limit(State(limits): State<Arc<Limits>>, req: Request, next: N
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use governor::clock::FakeRelativeClock;
 
     use super::*;
 
+    fn limiter(
+        per_sec: f64,
+        burst: u32,
+        max_keys: usize,
+    ) -> (RateLimiter<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let l = RateLimiter::with_clock(per_sec, burst, max_keys, clock.clone()).unwrap();
+        (l, clock)
+    }
+
     #[test]
     fn buckets_allow_a_burst_then_refill() {
-        let l = RateLimiter::new(2.0, 4.0, 100).unwrap();
-        let t0 = Instant::now();
+        let (l, clock) = limiter(2.0, 4, 100);
         for i in 0..4 {
-            let d = l.check_at("k", t0);
+            let d = l.check("k");
             assert!(d.allowed, "request {i}");
             assert_eq!(d.remaining, 3 - i);
         }
-        let refused = l.check_at("k", t0);
+        let refused = l.check("k");
         assert!(!refused.allowed);
         assert_eq!(refused.reset_secs, 1);
-        assert!(l.check_at("other", t0).allowed, "keys are independent");
-        assert!(
-            l.check_at("k", t0 + Duration::from_millis(600)).allowed,
-            "refilled at 2/s"
-        );
-        assert!(
-            RateLimiter::new(0.0, 10.0, 100).is_none(),
-            "0 means no limit"
-        );
+        assert!(l.check("other").allowed, "keys are independent");
+        clock.advance(Duration::from_millis(600));
+        assert!(l.check("k").allowed, "refilled at 2/s");
+        assert!(RateLimiter::new(0.0, 10, 100).is_none(), "0 means no limit");
     }
 
     #[test]
     fn the_table_stays_bounded_and_keeps_the_busiest_buckets() {
-        let l = RateLimiter::new(1.0, 2.0, 1_600).unwrap();
-        let t0 = Instant::now();
-        // A drained bucket, touched last.
+        let (l, _clock) = limiter(1.0, 2, 1_600);
+        // A drained bucket.
         for _ in 0..3 {
-            l.check_at("victim", t0 + Duration::from_secs(1));
+            l.check("victim");
         }
         for i in 0..100_000u32 {
-            l.check_at(i, t0);
+            l.check(i);
         }
-        assert!(l.len() <= 1_600, "{} buckets", l.len());
         assert!(
-            !l.check_at("victim", t0 + Duration::from_secs(1)).allowed,
-            "a recently used bucket survives a flood of others"
+            !l.check("victim").allowed,
+            "a drained bucket survives a flood of others"
         );
+        let kept = l.limiter.into_state_store().len();
+        assert!(kept <= 1_600, "{kept} buckets");
     }
 }

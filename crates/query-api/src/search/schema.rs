@@ -1,0 +1,197 @@
+//! The search index's schema: which parts of an agent are searched, which
+//! filter and count, and what a hit is read back from.
+//!
+//! Text fields share one analyser, [`WORDS`]: runs of letters and digits,
+//! lowercased, the same split [`super::query_words`] makes of `q`, so a
+//! query word and an indexed word compare as they are. Capabilities go
+//! through it too, so `text-summarization` is indexed as `text` and
+//! `summarization`. Positions are kept for proximity.
+//!
+//! Filters (`status`, `type`, `project_id`, `tag`) are raw terms with fast
+//! columns: a filter is a term query inside the engine, a facet a count
+//! over the column. The id is a raw term (to replace or delete a document)
+//! and two fast `u64` halves (the tiebreak of equal scores). The agent as
+//! the API shows it is stored whole, as JSON: a hit needs no other read,
+//! and an update folds onto it.
+
+use infra::views::AgentView;
+use tantivy::schema::{
+    FAST, Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
+};
+use tantivy::tokenizer::{LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer};
+use tantivy::{Index, TantivyDocument};
+use uuid::Uuid;
+
+/// Raised whenever the schema or the analysis changes: an index written
+/// under another version is rebuilt from the log.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The analyser of every searched field.
+pub const WORDS: &str = "words";
+
+/// Words longer than this many bytes are not indexed (nobody types them).
+const LONGEST_WORD: usize = 64;
+
+/// Separates a tag's key from its value in the `tag` filter term.
+pub const TAG_SEPARATOR: char = '\u{1f}';
+
+/// A searched text field and its rank among the fields: a match in a
+/// higher one ranks first (name > type and capabilities > tags >
+/// description).
+#[derive(Debug, Clone, Copy)]
+pub struct TextField {
+    pub field: Field,
+    pub weight: f32,
+}
+
+/// The fields, resolved once.
+#[derive(Debug, Clone)]
+pub struct Fields {
+    pub schema: Schema,
+    /// The searched fields, best first.
+    pub text: [TextField; 5],
+    pub name: Field,
+    pub id: Field,
+    pub id_hi: Field,
+    pub id_lo: Field,
+    pub status: Field,
+    pub agent_type: Field,
+    pub project_id: Field,
+    pub tag: Field,
+    pub agent: Field,
+}
+
+/// Fast column names, for the collectors.
+pub const ID_HI: &str = "id_hi";
+pub const ID_LO: &str = "id_lo";
+pub const STATUS: &str = "status";
+pub const TYPE: &str = "type";
+pub const PROJECT_ID: &str = "project_id";
+pub const TAG: &str = "tag";
+
+impl Fields {
+    pub fn new() -> Fields {
+        let mut b = Schema::builder();
+        let words = TextOptions::default().set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer(WORDS)
+                .set_fieldnorms(false)
+                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        );
+        let name = b.add_text_field("name", words.clone());
+        let type_words = b.add_text_field("type_words", words.clone());
+        let capabilities = b.add_text_field("capabilities", words.clone());
+        let tags = b.add_text_field("tags", words.clone());
+        let description = b.add_text_field("description", words);
+        let id = b.add_text_field("id", STRING);
+        let id_hi = b.add_u64_field(ID_HI, FAST);
+        let id_lo = b.add_u64_field(ID_LO, FAST);
+        let status = b.add_text_field(STATUS, STRING | FAST);
+        let agent_type = b.add_text_field(TYPE, STRING | FAST);
+        let project_id = b.add_text_field(PROJECT_ID, STRING | FAST);
+        let tag = b.add_text_field(TAG, STRING | FAST);
+        let agent = b.add_bytes_field("agent", STORED);
+        let schema = b.build();
+        let text = |field, weight| TextField { field, weight };
+        Fields {
+            text: [
+                text(name, 4.0),
+                text(type_words, 3.0),
+                text(capabilities, 3.0),
+                text(tags, 2.0),
+                text(description, 1.0),
+            ],
+            name,
+            id,
+            id_hi,
+            id_lo,
+            status,
+            agent_type,
+            project_id,
+            tag,
+            agent,
+            schema,
+        }
+    }
+
+    /// Registers the analyser the schema names on `index`.
+    pub fn register_tokenizers(index: &Index) {
+        index.tokenizers().register(
+            WORDS,
+            TextAnalyzer::builder(SimpleTokenizer::default())
+                .filter(RemoveLongFilter::limit(LONGEST_WORD))
+                .filter(LowerCaser)
+                .build(),
+        );
+    }
+
+    /// The term that names agent `id`'s document.
+    pub fn id_term(&self, id: Uuid) -> tantivy::Term {
+        tantivy::Term::from_field_text(self.id, &id.to_string())
+    }
+
+    /// The document of `agent`.
+    pub fn document(&self, agent: &AgentView) -> TantivyDocument {
+        let [name, agent_type, capabilities, tags, description] = self.text.map(|t| t.field);
+        let mut doc = TantivyDocument::new();
+        doc.add_text(name, &agent.name);
+        doc.add_text(agent_type, &agent.agent_type);
+        for c in &agent.capabilities {
+            doc.add_text(capabilities, c);
+        }
+        for (k, v) in &agent.tags {
+            doc.add_text(tags, format!("{k} {v}"));
+            doc.add_text(self.tag, tag_term(k, v));
+        }
+        doc.add_text(description, &agent.description);
+        doc.add_text(self.id, agent.id.to_string());
+        let (hi, lo) = id_halves(agent.id);
+        doc.add_u64(self.id_hi, hi);
+        doc.add_u64(self.id_lo, lo);
+        doc.add_text(self.status, &agent.status);
+        doc.add_text(self.agent_type, &agent.agent_type);
+        if let Some(p) = agent.project_id {
+            doc.add_text(self.project_id, p.to_string());
+        }
+        // Serialising a view of plain data cannot fail.
+        doc.add_bytes(self.agent, &serde_json::to_vec(agent).unwrap_or_default());
+        doc
+    }
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Fields::new()
+    }
+}
+
+/// The `tag` filter term of tag `key: value`.
+pub fn tag_term(key: &str, value: &str) -> String {
+    format!("{key}{TAG_SEPARATOR}{value}")
+}
+
+/// An id as two `u64`s, high first: compared as a pair, they order as the
+/// id does.
+pub fn id_halves(id: Uuid) -> (u64, u64) {
+    let n = id.as_u128();
+    ((n >> 64) as u64, n as u64)
+}
+
+/// The id of its two halves.
+pub fn id_of_halves(hi: u64, lo: u64) -> Uuid {
+    Uuid::from_u128((u128::from(hi) << 64) | u128::from(lo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_halves_round_trip_and_keep_order() {
+        let a = Uuid::now_v7();
+        let b = Uuid::now_v7();
+        let (ha, la) = id_halves(a);
+        assert_eq!(id_of_halves(ha, la), a);
+        assert_eq!((ha, la) < id_halves(b), a < b);
+    }
+}
