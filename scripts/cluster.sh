@@ -354,7 +354,7 @@ status() {
         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
           AND l.classid::int8 = $((0x796d6c73)) AND l.objid::int8 = (hashtext(c.name)::int8 & 4294967295)
-        LIMIT 1), '-') FROM projector_checkpoint c WHERE name = 'main' OR name LIKE 'main:%'
+        LIMIT 1), '-') FROM ymera_read.projector_checkpoint c WHERE name = 'main' OR name LIKE 'main:%'
         ORDER BY length(name), name" 2>/dev/null)" || { echo "(PostgreSQL unreachable)"; return 0; }
     while read -r part seq owner; do
         [ -n "$part" ] || continue
