@@ -23,14 +23,20 @@ const PARTITIONS: u32 = 4;
 /// The partitions that `/health` of the projector process at `addr` says
 /// it owns; `None` when it does not answer.
 async fn owned(client: &reqwest::Client, addr: SocketAddr) -> Option<BTreeSet<u64>> {
-    let r = client
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .ok()?;
-    let health: Value = r.json().await.ok()?;
+    let health = process::health(client, addr).await?;
     let owned = health["checks"]["projector"]["partitions"].as_array()?;
     Some(owned.iter().filter_map(Value::as_u64).collect())
+}
+
+/// A process playing every role on a projection split [`PARTITIONS`]
+/// ways, and an admin token.
+async fn partitioned_app() -> (TestApp, String) {
+    let sandbox = Sandbox::new().await;
+    let mut settings = sandbox.settings.clone();
+    settings.nats.partitions = PARTITIONS;
+    let app = sandbox.start_with(Role::All, &settings).await;
+    let token = app.admin_token().await;
+    (app, token)
 }
 
 /// Creates project `name`: its id.
@@ -261,11 +267,7 @@ async fn two_projectors_share_the_partitions_and_one_takes_over_a_killed_ones() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_waits_for_every_partition_and_an_idle_one_does_not_hold_it_back() {
-    let sandbox = Sandbox::new().await;
-    let mut settings = sandbox.settings.clone();
-    settings.nats.partitions = PARTITIONS;
-    let app = sandbox.start_with(Role::All, &settings).await;
-    let token = app.admin_token().await;
+    let (app, token) = partitioned_app().await;
 
     // One agent: one partition has events of its own, three have none.
     let r = app.create_agent(&token, agent_body("solo")).await;
@@ -317,11 +319,7 @@ async fn a_read_waits_for_every_partition_and_an_idle_one_does_not_hold_it_back(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_count_is_exact_under_concurrent_partitions_and_a_deletion_detaches_all() {
-    let sandbox = Sandbox::new().await;
-    let mut settings = sandbox.settings.clone();
-    settings.nats.partitions = PARTITIONS;
-    let app = sandbox.start_with(Role::All, &settings).await;
-    let token = app.admin_token().await;
+    let (app, token) = partitioned_app().await;
     let from = create_project(&app, &token, "from").await;
     let to = create_project(&app, &token, "to").await;
     let agents: Vec<Value> = (0..40)
