@@ -101,7 +101,11 @@ impl SearchIndex {
                     .and_then(|()| std::fs::create_dir_all(dir))
                     .with_context(|| format!("emptying {}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), "building the search index from the log");
-                (Index::create_in_dir(dir, fields.schema.clone())?, 0)
+                let index = Index::builder()
+                    .schema(fields.schema.clone())
+                    .settings(super::schema::settings())
+                    .create_in_dir(dir)?;
+                (index, 0)
             }
         };
         Fields::register_tokenizers(&index);
