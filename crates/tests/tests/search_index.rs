@@ -1,7 +1,8 @@
 //! The search index as a read model of its own: the typo and ranking rules
 //! one by one, filters and facets inside the engine, read-your-writes on
 //! its own checkpoint, and its life across restarts, a deleted or outdated
-//! directory, and a `kill -9` in the middle of indexing.
+//! directory, a `kill -9` in the middle of indexing, and an OS crash that
+//! tore its unsynced files.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -309,6 +310,17 @@ async fn index_at(app: &TestApp, seq: u64) {
     .await;
 }
 
+/// Edits the payload (checkpoint, schema version, boot) of the last commit
+/// of the index in `dir`.
+fn edit_payload(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let meta_path = dir.join("meta.json");
+    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let mut payload: Value = serde_json::from_str(meta["payload"].as_str().unwrap()).unwrap();
+    edit(&mut payload);
+    meta["payload"] = json!(payload.to_string());
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+}
+
 fn with_search_dir(sandbox: &Sandbox, dir: &Path) -> Settings {
     let mut settings = sandbox.settings.clone();
     settings.search.search_dir = dir.to_owned();
@@ -361,13 +373,10 @@ async fn a_restart_resumes_and_a_deleted_or_outdated_index_is_rebuilt() {
     app.stop().await;
 
     // So is one written under another schema version.
-    let meta_path = dir.join("meta.json");
-    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
-    let mut payload: Value = serde_json::from_str(meta["payload"].as_str().unwrap()).unwrap();
-    assert_eq!(payload["checkpoint"], seq);
-    payload["schema_version"] = json!(0);
-    meta["payload"] = json!(payload.to_string());
-    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    edit_payload(&dir, |payload| {
+        assert_eq!(payload["checkpoint"], seq);
+        payload["schema_version"] = json!(0);
+    });
     let app = sandbox.start_with(Role::All, &settings).await;
     let page = app
         .search(&token, &[("q", "nebula"), ("limit", "500")], seq)
@@ -485,12 +494,7 @@ async fn a_kill_9_in_the_middle_of_indexing_leaves_an_index_equal_to_a_fresh_one
 /// Rewrites the payload of the last commit in `dir` as if it had been
 /// written in another boot of the machine.
 fn as_if_written_before_a_reboot(dir: &Path) {
-    let meta_path = dir.join("meta.json");
-    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
-    let mut payload: Value = serde_json::from_str(meta["payload"].as_str().unwrap()).unwrap();
-    payload["boot"] = json!("an-earlier-boot");
-    meta["payload"] = json!(payload.to_string());
-    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    edit_payload(dir, |payload| payload["boot"] = json!("an-earlier-boot"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
