@@ -26,7 +26,9 @@ async fn ymera(sandbox: Option<&Sandbox>, args: &[&str], env: &[(&str, &str)]) -
             .env("YMERA_NATS_URL", &s.nats.nats_url)
             .env("YMERA_STREAM", &s.nats.stream)
             .env("YMERA_SUBJECT_PREFIX", &s.nats.subject_prefix)
-            .env("YMERA_DATABASE_URL", &s.db.database_url);
+            .env("YMERA_DATABASE_URL", &s.db.database_url)
+            // A search index of its own, never the working directory's.
+            .env("YMERA_SEARCH_DIR", sandbox.fresh_search_dir());
     }
     command.envs(env.iter().copied());
     command.output().await.expect("run ymera")
