@@ -108,7 +108,9 @@ pub async fn apply_all(
     Ok(occurred)
 }
 
-/// Applies one message (a parked event's retry).
+/// Applies one message: a parked event's retry, below the checkpoint. Its
+/// `events` row may be there already (an older version recorded the event
+/// and parked it), so unlike a batch's, it is recorded only if absent.
 pub async fn apply_message(
     tx: &mut Tx<'_>,
     seq: u64,
@@ -121,7 +123,39 @@ pub async fn apply_message(
         payload,
         trace: None,
     };
-    Ok(apply_all(tx, &[one]).await?.pop().flatten())
+    let (env, event) = match decode(payload) {
+        Ok(decoded) => decoded,
+        Err(e) => {
+            let mut batch = Batch::default();
+            batch.parked.push(&one, e.to_string());
+            batch.write(tx).await?;
+            return Ok(None);
+        }
+    };
+    sqlx::query(
+        "INSERT INTO events (seq, event_id, event_type, schema_version, aggregate_type, \
+         aggregate_id, aggregate_version, occurred_at, actor, request_id, data) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb) \
+         ON CONFLICT (seq) DO NOTHING",
+    )
+    .bind(seq as i64)
+    .bind(env.event_id)
+    .bind(&env.event_type)
+    .bind(env.schema_version as i32)
+    .bind(env.aggregate_type.as_str())
+    .bind(env.aggregate_id)
+    .bind(env.aggregate_version as i64)
+    .bind(env.occurred_at)
+    .bind(&env.actor)
+    .bind(&env.request_id)
+    .bind(json_text(&env.data))
+    .execute(&mut **tx)
+    .await?;
+    let occurred_at = env.occurred_at;
+    let mut batch = Batch::default();
+    batch.push(seq, env, event);
+    batch.write(tx).await?;
+    Ok(Some(occurred_at))
 }
 
 /// A decoded event of either aggregate type.
