@@ -516,7 +516,7 @@ async fn insert_agents(
             .int8(row.stamp.seq);
     }
     copy::copy_all(
-        &mut **tx,
+        tx,
         "COPY agents (id, name, type, description, status, capabilities, config, tags, \
          project_id, version, created_at, updated_at, created_by, last_seq) \
          FROM STDIN (FORMAT binary)",
@@ -618,7 +618,7 @@ async fn insert_projects(
             .int8(row.stamp.seq);
     }
     copy::copy_all(
-        &mut **tx,
+        tx,
         "COPY projects (id, name, description, version, created_at, updated_at, created_by, \
          last_seq) FROM STDIN (FORMAT binary)",
         copy,
