@@ -16,7 +16,6 @@
 //! claimed the projection with, so a former owner's late batch fails.
 
 mod apply;
-mod copy;
 pub mod detach;
 pub mod lease;
 pub mod parked;
