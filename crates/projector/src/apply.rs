@@ -6,9 +6,8 @@
 //! one statement of each kind for the whole batch (rows deleted, rows
 //! changed, rows inserted, events recorded), whatever the batch's size or
 //! mix: the cost of a batch is a handful of round trips plus what
-//! PostgreSQL spends per row. Rows inserted and events recorded go in by a
-//! binary COPY ([`crate::copy`]), the events' while the batch is still being
-//! decoded; changes by one `UPDATE … FROM UNNEST` per table.
+//! PostgreSQL spends per row, as close to a COPY as a statement that can
+//! update gets.
 //!
 //! The fold gives the rows that applying the events one by one, in order,
 //! would give, row for row (`projector_fold` tests both ways): an update
@@ -26,8 +25,6 @@ use events::{AggregateType, Envelope};
 use infra::db::Tx;
 use infra::event_store::TraceCarrier;
 use uuid::Uuid;
-
-use crate::copy::{self, CopyRows};
 
 /// Why an event could not be applied. Such an event is parked, never
 /// retried forever nor dropped unseen.
@@ -53,57 +50,35 @@ pub struct Incoming<'a> {
 /// by one in order, and records each in the `events` table. Returns each
 /// event's `occurred_at` (`None` for a message parked because it cannot be
 /// decoded). A database error aborts the batch.
-///
-/// The `events` rows stream into one COPY while the messages are decoded
-/// (PostgreSQL inserts a chunk while the next is decoded); the rows of the
-/// other tables follow, once the batch is folded.
 pub async fn apply_all(
     tx: &mut Tx<'_>,
     messages: &[Incoming<'_>],
 ) -> Result<Vec<Option<DateTime<Utc>>>, sqlx::Error> {
-    if messages.is_empty() {
-        return Ok(vec![]);
-    }
     let mut occurred = Vec::with_capacity(messages.len());
     let mut batch = Batch::with_capacity(messages.len());
-    let mut events = tx.copy_in_raw(EVENTS_COPY).await?;
-    let mut rows = CopyRows::with_capacity(COPY_CHUNK + 4_096);
     for m in messages {
-        let decoded = {
-            // Each event's span continues the trace of the request that
-            // wrote it; made only when traces are exported, as they cost
-            // per event.
-            let span = infra::telemetry::enabled().then(|| {
-                let span = tracing::info_span!("projector.apply", otel.kind = "consumer", seq = m.seq, subject = %m.subject);
-                if let Some(trace) = &m.trace {
-                    infra::telemetry::continue_trace(&span, trace);
-                }
-                span
-            });
-            let _entered = span.as_ref().map(|s| s.enter());
-            let decoded = decode(m.payload);
-            if let Err(e) = &decoded {
-                tracing::error!(seq = m.seq, subject = m.subject, error = %e, "parking an event that cannot be applied");
+        // Each event's span continues the trace of the request that wrote
+        // it; made only when traces are exported, as they cost per event.
+        let span = infra::telemetry::enabled().then(|| {
+            let span = tracing::info_span!("projector.apply", otel.kind = "consumer", seq = m.seq, subject = %m.subject);
+            if let Some(trace) = &m.trace {
+                infra::telemetry::continue_trace(&span, trace);
             }
-            decoded
-        };
-        match decoded {
+            span
+        });
+        let _entered = span.as_ref().map(|s| s.enter());
+        match decode(m.payload) {
             Ok((env, event)) => {
                 occurred.push(Some(env.occurred_at));
-                event_row(&mut rows, m.seq, &env);
                 batch.push(m.seq, env, event);
             }
             Err(e) => {
+                tracing::error!(seq = m.seq, subject = m.subject, error = %e, "parking an event that cannot be applied");
                 batch.parked.push(m, e.to_string());
                 occurred.push(None);
             }
         }
-        if rows.len() >= COPY_CHUNK {
-            events.send(rows.take()).await?;
-        }
     }
-    events.send(rows.finish()).await?;
-    events.finish().await?;
     batch.write(tx).await?;
     Ok(occurred)
 }
@@ -144,6 +119,7 @@ fn decode(payload: &[u8]) -> Result<(Envelope, Event), ApplyError> {
 struct Batch {
     agents: Fold<AgentCreated, AgentChanges>,
     projects: Fold<ProjectCreated, ProjectChanges>,
+    events: EventRows,
     parked: ParkedRows,
 }
 
@@ -151,6 +127,7 @@ impl Batch {
     fn with_capacity(n: usize) -> Self {
         Batch {
             agents: Fold::with_capacity(n),
+            events: EventRows::with_capacity(n),
             ..Batch::default()
         }
     }
@@ -175,11 +152,11 @@ impl Batch {
             Event::Project(ProjectEvent::Updated(c)) => self.projects.updated(id, c, stamp),
             Event::Project(ProjectEvent::Deleted) => self.projects.deleted(id),
         }
+        self.events.push(seq, env);
     }
 
-    /// Writes the batch's rows (its `events` rows are written already):
-    /// per table, deletes, then updates, then inserts (so a row deleted and
-    /// created again in the batch is replaced).
+    /// Writes the batch: per table, deletes, then updates, then inserts
+    /// (so a row deleted and created again in the batch is replaced).
     async fn write(self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
         let agents = self.agents.into_writes();
         delete(tx, "agents", agents.deleted).await?;
@@ -189,6 +166,7 @@ impl Batch {
         delete(tx, "projects", projects.deleted).await?;
         update_projects(tx, projects.changed).await?;
         insert_projects(tx, projects.inserted).await?;
+        self.events.write(tx).await?;
         self.parked.write(tx).await
     }
 }
@@ -462,32 +440,64 @@ async fn insert_agents(
     if rows.is_empty() {
         return Ok(());
     }
-    let mut copy = CopyRows::with_capacity(rows.len() * 400);
-    for (id, row) in rows {
+    let n = rows.len();
+    let mut id = Vec::with_capacity(n);
+    let mut name = Vec::with_capacity(n);
+    let mut agent_type = Vec::with_capacity(n);
+    let mut description = Vec::with_capacity(n);
+    let mut status = Vec::with_capacity(n);
+    let mut capabilities = Vec::with_capacity(n);
+    let mut config = Vec::with_capacity(n);
+    let mut tags = Vec::with_capacity(n);
+    let mut project_id = Vec::with_capacity(n);
+    let mut version = Vec::with_capacity(n);
+    let mut created_at = Vec::with_capacity(n);
+    let mut updated_at = Vec::with_capacity(n);
+    let mut created_by = Vec::with_capacity(n);
+    let mut seq = Vec::with_capacity(n);
+    for (row_id, row) in rows {
         let c = row.data;
-        copy.row(14)
-            .uuid(id)
-            .text(c.name.as_str())
-            .text(c.agent_type.as_str())
-            .text(c.description.as_str())
-            .text(c.status.as_str())
-            .text_array(c.capabilities.as_slice())
-            .jsonb(&json_text(&c.config))
-            .jsonb(&json_text(&c.tags))
-            .opt_uuid(c.project_id)
-            .int8(row.stamp.version)
-            .timestamptz(row.created_at)
-            .timestamptz(row.stamp.at)
-            .text(&row.created_by)
-            .int8(row.stamp.seq);
+        id.push(row_id);
+        capabilities.push(text_array(c.capabilities.as_slice()));
+        config.push(json_text(&c.config));
+        tags.push(json_text(&c.tags));
+        name.push(c.name.into_inner());
+        agent_type.push(c.agent_type.into_inner());
+        description.push(c.description.into_inner());
+        status.push(c.status.as_str());
+        project_id.push(c.project_id);
+        version.push(row.stamp.version);
+        created_at.push(row.created_at);
+        updated_at.push(row.stamp.at);
+        created_by.push(row.created_by);
+        seq.push(row.stamp.seq);
     }
-    copy::copy_all(
-        &mut **tx,
-        "COPY agents (id, name, type, description, status, capabilities, config, tags, \
+    sqlx::query(
+        "INSERT INTO agents (id, name, type, description, status, capabilities, config, tags, \
          project_id, version, created_at, updated_at, created_by, last_seq) \
-         FROM STDIN (FORMAT binary)",
-        copy,
+         SELECT u.id, u.name, u.type, u.description, u.status, u.caps::text[], u.config::jsonb, \
+                u.tags::jsonb, u.project_id, u.version, u.created_at, u.updated_at, u.created_by, u.seq \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                     $7::text[], $8::text[], $9::uuid[], $10::int8[], $11::timestamptz[], \
+                     $12::timestamptz[], $13::text[], $14::int8[]) \
+           AS u(id, name, type, description, status, caps, config, tags, project_id, version, \
+                created_at, updated_at, created_by, seq)",
     )
+    .bind(id)
+    .bind(name)
+    .bind(agent_type)
+    .bind(description)
+    .bind(status)
+    .bind(capabilities)
+    .bind(config)
+    .bind(tags)
+    .bind(project_id)
+    .bind(version)
+    .bind(created_at)
+    .bind(updated_at)
+    .bind(created_by)
+    .bind(seq)
+    .execute(&mut **tx)
     .await
     .map(drop)
 }
@@ -571,24 +581,33 @@ async fn insert_projects(
     if rows.is_empty() {
         return Ok(());
     }
-    let mut copy = CopyRows::with_capacity(rows.len() * 200);
+    let mut cols: (Vec<Uuid>, Vec<String>, Vec<String>, Vec<i64>) = Default::default();
+    let mut times: (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) = Default::default();
+    let (mut created_by, mut seq) = (vec![], vec![]);
     for (id, row) in rows {
-        copy.row(8)
-            .uuid(id)
-            .text(row.data.name.as_str())
-            .text(row.data.description.as_str())
-            .int8(row.stamp.version)
-            .timestamptz(row.created_at)
-            .timestamptz(row.stamp.at)
-            .text(&row.created_by)
-            .int8(row.stamp.seq);
+        cols.0.push(id);
+        cols.1.push(row.data.name.into_inner());
+        cols.2.push(row.data.description.into_inner());
+        cols.3.push(row.stamp.version);
+        times.0.push(row.created_at);
+        times.1.push(row.stamp.at);
+        created_by.push(row.created_by);
+        seq.push(row.stamp.seq);
     }
-    copy::copy_all(
-        &mut **tx,
-        "COPY projects (id, name, description, version, created_at, updated_at, created_by, \
-         last_seq) FROM STDIN (FORMAT binary)",
-        copy,
+    sqlx::query(
+        "INSERT INTO projects (id, name, description, version, created_at, updated_at, created_by, last_seq) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::timestamptz[], \
+                              $6::timestamptz[], $7::text[], $8::int8[])",
     )
+    .bind(cols.0)
+    .bind(cols.1)
+    .bind(cols.2)
+    .bind(cols.3)
+    .bind(times.0)
+    .bind(times.1)
+    .bind(created_by)
+    .bind(seq)
+    .execute(&mut **tx)
     .await
     .map(drop)
 }
@@ -629,39 +648,86 @@ async fn update_projects(
     .map(drop)
 }
 
-/// The COPY of a batch's `events` rows: the events themselves, for
+/// `events` rows waiting for their one insert: the events themselves, for
 /// history, `as_of` and analytics.
-///
-/// A plain COPY, which cannot skip a row whose `seq` is there already (as
-/// the `ON CONFLICT DO NOTHING` of an insert could), and need not: events
-/// at or below the checkpoint never get here, and the checkpoint moves in
-/// the transaction that records them, so each event is recorded once. A
-/// conflict would mean the table was written behind the projector's back,
-/// and fails the batch rather than hiding it. (The check an `ON CONFLICT`
-/// makes per row cost a fifth of the table's insert.)
-const EVENTS_COPY: &str = "COPY events (seq, event_id, event_type, schema_version, \
-     aggregate_type, aggregate_id, aggregate_version, occurred_at, actor, request_id, data) \
-     FROM STDIN (FORMAT binary)";
+#[derive(Default)]
+struct EventRows {
+    seq: Vec<i64>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<String>,
+    schema_version: Vec<i32>,
+    aggregate_type: Vec<&'static str>,
+    aggregate_id: Vec<Uuid>,
+    aggregate_version: Vec<i64>,
+    occurred_at: Vec<DateTime<Utc>>,
+    actor: Vec<String>,
+    request_id: Vec<String>,
+    data: Vec<String>,
+}
 
-/// Bytes of `events` rows sent to the server at a time, while the next are
-/// decoded: large enough that the sends are few, small enough that the
-/// server starts early.
-const COPY_CHUNK: usize = 256 * 1024;
+impl EventRows {
+    fn with_capacity(n: usize) -> Self {
+        EventRows {
+            seq: Vec::with_capacity(n),
+            event_id: Vec::with_capacity(n),
+            event_type: Vec::with_capacity(n),
+            schema_version: Vec::with_capacity(n),
+            aggregate_type: Vec::with_capacity(n),
+            aggregate_id: Vec::with_capacity(n),
+            aggregate_version: Vec::with_capacity(n),
+            occurred_at: Vec::with_capacity(n),
+            actor: Vec::with_capacity(n),
+            request_id: Vec::with_capacity(n),
+            data: Vec::with_capacity(n),
+        }
+    }
 
-/// The `events` row of event `seq`.
-fn event_row(rows: &mut CopyRows, seq: u64, env: &Envelope) {
-    rows.row(11)
-        .int8(seq as i64)
-        .uuid(env.event_id)
-        .text(&env.event_type)
-        .int4(env.schema_version as i32)
-        .text(env.aggregate_type.as_str())
-        .uuid(env.aggregate_id)
-        .int8(env.aggregate_version as i64)
-        .timestamptz(env.occurred_at)
-        .text(&env.actor)
-        .text(&env.request_id)
-        .jsonb(&json_text(&env.data));
+    fn push(&mut self, seq: u64, env: Envelope) {
+        self.seq.push(seq as i64);
+        self.event_id.push(env.event_id);
+        self.schema_version.push(env.schema_version as i32);
+        self.aggregate_type.push(env.aggregate_type.as_str());
+        self.aggregate_id.push(env.aggregate_id);
+        self.aggregate_version.push(env.aggregate_version as i64);
+        self.occurred_at.push(env.occurred_at);
+        self.data.push(json_text(&env.data));
+        self.event_type.push(env.event_type);
+        self.actor.push(env.actor);
+        self.request_id.push(env.request_id);
+    }
+
+    async fn write(self, tx: &mut Tx<'_>) -> Result<(), sqlx::Error> {
+        if self.seq.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO events (seq, event_id, event_type, schema_version, aggregate_type, \
+             aggregate_id, aggregate_version, occurred_at, actor, request_id, data) \
+             SELECT u.seq, u.event_id, u.event_type, u.schema_version, u.aggregate_type, \
+                    u.aggregate_id, u.aggregate_version, u.occurred_at, u.actor, u.request_id, \
+                    u.data::jsonb \
+             FROM UNNEST($1::int8[], $2::uuid[], $3::text[], $4::int4[], $5::text[], \
+                         $6::uuid[], $7::int8[], $8::timestamptz[], $9::text[], $10::text[], \
+                         $11::text[]) \
+               AS u(seq, event_id, event_type, schema_version, aggregate_type, aggregate_id, \
+                    aggregate_version, occurred_at, actor, request_id, data) \
+             ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(self.seq)
+        .bind(self.event_id)
+        .bind(self.event_type)
+        .bind(self.schema_version)
+        .bind(self.aggregate_type)
+        .bind(self.aggregate_id)
+        .bind(self.aggregate_version)
+        .bind(self.occurred_at)
+        .bind(self.actor)
+        .bind(self.request_id)
+        .bind(self.data)
+        .execute(&mut **tx)
+        .await
+        .map(drop)
+    }
 }
 
 /// Messages that cannot be applied, kept with the reason.

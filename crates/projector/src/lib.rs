@@ -20,7 +20,6 @@
 //! shared among the projector processes by [`partitions::run`].
 
 mod apply;
-mod copy;
 pub mod detach;
 pub mod lease;
 pub mod parked;
