@@ -230,21 +230,15 @@ async fn equal_scores_page_in_id_order_across_segments_updates_and_deletes() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
     let mut ids = Vec::new();
-    for i in 0..24 {
-        let r = app
-            .create_agent(
-                &token,
-                json!({"name": format!("Tier agent {i}"), "type": "llm"}),
-            )
-            .await;
-        assert_eq!(r.status(), 201);
-        let created = header_u64(&r, "x-event-seq");
-        let body: Value = r.json().await.unwrap();
-        ids.push(body["id"].as_str().unwrap().to_owned());
-        if i % 6 == 5 {
-            // Searching at the sequence waits for a commit: a segment.
-            app.search(&token, &[("q", "tier")], created).await;
-        }
+    for batch in 0..3 {
+        let agents = (0..8)
+            .map(|i| json!({"name": format!("Tier agent {batch}-{i}"), "type": "llm"}))
+            .collect();
+        ids.extend(app.bulk_create(&token, agents).await);
+        // Searching at the sequence waits for the batch's commit: a
+        // segment of 8, more than a page.
+        let seq = app.last_seq().await;
+        app.search(&token, &[("q", "tier")], seq).await;
     }
     let r = app
         .request(
