@@ -39,9 +39,7 @@ use tantivy::collector::TopDocs;
 use tantivy::index::SegmentComponent;
 use tantivy::query::TermQuery;
 use tantivy::schema::{IndexRecordOption, Value};
-use tantivy::{
-    Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument,
-};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -126,11 +124,8 @@ impl SearchIndex {
                     .with_context(|| format!("emptying {}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), "building the search index from the log");
                 let directory = UnsyncedDirectory::open(dir)?;
-                let index = Index::create(
-                    directory,
-                    fields.schema.clone(),
-                    super::schema::settings(),
-                )?;
+                let index =
+                    Index::create(directory, fields.schema.clone(), super::schema::settings())?;
                 (index, 0)
             }
         };
