@@ -39,8 +39,11 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 const MEMBER_CLASS: i32 = 0x796d_6d62; // "ymmb"
 
 /// The most projectors that can share a projection at once; more wait for
-/// a free slot.
+/// one to leave.
 const MAX_MEMBERS: i32 = 256;
+/// How soon a projector that could not join tries again: at once after a
+/// lost race for a slot would do, but a full house or an outage waits.
+const JOIN_RETRY: Duration = Duration::from_millis(100);
 
 /// Which advisory lock a session asks for.
 #[derive(Debug, Clone, Copy)]
@@ -165,32 +168,67 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Takes the first free membership slot, waiting while all are taken;
-    /// `None` once `shutdown` fires.
+    /// Joins as the newest member: takes the slot one above every slot
+    /// held now, waiting while [`MAX_MEMBERS`] are; `None` once `shutdown`
+    /// fires.
+    ///
+    /// Slots so taken rise in the order their locks were granted (a slot
+    /// read from a view another member has since overtaken is already held,
+    /// so the lock is refused and the next look goes higher), which is the
+    /// order [`Membership::rank`] sorts by. A session's start time would not
+    /// do: two processes starting together can connect in one order and
+    /// lock in the other, and the one that locked first would then hand its
+    /// partitions over moments after taking them.
     pub async fn join(pool: &PgPool, shutdown: &CancellationToken) -> Option<Membership> {
         let mut session: Option<PgConnection> = None;
         loop {
-            for slot in 0..MAX_MEMBERS {
-                match try_lock(pool, &mut session, Key::Member(slot)).await {
-                    Ok(true) => {
-                        if let Some(conn) = session.take() {
-                            let lease = Lease::keep(conn, format!("member {slot}"));
-                            return Some(Membership { slot, lease });
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "joining the projectors failed; retrying");
-                        session = None;
-                        break;
-                    }
+            match Self::try_join(pool, &mut session).await {
+                Ok(Some(membership)) => return Some(membership),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "joining the projectors failed; retrying");
+                    session = None;
                 }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(JOIN_RETRY) => {}
             }
         }
+    }
+
+    /// One attempt at [`Membership::join`]: `None` when the slot it chose
+    /// was taken meanwhile, or every slot is.
+    async fn try_join(
+        pool: &PgPool,
+        session: &mut Option<PgConnection>,
+    ) -> Result<Option<Membership>, sqlx::Error> {
+        let conn = match session {
+            Some(conn) => conn,
+            None => session.insert(connect(pool).await?),
+        };
+        let (next, members): (i64, i64) = sqlx::query_as(
+            "SELECT coalesce(max(l.objid::int8) + 1, 0), count(*) FROM pg_locks l \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+               AND l.classid::int8 = $1 \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(i64::from(MEMBER_CLASS))
+        .fetch_one(&mut *conn)
+        .await?;
+        let Ok(slot) = i32::try_from(next) else {
+            return Ok(None);
+        };
+        if members >= i64::from(MAX_MEMBERS) {
+            return Ok(None);
+        }
+        if !try_lock(pool, session, Key::Member(slot)).await? {
+            return Ok(None);
+        }
+        Ok(session.take().map(|conn| Membership {
+            slot,
+            lease: Lease::keep(conn, format!("member {slot}")),
+        }))
     }
 
     /// This member's place among the live members, in the order they
@@ -199,11 +237,11 @@ impl Membership {
     /// `None` if its own lock is not among them (its session is gone).
     pub async fn rank(&self, pool: &PgPool) -> Result<Option<(u32, u32)>, sqlx::Error> {
         let slots: Vec<i64> = sqlx::query_scalar(
-            "SELECT l.objid::int8 FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+            "SELECT l.objid::int8 FROM pg_locks l \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
                AND l.classid::int8 = $1 \
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             ORDER BY a.backend_start, l.pid",
+             ORDER BY l.objid::int8",
         )
         .bind(i64::from(MEMBER_CLASS))
         .fetch_all(pool)
