@@ -8,7 +8,8 @@
 #   to the query-api copies, each upstream with passive health checks.
 #
 #   ./scripts/cluster.sh up              start everything, wait until healthy
-#   ./scripts/cluster.sh status          each process, its health, the projector owner
+#   ./scripts/cluster.sh status          each process, its health, the partitions each projector
+#                                        owns, and each partition's checkpoint and owner
 #   ./scripts/cluster.sh restart NAME    restart one process with the same settings
 #   ./scripts/cluster.sh down            stop everything, remove the cluster's data
 #
@@ -27,6 +28,8 @@
 #                            base+11..13 NATS clients, base+21..23 NATS routes,
 #                            base+31..33 NATS monitoring
 #   YMERA_CLUSTER_DB         the PostgreSQL database (ymera_cluster)
+#   YMERA_CLUSTER_PARTITIONS the projection's partitions, shared by the two
+#                            projectors (4; fixed for the cluster's life)
 #   YMERA_DATABASE_URL       a PostgreSQL URL whose role may create databases
 #                            (else scripts/setup.sh is run and .data/env read)
 #   YMERA_BIN                the ymera binary (else a release build)
@@ -135,6 +138,7 @@ start_ymera() {
     launch "$name" env \
         YMERA_NATS_URL="$(nats_urls)" \
         YMERA_STREAM_REPLICAS=3 \
+        YMERA_PARTITIONS="${PARTITIONS:-4}" \
         YMERA_DATABASE_URL="$DATABASE_URL" \
         YMERA_BIND="127.0.0.1:$(port "$name")" \
         YMERA_SEARCH_DIR="$DIR/$name/search" \
@@ -253,6 +257,8 @@ up() {
         PORT_BASE="${YMERA_CLUSTER_PORT_BASE:-18080}"
         DB="${YMERA_CLUSTER_DB:-ymera_cluster}"
         [[ "$DB" =~ ^[a-z_][a-z0-9_]*$ ]] || die "YMERA_CLUSTER_DB must be a plain lower-case name"
+        PARTITIONS="${YMERA_CLUSTER_PARTITIONS:-4}"
+        [[ "$PARTITIONS" =~ ^[1-9][0-9]?$ ]] || die "YMERA_CLUSTER_PARTITIONS must be 1 to 64"
         local admin_url="${YMERA_DATABASE_URL:-}"
         if [ -z "$admin_url" ]; then
             "$ROOT/scripts/setup.sh"
@@ -284,7 +290,7 @@ up() {
         ADMIN_PASSWORD="${YMERA_ADMIN_PASSWORD:-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
         mkdir -p "$DIR"
         local v
-        for v in PORT_BASE DB DATABASE_URL ADMIN_URL NATS_BIN BIN JWT_SECRET ADMIN_USERNAME ADMIN_PASSWORD; do
+        for v in PORT_BASE DB PARTITIONS DATABASE_URL ADMIN_URL NATS_BIN BIN JWT_SECRET ADMIN_USERNAME ADMIN_PASSWORD; do
             printf '%s=%q\n' "$v" "${!v}"
         done >"$SETTINGS"
         chmod 600 "$SETTINGS"
@@ -318,7 +324,7 @@ install_nginx() {
 status() {
     load_settings
     local name pid health lease
-    printf '%-14s %-8s %-10s %s\n' NAME PID HEALTH PROJECTOR
+    printf '%-14s %-8s %-10s %s\n' NAME PID HEALTH PARTITIONS
     for name in "${NAMES[@]}"; do
         pid="$(alive "$name")" || pid=-
         if [ "$pid" = - ]; then
@@ -330,12 +336,37 @@ status() {
         fi
         lease=
         if [[ "$name" == projector-* ]] && [ "$pid" != - ]; then
-            # `owner` holds the projection's lease, `standby` waits for it.
+            # The partitions whose leases this projector holds (by index),
+            # or `standby` while it holds none.
             lease="$(curl -fsS --max-time 2 "http://127.0.0.1:$(port "$name")/health" 2>/dev/null \
-                | grep -o '"lease":"[a-z]*"' | cut -d'"' -f4)" || true
+                | grep -o '"partitions":\[[0-9,]*\]' | cut -d: -f2 | tr -d '[]')" || true
+            lease="${lease:-standby}"
         fi
         printf '%-14s %-8s %-10s %s\n' "$name" "$pid" "$health" "$lease"
     done
+    # Each partition's checkpoint and owner, from PostgreSQL itself: the
+    # session holding the partition's lease names its process's pid.
+    echo
+    printf '%-14s %-12s %s\n' PARTITION CHECKPOINT OWNER
+    local rows part seq owner who
+    rows="$(psql "$DATABASE_URL" -qAt -F ' ' -c "SELECT name, last_seq, coalesce((SELECT a.application_name
+        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid::int8 = $((0x796d6c73)) AND l.objid::int8 = (hashtext(c.name)::int8 & 4294967295)
+        LIMIT 1), '-') FROM ymera_read.projector_checkpoint c WHERE name = 'main' OR name LIKE 'main:%'
+        ORDER BY length(name), name" 2>/dev/null)" || { echo "(PostgreSQL unreachable)"; return 0; }
+    while read -r part seq owner; do
+        [ -n "$part" ] || continue
+        who=-
+        if [[ "$owner" =~ pid\ ([0-9]+)$ ]]; then
+            who="pid ${BASH_REMATCH[1]}"
+            for name in projector-1 projector-2; do
+                [ "$(alive "$name")" = "${BASH_REMATCH[1]}" ] && who="$name"
+            done
+        fi
+        printf '%-14s %-12s %s\n' "$part" "$seq" "$who"
+    done <<<"$rows"
 }
 
 down() {

@@ -36,6 +36,13 @@ pub struct NatsConfig {
     /// milliseconds.
     #[arg(long, env = "YMERA_NATS_TIMEOUT_MS", default_value_t = 1_000)]
     pub request_timeout_ms: u64,
+    /// How many partitions the projection splits the log into, by a hash of
+    /// the aggregate id; projectors share them, one owner each. Fixed per
+    /// deployment: every projector must be given the same number, and
+    /// changing it means stopping them all first (1 to 64).
+    #[arg(long, env = "YMERA_PARTITIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::projection::MAX_PARTITIONS)))]
+    pub partitions: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +77,7 @@ impl NatsConfig {
             stream_storage: StreamStorage::File,
             duplicate_window_secs: 120,
             request_timeout_ms: 1_000,
+            partitions: 1,
         }
     }
 }

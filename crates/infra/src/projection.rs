@@ -2,8 +2,18 @@
 //! table the projector moves, and a watch on it for read-your-writes.
 //!
 //! The projector commits each batch together with its checkpoint and sends
-//! `NOTIFY ymera_projection, '<seq>'` in the same transaction, so a listener
-//! learns of a new checkpoint exactly when its data becomes visible.
+//! `NOTIFY ymera_projection` in the same transaction, so a listener learns
+//! of a new checkpoint exactly when its data becomes visible.
+//!
+//! The live projection may be split into [`Partition`]s by aggregate, each
+//! with its own checkpoint row and one owner at a time. Every partition
+//! reads the whole log and applies only its own aggregates' events, but its
+//! checkpoint moves over the others' too: it is the partition's applied
+//! *watermark*, the last stream sequence it has seen, so a partition whose
+//! aggregates nobody writes keeps up with the log without applying
+//! anything. The projection as a whole has applied every event up to the
+//! lowest watermark ([`checkpoint`]): that is what reads are measured
+//! against (`X-Projection-Seq`, `X-Min-Event-Seq`).
 //!
 //! Every statement on `projector_checkpoint` that more than one crate needs
 //! lives here. The table itself is created by the projector's migrations,
@@ -11,7 +21,7 @@
 //! checkpoint table of its own, made with the read models it describes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -27,10 +37,186 @@ pub const CHANNEL: &str = "ymera_projection";
 /// The projection whose checkpoint reads are measured against.
 pub const MAIN: &str = "main";
 
-/// The live projection's checkpoint: the stream sequence of the last event
-/// applied (0 before the first).
+/// The most partitions a projection may be split into.
+pub const MAX_PARTITIONS: u32 = 64;
+
+/// One partition of the live projection: the aggregates whose id hashes to
+/// `index` among `count`. The hash is FNV-1a (32 bits) of the aggregate
+/// id's text as it stands in the subject, modulo `count`: the function of
+/// NATS's own subject mapping `{{partition(count, ...)}}`, so a stream that
+/// one day carries the partition in its subjects keeps every aggregate
+/// where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Partition {
+    /// The unpartitioned projection: every aggregate, under the name
+    /// [`MAIN`] (today's checkpoint row, unchanged).
+    pub const WHOLE: Partition = Partition { index: 0, count: 1 };
+
+    /// Every partition of a projection split `count` ways.
+    pub fn all(count: u32) -> impl Iterator<Item = Partition> {
+        (0..count).map(move |index| Partition { index, count })
+    }
+
+    /// The name of its checkpoint row and lease: [`MAIN`] when whole,
+    /// `main:<index>/<count>` otherwise, so that a different split of the
+    /// log never reads another's checkpoint.
+    pub fn name(&self) -> String {
+        if self.count == 1 {
+            MAIN.to_owned()
+        } else {
+            format!("{MAIN}:{}/{}", self.index, self.count)
+        }
+    }
+
+    /// Whether the event on `subject` belongs to this partition.
+    pub fn owns(&self, subject: &str) -> bool {
+        self.count == 1 || partition_of(subject, self.count) == self.index
+    }
+}
+
+/// The partition (among `count`) of the aggregate whose subject is
+/// `subject` (`<prefix>.<type>.<id>`; see [`Partition`]). A subject
+/// without a token falls to partition 0.
+pub fn partition_of(subject: &str, count: u32) -> u32 {
+    let id = subject.rsplit('.').next().unwrap_or_default();
+    let hash = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash % count.max(1)
+}
+
+/// The live projection's watermark as one SQL scalar: the lowest
+/// checkpoint of its partitions (the one [`MAIN`] row when whole), 0 before
+/// the first batch. [`ensure_layout`] keeps only the current split's rows.
+pub const WATERMARK_SQL: &str = "SELECT COALESCE(min(last_seq), 0) FROM projector_checkpoint \
+     WHERE name = 'main' OR name LIKE 'main:%'";
+
+/// The live projection's checkpoint: every event up to it is applied, in
+/// every partition (0 before the first).
 pub async fn checkpoint(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    checkpoint_of(pool, MAIN).await
+    let seq: i64 = sqlx::query_scalar(WATERMARK_SQL).fetch_one(pool).await?;
+    Ok(seq.max(0) as u64)
+}
+
+/// How many ways the live projection is split now (1 when whole, or before
+/// any projector has started).
+pub async fn partition_count(pool: &PgPool) -> Result<u32, sqlx::Error> {
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM projector_checkpoint WHERE name LIKE 'main:%'")
+            .fetch_one(pool)
+            .await?;
+    Ok(n.clamp(1, i64::from(MAX_PARTITIONS)) as u32)
+}
+
+/// Each partition of the live projection: its name, its checkpoint, and
+/// the process that holds its lease (`None` while nobody does), as the
+/// lease's session names itself (`application_name`).
+pub async fn partitions(pool: &PgPool) -> Result<Vec<PartitionState>, sqlx::Error> {
+    let rows: Vec<(String, i64, Option<String>)> = sqlx::query_as(
+        "SELECT c.name, c.last_seq, \
+                (SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND l.classid::int8 = $1 AND l.objid::int8 = (hashtext(c.name)::int8 & 4294967295) \
+                 LIMIT 1) \
+         FROM projector_checkpoint c WHERE c.name = 'main' OR c.name LIKE 'main:%' \
+         ORDER BY length(c.name), c.name",
+    )
+    .bind(i64::from(LEASE_CLASS))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, seq, owner)| PartitionState {
+            name,
+            checkpoint: seq.max(0) as u64,
+            owner,
+        })
+        .collect())
+}
+
+/// One partition of the live projection, as [`partitions`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionState {
+    pub name: String,
+    pub checkpoint: u64,
+    pub owner: Option<String>,
+}
+
+/// The first half of every projection lease's advisory lock key (the second
+/// is the projection name's `hashtext`), so that the leases stand apart
+/// from the other advisory locks of the database.
+pub const LEASE_CLASS: i32 = 0x796d_6c73; // "ymls"
+
+/// Makes the checkpoint rows of the live projection split `count` ways, if
+/// they are not there yet, and removes any other split's. A new split
+/// starts where the old one stands, which must be one event for all its
+/// partitions (a partition starting behind another would apply some events
+/// twice): true once the projectors of the old split have caught up with
+/// the log, since every partition's watermark then reaches its end.
+/// Raising a removed row's owners' epoch is not needed: their checkpoint
+/// moves find no row and fail.
+pub async fn ensure_layout(pool: &PgPool, count: u32) -> Result<(), LayoutError> {
+    let wanted: Vec<String> = Partition::all(count).map(|p| p.name()).collect();
+    let mut tx = pool.begin().await?;
+    // One starter at a time decides; checkpoint moves go on meanwhile.
+    sqlx::query("LOCK TABLE projector_checkpoint IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, last_seq FROM projector_checkpoint WHERE name = 'main' OR name LIKE 'main:%'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut have: Vec<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+    have.sort_unstable();
+    let mut want: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    if have == want {
+        return Ok(());
+    }
+    let at = rows.first().map_or(0, |r| r.1);
+    if rows.iter().any(|r| r.1 != at) {
+        let stands: Vec<String> = rows.iter().map(|(n, s)| format!("{n} at {s}")).collect();
+        return Err(LayoutError::Uneven(stands.join(", ")));
+    }
+    sqlx::query("DELETE FROM projector_checkpoint WHERE name = 'main' OR name LIKE 'main:%'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO projector_checkpoint (name, last_seq) SELECT n, $2 FROM unnest($1::text[]) n",
+    )
+    .bind(&wanted)
+    .bind(at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(
+        partitions = count,
+        at,
+        "the projection's partitions start here"
+    );
+    Ok(())
+}
+
+/// Why the projection's partitions could not be laid out.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// The partition count changed while the old partitions stood at
+    /// different events.
+    #[error(
+        "the projection's partitions stand at different events ({0}): to change YMERA_PARTITIONS, \
+         run the projectors with the old count until they have caught up with the log, stop them \
+         all, then start them with the new count"
+    )]
+    Uneven(String),
 }
 
 /// The checkpoint of projection `name` (0 before its first batch).
@@ -66,14 +252,12 @@ pub async fn checkpoint_in(
 pub async fn checkpoint_with_time(
     pool: &PgPool,
 ) -> Result<(u64, Option<DateTime<Utc>>), sqlx::Error> {
-    let row: Option<(i64, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT c.last_seq, e.occurred_at FROM projector_checkpoint c \
-         LEFT JOIN events e ON e.seq = c.last_seq WHERE c.name = $1",
-    )
-    .bind(MAIN)
-    .fetch_optional(pool)
+    let (seq, at): (i64, Option<DateTime<Utc>>) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT c.seq, e.occurred_at FROM ({WATERMARK_SQL}) c(seq) \
+         LEFT JOIN events e ON e.seq = c.seq"
+    )))
+    .fetch_one(pool)
     .await?;
-    let (seq, at) = row.unwrap_or((0, None));
     Ok((seq.max(0) as u64, at))
 }
 
@@ -91,11 +275,17 @@ pub struct Claim {
 /// start): raises its epoch, so that a projector that claimed it earlier
 /// can no longer move its checkpoint. The claim waits for a batch that a
 /// former owner is committing, and starts after it.
+///
+/// A partition's row is made by [`ensure_layout`] only: a projector of a
+/// split that has since been replaced finds no row (an error) rather than
+/// making one at 0, which would hold every read back.
 pub async fn claim(pool: &PgPool, name: &str) -> Result<Claim, sqlx::Error> {
-    sqlx::query("INSERT INTO projector_checkpoint (name) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(name)
-        .execute(pool)
-        .await?;
+    if !name.starts_with(&format!("{MAIN}:")) {
+        sqlx::query("INSERT INTO projector_checkpoint (name) VALUES ($1) ON CONFLICT DO NOTHING")
+            .bind(name)
+            .execute(pool)
+            .await?;
+    }
     let (seq, epoch): (i64, i64) = sqlx::query_as(
         "UPDATE projector_checkpoint SET epoch = epoch + 1 WHERE name = $1 \
          RETURNING last_seq, epoch",
@@ -117,7 +307,10 @@ pub async fn claim(pool: &PgPool, name: &str) -> Result<Claim, sqlx::Error> {
 /// forward, by one owner's batches. Takes the row's lock until commit:
 /// call it before applying the batch, so a fenced batch does no work.
 /// With `notify`, every [`ProjectionWatch`] learns of the new checkpoint
-/// when the transaction commits, and not before.
+/// when the transaction commits, and not before: the notification carries
+/// it when `name` is the whole projection ([`MAIN`]), and only says that a
+/// partition moved otherwise (the listener then reads the lowest
+/// watermark: one partition's own says nothing of the others').
 pub async fn advance(
     tx: &mut Tx<'_>,
     name: &str,
@@ -131,8 +324,8 @@ pub async fn advance(
     const MOVE_AND_NOTIFY: &str = "WITH moved AS (UPDATE projector_checkpoint \
          SET last_seq = $4, updated_at = now() \
          WHERE name = $1 AND epoch = $2 AND last_seq = $3 AND $4 > last_seq RETURNING last_seq) \
-         SELECT moved.last_seq FROM moved \
-         CROSS JOIN LATERAL (SELECT pg_notify($5, moved.last_seq::text)) notified";
+         SELECT moved.last_seq FROM moved CROSS JOIN LATERAL \
+         (SELECT pg_notify($5, CASE WHEN $1 = 'main' THEN moved.last_seq::text ELSE $1 END)) notified";
     let mut query = sqlx::query(if notify { MOVE_AND_NOTIFY } else { MOVE })
         .bind(name)
         .bind(claim.epoch)
@@ -145,21 +338,35 @@ pub async fn advance(
     Ok(moved)
 }
 
-/// Whether this process's projector owns its projection (one process does;
-/// any other waits as a hot standby): what `/health` and the metrics show.
+/// Which partitions of the projection this process's projector owns (each
+/// is owned by one process; the others stand by for it): what `/health`
+/// and the metrics show.
 #[derive(Debug, Clone, Default)]
-pub struct Ownership(Arc<AtomicBool>);
+pub struct Ownership(Arc<AtomicU64>);
 
 impl Ownership {
-    /// Records that this process now owns projection `name`, or stands by.
-    pub fn set(&self, name: &str, owner: bool) {
-        self.0.store(owner, Ordering::SeqCst);
-        crate::metrics::record_projector_owner(name, owner);
+    /// Records that this process now owns `partition`, or stands by for it.
+    pub fn set(&self, partition: Partition, owner: bool) {
+        let bit = 1u64 << partition.index.min(MAX_PARTITIONS - 1);
+        if owner {
+            self.0.fetch_or(bit, Ordering::SeqCst);
+        } else {
+            self.0.fetch_and(!bit, Ordering::SeqCst);
+        }
+        crate::metrics::record_projector_owner(&partition.name(), owner);
     }
 
-    /// Whether this process owns the projection now.
+    /// Whether this process owns any partition now.
     pub fn is_owner(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) != 0
+    }
+
+    /// The partitions this process owns now, by index.
+    pub fn owned(&self) -> Vec<u32> {
+        let mask = self.0.load(Ordering::SeqCst);
+        (0..MAX_PARTITIONS)
+            .filter(|i| mask & (1u64 << i) != 0)
+            .collect()
     }
 }
 
@@ -264,6 +471,16 @@ async fn listen(pool: &PgPool, tx: &watch::Sender<u64>) -> sqlx::Error {
                 Ok(Some(n)) => {
                     if let Ok(seq) = n.payload().parse::<u64>() {
                         see(tx, seq);
+                        continue;
+                    }
+                    // A partition moved: the watermark is read after its
+                    // commit, and so after every commit notified before
+                    // (those already here are taken with it), so the last
+                    // read follows the last commit.
+                    while listener.next_buffered().is_some() {}
+                    match checkpoint(pool).await {
+                        Ok(seq) => see(tx, seq),
+                        Err(e) => return e,
                     }
                 }
                 Ok(None) => {

@@ -14,11 +14,16 @@
 //! while it holds the projection's [`lease::Lease`], and waits as a hot
 //! standby otherwise. Each checkpoint move is fenced by the epoch the owner
 //! claimed the projection with, so a former owner's late batch fails.
+//!
+//! The live projection may be split into partitions by aggregate
+//! ([`Partition`]), each a projector of its own (its checkpoint, its lease),
+//! shared among the projector processes by [`partitions::run`].
 
 mod apply;
 pub mod detach;
 pub mod lease;
 pub mod parked;
+pub mod partitions;
 pub mod progress;
 pub mod rebuild;
 
@@ -27,9 +32,10 @@ use std::time::Duration;
 use futures::FutureExt;
 use infra::db::Tx;
 use infra::event_store::{StoredMessage, Subscription};
-use infra::projection::{Claim, Ownership};
+use infra::projection::{Claim, Ownership, Partition};
 use infra::{EventStore, StoreError, projection};
 use sqlx::PgPool;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use apply::ApplyError;
@@ -59,17 +65,40 @@ pub struct Settings {
     pub stop_at: Option<u64>,
     /// Stop at the first event that occurred after this time.
     pub stop_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// The aggregates whose events it applies; the checkpoint moves over
+    /// the others' events too (see `infra::projection`).
+    pub partition: Partition,
 }
 
 impl Default for Settings {
     fn default() -> Self {
+        Settings::live(Partition::WHOLE)
+    }
+}
+
+impl Settings {
+    /// The live projector of `partition`, with its own checkpoint row and
+    /// durable subscription (the whole projection's are `main` and
+    /// `ymera-projector-main`, as before partitions).
+    pub fn live(partition: Partition) -> Self {
+        let consumer = if partition.count == 1 {
+            format!("ymera-projector-{}", projection::MAIN)
+        } else {
+            format!(
+                "ymera-projector-{}-{}-of-{}",
+                projection::MAIN,
+                partition.index,
+                partition.count
+            )
+        };
         Settings {
             batch_size: 5_000,
-            name: projection::MAIN.to_owned(),
-            consumer: format!("ymera-projector-{}", projection::MAIN),
+            name: partition.name(),
+            consumer,
             live: true,
             stop_at: None,
             stop_after: None,
+            partition,
         }
     }
 }
@@ -271,13 +300,16 @@ impl Projector {
                 finished = true;
                 break;
             }
+            checkpoint = seq;
+            if !self.settings.partition.owns(message.subject()) {
+                continue; // another partition's: seen, not applied here
+            }
             incoming.push(apply::Incoming {
                 seq,
                 subject: message.subject(),
                 payload: message.payload(),
                 trace: message.trace(),
             });
-            checkpoint = seq;
         }
         let applied = incoming.len();
         if checkpoint > self.checkpoint {
@@ -335,21 +367,29 @@ impl Projector {
         serde_json::from_slice::<When>(payload).is_ok_and(|w| w.occurred_at > after)
     }
 
-    /// Owns the projection whenever it can until `shutdown`: waits as a hot
-    /// standby while another process holds the projection's lease, and
-    /// applies events while this one does. `ownership` says which, for
-    /// `/health` and the metrics.
-    pub async fn run(mut self, ownership: Ownership, shutdown: CancellationToken) {
+    /// Owns the projection whenever `mine` says it is this process's to
+    /// own, until `shutdown`: waits as a hot standby while another process
+    /// holds the projection's lease (or while `mine` is false), applies
+    /// events while this one does, and gives the lease up as soon as `mine`
+    /// turns false. `ownership` says which, for `/health` and the metrics.
+    pub async fn run(
+        mut self,
+        ownership: Ownership,
+        mut mine: watch::Receiver<bool>,
+        shutdown: CancellationToken,
+    ) {
         let name = self.settings.name.clone();
-        ownership.set(&name, false);
+        let partition = self.settings.partition;
+        ownership.set(partition, false);
         loop {
-            let Some(lease) = lease::Lease::acquire(&self.pool, &name, &shutdown).await else {
+            let Some(lease) = lease::Lease::acquire(&self.pool, &name, &mut mine, &shutdown).await
+            else {
                 return;
             };
             tracing::info!(projection = %name, "this process owns the projection");
-            ownership.set(&name, true);
-            self.own(&lease, &shutdown).await;
-            ownership.set(&name, false);
+            ownership.set(partition, true);
+            self.own(&lease, &mut mine, &shutdown).await;
+            ownership.set(partition, false);
             // Whoever owns the projection next claims it and subscribes
             // afresh, as does this process if it owns it again.
             self.messages = None;
@@ -363,13 +403,19 @@ impl Projector {
     /// Applies events while `lease` holds, backing off while a dependency
     /// is down and resuming from the checkpoint when it returns. Returns
     /// at `shutdown`, or as soon as the projection is no longer this
-    /// process's to apply.
-    async fn own(&mut self, lease: &lease::Lease, shutdown: &CancellationToken) {
+    /// process's to apply (its lease lost, or `mine` false).
+    async fn own(
+        &mut self,
+        lease: &lease::Lease,
+        mine: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let step = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = lease.lost() => return,
+                _ = mine.wait_for(|m| !*m) => return,
                 step = self.process_next_batch(Duration::from_secs(1)) => step,
             };
             match step {
@@ -383,6 +429,7 @@ impl Projector {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = lease.lost() => return,
+                        _ = mine.wait_for(|m| !*m) => return,
                         _ = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));

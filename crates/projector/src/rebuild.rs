@@ -330,6 +330,15 @@ pub async fn rebuild(
     force: bool,
     progress: &Reporter,
 ) -> Result<RebuildReport, RebuildError> {
+    // The swap compares with, and continues from, one live checkpoint; the
+    // partitions of a split projection each stand at their own.
+    if projection::partition_count(live).await? > 1 {
+        return Err(RebuildError::Invalid(
+            "the live projection is partitioned (YMERA_PARTITIONS > 1): rebuild with the \
+             projectors on one partition"
+                .into(),
+        ));
+    }
     let schema = fresh_schema("ymera_read_rebuild");
     prepare(live, &schema).await?;
     let pool = db::pool_reading(db_cfg, &schema)?;

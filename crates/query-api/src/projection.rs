@@ -2,7 +2,9 @@
 //! checkpoint so the data and its sequence come from one snapshot, every
 //! answer says that sequence (`X-Projection-Seq`), and a reader that needs
 //! its own writes is answered only once the projection has got as far as it
-//! asks (`X-Min-Event-Seq` or `?min_seq=`).
+//! asks (`X-Min-Event-Seq` or `?min_seq=`). On a partitioned projection
+//! that sequence is the lowest of the partitions' watermarks (see
+//! `infra::projection`).
 
 use std::sync::LazyLock;
 
@@ -11,7 +13,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use infra::http::{ApiError, QueryPairs, X_PROJECTION_SEQ, min_seq};
-use infra::projection::{MAIN, ProjectionWatch};
+use infra::projection::{ProjectionWatch, WATERMARK_SQL};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use utoipa::IntoParams;
@@ -20,14 +22,10 @@ use crate::QueryState;
 use crate::params::Params;
 
 /// The live projection's checkpoint as one row `c` with the column `seq`,
-/// to join the data against so both come from one snapshot. Built once:
-/// `MAIN` is a constant, quoted here as an SQL literal.
-pub(crate) static CHECKPOINT: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "(SELECT COALESCE((SELECT last_seq FROM projector_checkpoint WHERE name = '{}'), 0) AS seq) c",
-        MAIN.replace('\'', "''")
-    )
-});
+/// to join the data against so both come from one snapshot: the lowest
+/// watermark of its partitions, up to which every event is applied.
+pub(crate) static CHECKPOINT: LazyLock<String> =
+    LazyLock::new(|| format!("(SELECT ({WATERMARK_SQL}) AS seq) c"));
 
 /// The `projection_seq` column of a row joined to [`CHECKPOINT`].
 pub(crate) fn projection_seq(row: &PgRow) -> Result<u64, sqlx::Error> {

@@ -1,7 +1,7 @@
 //! The production shape on loopback, as `scripts/cluster.sh` runs it, for a
 //! test of its own: three NATS nodes (the stream R3), two copies of each
-//! API role, two projectors and nginx, on ports, data directories and a
-//! database of the test's own. The test drives it through the script
+//! API role, two projectors sharing the projection's partitions, and nginx,
+//! on ports, data directories and a database of the test's own. The test drives it through the script
 //! itself (`up`, `restart NAME`, `down`) and its pid files, so what is
 //! tested is what an operator runs.
 
@@ -11,6 +11,9 @@ use std::process::Command;
 use infra::EventStore;
 use infra::config::NatsConfig;
 use uuid::Uuid;
+
+/// The projection's partitions the cluster's two projectors share.
+pub const PARTITIONS: u32 = 4;
 
 /// A cluster brought up by `scripts/cluster.sh up`, brought down (its
 /// processes stopped, its data and database removed) on drop. When the
@@ -60,6 +63,7 @@ impl Cluster {
                 .env("YMERA_DATABASE_URL", crate::admin_database_url())
                 .env("YMERA_BIN", crate::process::ymera_bin())
                 .env("YMERA_CLUSTER_NATS_BIN", crate::nats::binary())
+                .env("YMERA_CLUSTER_PARTITIONS", PARTITIONS.to_string())
                 .env("RUST_LOG", "info")
                 .output()
                 .expect("run scripts/cluster.sh up");

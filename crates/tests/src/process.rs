@@ -64,6 +64,17 @@ pub fn spawn_with(sandbox: &Sandbox, command: &str, env: &[(&str, &str)]) -> (Ch
     (child, addr)
 }
 
+/// `/health` of the process serving on `addr`, whatever its status;
+/// `None` when it does not answer.
+pub async fn health(client: &reqwest::Client, addr: SocketAddr) -> Option<serde_json::Value> {
+    let r = client
+        .get(format!("http://{addr}/health"))
+        .send()
+        .await
+        .ok()?;
+    r.json().await.ok()
+}
+
 /// Waits until the child serving on `addr` is ready, then logs in as the
 /// sandbox's admin: the token.
 pub async fn ready_admin_token(addr: SocketAddr) -> String {

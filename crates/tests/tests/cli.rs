@@ -26,7 +26,9 @@ async fn ymera(sandbox: Option<&Sandbox>, args: &[&str], env: &[(&str, &str)]) -
             .env("YMERA_NATS_URL", &s.nats.nats_url)
             .env("YMERA_STREAM", &s.nats.stream)
             .env("YMERA_SUBJECT_PREFIX", &s.nats.subject_prefix)
-            .env("YMERA_DATABASE_URL", &s.db.database_url);
+            .env("YMERA_DATABASE_URL", &s.db.database_url)
+            // A search index of its own, never the working directory's.
+            .env("YMERA_SEARCH_DIR", sandbox.fresh_search_dir());
     }
     command.envs(env.iter().copied());
     command.output().await.expect("run ymera")
@@ -177,4 +179,91 @@ async fn completions_for_bash_zsh_and_fish() {
         assert!(script.contains(mark), "{shell}: {script}");
         assert!(script.contains("rebuild"), "{shell} completes the commands");
     }
+}
+
+/// The live documents of the search index in `dir`, and the checkpoint of
+/// its last commit, as its `meta.json` records them.
+fn search_index_at(dir: &std::path::Path) -> (u64, u64) {
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    let docs = meta["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s["max_doc"].as_u64().unwrap() - s["deletes"]["num_deleted_docs"].as_u64().unwrap_or(0)
+        })
+        .sum();
+    let payload: Value = serde_json::from_str(meta["payload"].as_str().unwrap()).unwrap();
+    (docs, payload["checkpoint"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_builds_the_search_index_as_of_the_same_event() {
+    let sandbox = Sandbox::new().await;
+    let app = sandbox.start(Role::Command).await;
+    let token = app.admin_token().await;
+    let mut ids = Vec::new();
+    for name in ["Replayed one", "Replayed two", "Replayed three"] {
+        let r = app.create_agent(&token, tests::agent_body(name)).await;
+        assert_eq!(r.status(), 201);
+        let body: Value = r.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let r = app
+        .request(
+            reqwest::Method::DELETE,
+            &format!("/api/v1/agents/{}", ids[1]),
+            Some(&token),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let until = tests::header_u64(&r, "x-event-seq");
+    // Written after the event replayed to: in neither replayed model.
+    let r = app
+        .create_agent(&token, tests::agent_body("Replayed later"))
+        .await;
+    assert_eq!(r.status(), 201);
+
+    let dir = sandbox.fresh_search_dir();
+    let dir_text = dir.display().to_string();
+    let until_text = until.to_string();
+    let replay = |schema: &'static str| {
+        let args = [
+            "replay",
+            "--until",
+            until_text.as_str(),
+            "--into-schema",
+            schema,
+            "--into-search-dir",
+            dir_text.as_str(),
+        ];
+        let sandbox = &sandbox;
+        async move { ymera(Some(sandbox), &args, &[]).await }
+    };
+    let out = replay("replay_search").await;
+    assert!(out.status.success(), "{}", text(&out));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM replay_search.agents")
+        .fetch_one(&app.deps.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "the PostgreSQL replay stands at event {until}");
+    assert_eq!(
+        search_index_at(&dir),
+        (2, until),
+        "the search index stands at the same event"
+    );
+
+    // A directory that exists is refused before anything is replayed.
+    let out = replay("replay_search_again").await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let schema: Option<String> = sqlx::query_scalar(
+        "SELECT schema_name::text FROM information_schema.schemata WHERE schema_name = 'replay_search_again'",
+    )
+    .fetch_optional(&app.deps.pool)
+    .await
+    .unwrap();
+    assert_eq!(schema, None);
 }

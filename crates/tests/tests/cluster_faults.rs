@@ -1,15 +1,16 @@
 //! The production shape under faults: on the cluster `scripts/cluster.sh`
 //! runs (three NATS nodes with the stream R3, two command-api, two
-//! query-api, two projectors, nginx), writers create and update agents
-//! through nginx with `Idempotency-Key`s, retrying 5xx answers and
-//! connection errors with backoff, while NATS nodes, a command-api and the
-//! projection's owner are killed with SIGKILL and restarted, and another
-//! NATS node is frozen for a few seconds.
+//! query-api, two projectors sharing four partitions, nginx), writers
+//! create and update agents through nginx with `Idempotency-Key`s,
+//! retrying 5xx answers and connection errors with backoff, while NATS
+//! nodes, a command-api and a projector that owns partitions are killed
+//! with SIGKILL and restarted, and another NATS node is frozen for a few
+//! seconds.
 //!
 //! Afterwards: every acknowledged create is stored exactly once in the log
 //! and once in the read model, every agent's read model equals the fold of
 //! its events, a read through nginx at each write's `X-Event-Seq` saw the
-//! write, and the projector's checkpoint is at the end of the log.
+//! write, and every partition's checkpoint is at the end of the log.
 //!
 //! Every operation, attempt and fault goes to a history file (one JSON
 //! object a line, its path printed on failure, with the processes' logs
@@ -271,7 +272,7 @@ async fn stream_leader(cluster: &Cluster, http: &Client) -> u16 {
     .await
 }
 
-/// The projector that owns the projection now.
+/// A projector that owns partitions of the projection now.
 async fn projection_owner(cluster: &Cluster, http: &Client) -> &'static str {
     eventually(Duration::from_secs(30), "a projection owner", || async {
         for name in ["projector-1", "projector-2"] {
@@ -422,17 +423,19 @@ async fn nothing_acknowledged_is_lost_or_doubled_under_node_and_process_faults()
     }
     history.record(json!({"writers": "stopped"}));
 
-    // The projection reaches the end of the log.
+    // Every partition of the projection reaches the end of the log.
     let store = cluster.store().await;
     let pool = infra::db::pool(&infra::config::DbConfig::local(&cluster.database_url))
         .expect("cluster database");
     let last = store.last_seq().await.expect("last seq");
     eventually(
         Duration::from_secs(60),
-        "the checkpoint at the end of the log",
+        "every partition's checkpoint at the end of the log",
         || async {
-            let checkpoint = infra::projection::checkpoint(&pool).await.ok()?;
-            (checkpoint == last).then_some(())
+            let partitions = infra::projection::partitions(&pool).await.ok()?;
+            (partitions.len() == tests::cluster::PARTITIONS as usize
+                && partitions.iter().all(|p| p.checkpoint == last))
+            .then_some(())
         },
     )
     .await;

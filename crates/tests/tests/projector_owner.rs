@@ -25,12 +25,7 @@ const UPDATES: usize = 1_500;
 /// What `/health` of the projector process at `addr` says of its lease
 /// (`owner` or `standby`); `None` when it does not answer.
 async fn lease(client: &reqwest::Client, addr: SocketAddr) -> Option<String> {
-    let r = client
-        .get(format!("http://{addr}/health"))
-        .send()
-        .await
-        .ok()?;
-    let health: Value = r.json().await.ok()?;
+    let health = process::health(client, addr).await?;
     health["checks"]["projector"]["lease"]
         .as_str()
         .map(str::to_owned)

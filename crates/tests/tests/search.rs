@@ -219,3 +219,77 @@ async fn hostile_strings_are_answered_never_5xx() {
     let page = app.search(&token, &[("q", "scout")], seq).await;
     assert_eq!(names(&page), ["Scout"]);
 }
+
+/// Many agents worth the same score, written in several commits (so in
+/// several segments), one of the oldest updated (its document moves to the
+/// newest segment, out of id order there) and one deleted: every page is
+/// the next run of ids in descending order, with no repeats and no gaps,
+/// whether a search stops a segment early or reads it whole (facets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_scores_page_in_id_order_across_segments_updates_and_deletes() {
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let mut ids = Vec::new();
+    for batch in 0..3 {
+        let agents = (0..8)
+            .map(|i| json!({"name": format!("Tier agent {batch}-{i}"), "type": "llm"}))
+            .collect();
+        ids.extend(app.bulk_create(&token, agents).await);
+        // Searching at the sequence waits for the batch's commit: a
+        // segment of 8, more than a page.
+        let seq = app.last_seq().await;
+        app.search(&token, &[("q", "tier")], seq).await;
+    }
+    let r = app
+        .request(
+            Method::PUT,
+            &format!("/api/v1/agents/{}", ids[1]),
+            Some(&token),
+        )
+        .json(&json!({"description": "still a tier agent, changed last"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let updated = header_u64(&r, "x-event-seq");
+    let r = app
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/agents/{}", ids[7]),
+            Some(&token),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let seq = updated.max(header_u64(&r, "x-event-seq"));
+    let mut expected: Vec<String> = ids.iter().filter(|id| **id != ids[7]).cloned().collect();
+    expected.sort_unstable_by(|a, b| b.cmp(a));
+
+    for facets in [None, Some("type")] {
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("q", "tier"), ("limit", "5")];
+            if let Some(c) = &cursor {
+                query.push(("cursor", c));
+            }
+            if let Some(f) = facets {
+                query.push(("facets", f));
+            }
+            let page = app.search(&token, &query, seq).await;
+            for item in page["items"].as_array().unwrap() {
+                assert_eq!(item["score"], page["items"][0]["score"], "{facets:?}");
+                seen.push(item["id"].as_str().unwrap().to_owned());
+            }
+            if let Some(f) = facets {
+                assert_eq!(page["facets"][f]["llm"], 23, "every match counted");
+            }
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "facets {facets:?}");
+    }
+}

@@ -1,7 +1,8 @@
 //! The search index as a read model of its own: the typo and ranking rules
 //! one by one, filters and facets inside the engine, read-your-writes on
 //! its own checkpoint, and its life across restarts, a deleted or outdated
-//! directory, and a `kill -9` in the middle of indexing.
+//! directory, a `kill -9` in the middle of indexing, and an OS crash that
+//! tore its unsynced files.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -309,6 +310,17 @@ async fn index_at(app: &TestApp, seq: u64) {
     .await;
 }
 
+/// Edits the payload (checkpoint, schema version, boot) of the last commit
+/// of the index in `dir`.
+fn edit_payload(dir: &Path, edit: impl FnOnce(&mut Value)) {
+    let meta_path = dir.join("meta.json");
+    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let mut payload: Value = serde_json::from_str(meta["payload"].as_str().unwrap()).unwrap();
+    edit(&mut payload);
+    meta["payload"] = json!(payload.to_string());
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+}
+
 fn with_search_dir(sandbox: &Sandbox, dir: &Path) -> Settings {
     let mut settings = sandbox.settings.clone();
     settings.search.search_dir = dir.to_owned();
@@ -361,13 +373,10 @@ async fn a_restart_resumes_and_a_deleted_or_outdated_index_is_rebuilt() {
     app.stop().await;
 
     // So is one written under another schema version.
-    let meta_path = dir.join("meta.json");
-    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
-    let mut payload: Value = serde_json::from_str(meta["payload"].as_str().unwrap()).unwrap();
-    assert_eq!(payload["checkpoint"], seq);
-    payload["schema_version"] = json!(0);
-    meta["payload"] = json!(payload.to_string());
-    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    edit_payload(&dir, |payload| {
+        assert_eq!(payload["checkpoint"], seq);
+        payload["schema_version"] = json!(0);
+    });
     let app = sandbox.start_with(Role::All, &settings).await;
     let page = app
         .search(&token, &[("q", "nebula"), ("limit", "500")], seq)
@@ -479,5 +488,66 @@ async fn a_kill_9_in_the_middle_of_indexing_leaves_an_index_equal_to_a_fresh_one
     assert_eq!(
         resumed.search(&token, &facets, last).await["facets"],
         fresh.search(&token, &facets, last).await["facets"]
+    );
+}
+
+/// Rewrites the payload of the last commit in `dir` as if it had been
+/// written in another boot of the machine.
+fn as_if_written_before_a_reboot(dir: &Path) {
+    edit_payload(dir, |payload| payload["boot"] = json!("an-earlier-boot"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_torn_by_an_os_crash_is_rebuilt_and_a_whole_one_kept() {
+    let sandbox = Sandbox::new().await;
+    let dir = sandbox.fresh_search_dir();
+    let settings = with_search_dir(&sandbox, &dir);
+    let app = sandbox.start_with(Role::All, &settings).await;
+    let token = app.admin_token().await;
+    let bodies = (0..20).map(|i| json!({"name": format!("Comet {i}"), "type": "llm"}));
+    let seq = create_all(&app, &token, bodies.collect()).await;
+    let last = app.last_seq().await;
+    index_at(&app, last).await;
+    let indexed = app.metric(INDEXED).await.unwrap();
+    app.stop().await;
+
+    // Written in an earlier boot, whole: checked, then resumed.
+    as_if_written_before_a_reboot(&dir);
+    let app = sandbox.start_with(Role::All, &settings).await;
+    assert_eq!(health_checkpoint(&app).await, last, "resumed at once");
+    let page = app
+        .search(&token, &[("q", "comet"), ("limit", "500")], seq)
+        .await;
+    assert_eq!(names(&page).len(), 20);
+    assert_eq!(
+        app.metric(INDEXED).await.unwrap_or(0.0),
+        indexed,
+        "nothing indexed again"
+    );
+    app.stop().await;
+
+    // Written in an earlier boot, and a file of it lost its end (what an
+    // OS crash leaves of a file never synced): rebuilt from the log.
+    as_if_written_before_a_reboot(&dir);
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    let segment = meta["segments"][0]["segment_id"].as_str().unwrap();
+    let segment_file = dir.join(format!("{}.store", segment.replace('-', "")));
+    let len = std::fs::metadata(&segment_file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment_file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let app = sandbox.start_with(Role::All, &settings).await;
+    let page = app
+        .search(&token, &[("q", "comet"), ("limit", "500")], seq)
+        .await;
+    assert_eq!(names(&page).len(), 20);
+    assert_eq!(
+        app.metric(INDEXED).await.unwrap() - indexed,
+        last as f64,
+        "the whole log indexed again"
     );
 }

@@ -391,12 +391,13 @@ pub async fn start(
     let mut tasks = tokio::task::JoinSet::new();
     let ownership = role.projects().then(Ownership::default);
     if let Some(ownership) = &ownership {
-        let projector = projector::Projector::new(
+        tasks.spawn(projector::partitions::run(
             deps.store.clone(),
             deps.pool.clone(),
-            projector::Settings::default(),
-        );
-        tasks.spawn(projector.run(ownership.clone(), stopped.clone()));
+            settings.nats.partitions,
+            ownership.clone(),
+            stopped.clone(),
+        ));
         let detacher = projector::detach::Detacher::new(deps.store.clone(), deps.pool.clone());
         tasks.spawn(detacher.run(stopped.clone()));
     }

@@ -9,6 +9,7 @@ mod get_by_id;
 mod http;
 mod memory;
 mod projection_catch_up;
+mod projection_partitions;
 mod publish;
 mod read_model;
 mod rebuild;
@@ -24,7 +25,7 @@ use crate::report::Row;
 
 /// Every row, in table order: (name on the command line, label in the
 /// table, target).
-pub const ROWS: [(&str, &str, &str); 11] = [
+pub const ROWS: [(&str, &str, &str); 12] = [
     ("single-create", "single create", single_create::TARGET),
     (
         "single-create-r3",
@@ -36,6 +37,11 @@ pub const ROWS: [(&str, &str, &str); 11] = [
         "projection-catch-up",
         "projection catch-up",
         projection_catch_up::TARGET,
+    ),
+    (
+        "partitioned-catch-up",
+        "partitioned catch-up",
+        projection_partitions::TARGET,
     ),
     (
         "write-to-visible",
@@ -61,7 +67,7 @@ const MEMORY_IDLE: &str = "memory-idle";
 /// The order the rows run in, which lets them share work: the
 /// single-create rate drives write-to-visible, its load gives the loaded
 /// memory, and catch-up leaves the live projection rebuild starts from.
-const RUN_ORDER: [&str; 12] = [
+const RUN_ORDER: [&str; 13] = [
     MEMORY_IDLE,
     "single-create",
     "single-create-r3",
@@ -72,6 +78,7 @@ const RUN_ORDER: [&str; 12] = [
     "search",
     "export",
     "projection-catch-up",
+    "partitioned-catch-up",
     "rebuild",
     "memory",
 ];
@@ -103,6 +110,7 @@ pub async fn run(ctx: &mut Ctx, selected: &[&str]) -> Vec<Row> {
             "search" => search::run(ctx).await.map(|r| vec![r]),
             "export" => export::run(ctx).await.map(|r| vec![r]),
             "projection-catch-up" => projection_catch_up::run(ctx).await.map(|r| vec![r]),
+            "partitioned-catch-up" => projection_partitions::run(ctx).await.map(|r| vec![r]),
             "rebuild" => rebuild::run(ctx).await.map(|r| vec![r]),
             "memory" => memory::run(ctx).await,
             _ => Ok(vec![]),

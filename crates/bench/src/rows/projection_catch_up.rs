@@ -76,7 +76,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
 
 /// Empties the replay sandbox's read model and sets its checkpoint back to
 /// the start of the stream.
-async fn empty_read_model(pool: &PgPool) -> anyhow::Result<()> {
+pub(super) async fn empty_read_model(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query("TRUNCATE agents, events, parked_events")
         .execute(pool)
         .await?;

@@ -81,6 +81,10 @@ pub struct Check {
     /// within seconds if the owner dies).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lease: Option<&'static str>,
+    /// Projector, in a process that runs one: the partitions of the
+    /// projection (by index, among `YMERA_PARTITIONS`) this process owns.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<u32>>,
 }
 
 impl Check {
@@ -94,6 +98,7 @@ impl Check {
             lag_events: None,
             parked_events: None,
             lease: None,
+            partitions: None,
         }
     }
 
@@ -107,6 +112,7 @@ impl Check {
             lag_events: None,
             parked_events: None,
             lease: None,
+            partitions: None,
         }
     }
 }
@@ -198,6 +204,7 @@ impl Ops {
             Check {
                 latency_ms: None,
                 lease,
+                partitions: self.projector.as_ref().map(projection::Ownership::owned),
                 ..projector
             },
         );

@@ -218,6 +218,32 @@ impl Collector for PageCollector {
     }
 }
 
+impl PageSegment {
+    /// Whether no match from `doc` on can change what this segment yields,
+    /// when its documents come in descending id order and none scores
+    /// above `bound`: no facet to count, and a full page whose worst hit is
+    /// worth at least any later match (the bound, or the cursor's score when
+    /// lower) and has a higher id than `doc` and every document after it.
+    /// The id's high half decides, so two ids that share it never stop the
+    /// scan early.
+    pub fn is_closed(&self, bound: Score, doc: DocId) -> bool {
+        if !self.facets.is_empty() {
+            return false;
+        }
+        if self.limit == 0 {
+            return true;
+        }
+        if self.best.len() < self.limit {
+            return false;
+        }
+        let Some(Reverse(worst)) = self.best.peek() else {
+            return false;
+        };
+        let ceiling = self.after.map_or(bound, |(s, _)| s.min(bound));
+        worst.score >= ceiling && self.hi.first(doc).unwrap_or_default() < (worst.id >> 64) as u64
+    }
+}
+
 impl SegmentCollector for PageSegment {
     type Fruit = PageFruit;
 

@@ -7,9 +7,10 @@
 //!   are one atomic write, so a crash (even `kill -9`) leaves the last
 //!   commit, and reading resumes right after its checkpoint.
 //! * **Rebuilt when it cannot be trusted.** A missing directory, an index
-//!   of another schema version or stream, or a checkpoint past the end of
-//!   the log (the log was reset) start over from an empty index and the
-//!   first event.
+//!   of another schema version or stream, a checkpoint past the end of the
+//!   log (the log was reset), or an index that an OS crash left torn (its
+//!   files are never synced, see [`unsynced`]) start over from an empty
+//!   index and the first event.
 //! * **Batches, not events.** Events are applied in batches: everything
 //!   that is already waiting (up to [`MAX_BATCH`]), or what arrives within
 //!   [`MAX_DELAY`] of the first of a batch when the reader is caught up. A
@@ -17,6 +18,8 @@
 //!   tens of milliseconds under load without a commit per event.
 //! * **Bounded memory.** One indexing thread with a heap of
 //!   [`WRITER_HEAP_BYTES`]; tantivy flushes a segment when it is full.
+
+mod unsynced;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +36,7 @@ use infra::projection::ProjectionWatch;
 use infra::views::AgentView;
 use serde::{Deserialize, Serialize};
 use tantivy::collector::TopDocs;
+use tantivy::index::SegmentComponent;
 use tantivy::query::TermQuery;
 use tantivy::schema::{IndexRecordOption, Value};
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument};
@@ -40,6 +44,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use self::unsynced::UnsyncedDirectory;
 use super::schema::{Fields, SCHEMA_VERSION};
 
 /// The indexing heap: tantivy's writer buffers this much before it writes
@@ -57,6 +62,18 @@ struct Payload {
     stream: String,
     /// The stream sequence of the last event applied.
     checkpoint: u64,
+    /// The boot of the machine the commit was written in (Linux's boot
+    /// id): the files of a commit of an earlier boot may have been torn by
+    /// an OS crash, as nothing syncs them.
+    #[serde(default)]
+    boot: Option<String>,
+}
+
+/// This boot of the machine, where the OS names it.
+fn current_boot() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
 }
 
 /// One query process's search index.
@@ -64,6 +81,8 @@ pub struct SearchIndex {
     pub(crate) fields: Fields,
     dir: PathBuf,
     stream: String,
+    /// [`current_boot`], recorded in every commit.
+    boot: Option<String>,
     reader: IndexReader,
     writer: Mutex<IndexWriter>,
     checkpoint: watch::Sender<u64>,
@@ -91,7 +110,10 @@ impl SearchIndex {
             "{} is neither a search index nor empty: name a directory of its own",
             dir.display()
         );
-        let existing = is_index.then(|| Self::open_existing(dir, stream)).flatten();
+        let boot = current_boot();
+        let existing = is_index
+            .then(|| Self::open_existing(dir, stream, boot.as_deref()))
+            .flatten();
         let (index, checkpoint) = match existing {
             Some(found) => found,
             None => {
@@ -101,7 +123,10 @@ impl SearchIndex {
                     .and_then(|()| std::fs::create_dir_all(dir))
                     .with_context(|| format!("emptying {}", dir.display()))?;
                 tracing::info!(dir = %dir.display(), "building the search index from the log");
-                (Index::create_in_dir(dir, fields.schema.clone())?, 0)
+                let directory = UnsyncedDirectory::open(dir)?;
+                let index =
+                    Index::create(directory, fields.schema.clone(), super::schema::settings())?;
+                (index, 0)
             }
         };
         Fields::register_tokenizers(&index);
@@ -114,6 +139,7 @@ impl SearchIndex {
             fields,
             dir: dir.to_owned(),
             stream: stream.to_owned(),
+            boot,
             reader,
             writer: Mutex::new(writer),
             checkpoint: watch::channel(checkpoint).0,
@@ -121,25 +147,34 @@ impl SearchIndex {
     }
 
     /// The index in `dir` and its checkpoint, if it is one that opens, of
-    /// this schema version, for this stream.
-    fn open_existing(dir: &Path, stream: &str) -> Option<(Index, u64)> {
-        let index = Index::open_in_dir(dir)
+    /// this schema version, for this stream, and whole: written in this
+    /// `boot`, or its files match their checksums.
+    fn open_existing(dir: &Path, stream: &str, boot: Option<&str>) -> Option<(Index, u64)> {
+        let index = UnsyncedDirectory::open(dir)
+            .map_err(tantivy::TantivyError::from)
+            .and_then(Index::open)
             .inspect_err(
                 |e| tracing::warn!(error = %e, "the search index cannot be opened; rebuilding it"),
             )
             .ok()?;
         let payload = index.load_metas().ok()?.payload;
         let payload: Option<Payload> = payload.and_then(|p| serde_json::from_str(&p).ok());
-        match payload {
-            Some(p) if p.schema_version == SCHEMA_VERSION && p.stream == stream => {
-                tracing::info!(checkpoint = p.checkpoint, "resuming the search index");
-                Some((index, p.checkpoint))
-            }
+        let p = match payload {
+            Some(p) if p.schema_version == SCHEMA_VERSION && p.stream == stream => p,
             _ => {
                 tracing::info!("the search index is of another version or log; rebuilding it");
-                None
+                return None;
             }
+        };
+        if (boot.is_none() || p.boot.as_deref() != boot) && !is_whole(&index) {
+            tracing::warn!(
+                "the search index was torn by a restart of the machine (its files are not \
+                 synced); rebuilding it"
+            );
+            return None;
         }
+        tracing::info!(checkpoint = p.checkpoint, "resuming the search index");
+        Some((index, p.checkpoint))
     }
 
     /// The stream sequence of the last event the searchable documents
@@ -299,6 +334,7 @@ impl SearchIndex {
             schema_version: SCHEMA_VERSION,
             stream: self.stream.clone(),
             checkpoint: last,
+            boot: self.boot.clone(),
         })?;
         let mut commit = writer.prepare_commit()?;
         commit.set_payload(&payload);
@@ -370,6 +406,27 @@ pub async fn rebuild_offline(dir: &Path, store: &EventStore) -> anyhow::Result<u
             );
         }
     }
+    let last = store.last_seq().await?;
+    build_in_place(dir, store, last).await
+}
+
+/// Builds the search index of events 1..=`until` into `dir`, which must not
+/// exist yet: what `ymera replay --into-search-dir` runs, with `until` the
+/// last event its replay of the PostgreSQL read models applied, so both
+/// stand at the same event. Returns the checkpoint reached.
+pub async fn replay_offline(dir: &Path, store: &EventStore, until: u64) -> anyhow::Result<u64> {
+    anyhow::ensure!(
+        !dir.exists(),
+        "{} already exists: replay into a directory of its own",
+        dir.display()
+    );
+    build_in_place(dir, store, until).await
+}
+
+/// Builds a search index of events 1..=`until` into a fresh directory
+/// beside `dir`, then puts it in `dir`'s place, so `dir` holds either its
+/// old index or the whole new one.
+async fn build_in_place(dir: &Path, store: &EventStore, until: u64) -> anyhow::Result<u64> {
     let fresh = sibling(dir, "rebuild");
     let old = sibling(dir, "old");
     for leftover in [&fresh, &old] {
@@ -378,8 +435,7 @@ pub async fn rebuild_offline(dir: &Path, store: &EventStore) -> anyhow::Result<u
         }
     }
     let index = Arc::new(SearchIndex::open(&fresh, store.stream_name())?);
-    let last = store.last_seq().await?;
-    index.follow(store, Some(last)).await?;
+    index.follow(store, Some(until)).await?;
     let checkpoint = index.checkpoint();
     index.close()?;
     if dir.exists() {
@@ -390,6 +446,30 @@ pub async fn rebuild_offline(dir: &Path, store: &EventStore) -> anyhow::Result<u
         std::fs::remove_dir_all(&old)?;
     }
     Ok(checkpoint)
+}
+
+/// Whether every file of the index's last commit is there and matches the
+/// checksum tantivy wrote at its end.
+fn is_whole(index: &Index) -> bool {
+    let Ok(metas) = index.load_metas() else {
+        return false;
+    };
+    const COMPONENTS: [SegmentComponent; 6] = [
+        SegmentComponent::Postings,
+        SegmentComponent::Positions,
+        SegmentComponent::Terms,
+        SegmentComponent::Store,
+        SegmentComponent::FastFields,
+        SegmentComponent::FieldNorms,
+    ];
+    metas.segments.iter().all(|segment| {
+        let deletes = segment.has_deletes().then_some(SegmentComponent::Delete);
+        COMPONENTS
+            .into_iter()
+            .chain(deletes)
+            .map(|component| segment.relative_path(component))
+            .all(|path| index.directory().validate_checksum(&path).unwrap_or(false))
+    })
 }
 
 /// `<dir>.<suffix>`, beside `dir`.

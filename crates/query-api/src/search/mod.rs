@@ -22,6 +22,8 @@ pub mod index;
 pub mod query;
 pub mod schema;
 
+use std::sync::LazyLock;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -30,6 +32,7 @@ use infra::http::auth::Viewer;
 use infra::http::{ApiError, Problem, QueryPairs};
 use infra::views::AgentView;
 use serde::Serialize;
+use tokio::sync::Semaphore;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -42,11 +45,19 @@ use crate::problems::{RequestProblems, Unavailable};
 use crate::projection::{MinSeq, MinSeqHeader, await_min_seq_on, with_projection_seq};
 use facets::{Facet, FacetCounts, PageCollector};
 pub use index::SearchIndex;
+use tantivy::collector::{Collector, SegmentCollector};
+use tantivy::{SegmentOrdinal, TERMINATED};
 
 /// Longest `q`, in characters.
 pub const MAX_Q_CHARS: usize = 200;
 /// Most words of `q` that are searched for.
 const MAX_WORDS: usize = 16;
+
+/// Searches running at once in this process: one per core. A search is
+/// CPU work from start to end, so more at once only slows each down (and
+/// the p99 with it); the rest queue, first come first served.
+static SEARCHES: LazyLock<Semaphore> =
+    LazyLock::new(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
 
 /// An agent found by search, with its relevance.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -171,7 +182,7 @@ impl Search {
 /// One page of `search` from `index`, and the checkpoint it reflects.
 pub fn run(index: &SearchIndex, search: &Search) -> anyhow::Result<(u64, SearchPage)> {
     let (seq, searcher) = index.searcher();
-    let query = query::build(&index.fields, &search.words, &search.filters);
+    let plan = query::Plan::new(&index.fields, &search.words, &search.filters, &searcher)?;
     let limit = usize::try_from(search.limit).unwrap_or(0);
     let collector = PageCollector {
         // One more than the page: it only says there is a next page.
@@ -180,7 +191,28 @@ pub fn run(index: &SearchIndex, search: &Search) -> anyhow::Result<(u64, SearchP
         after: search.cursor.map(|c| (c.score as f32, c.id.as_u128())),
         facets: search.facets.clone(),
     };
-    let found = searcher.search(query.as_ref(), &collector)?;
+    // An index made before documents were kept in id order is read whole.
+    let sorted = schema::sorted_by_id(searcher.index());
+    let mut fruits = Vec::new();
+    for (ord, reader) in searcher.segment_readers().iter().enumerate() {
+        let Some(mut matches) = plan.segment(reader)? else {
+            continue;
+        };
+        let mut segment = collector.for_segment(ord as SegmentOrdinal, reader)?;
+        let alive = reader.alive_bitset();
+        let mut doc = matches.doc();
+        while doc != TERMINATED {
+            if sorted && segment.is_closed(matches.bound, doc) {
+                break;
+            }
+            if alive.is_none_or(|a| a.is_alive(doc)) {
+                segment.collect(doc, matches.score());
+            }
+            doc = matches.advance();
+        }
+        fruits.push(segment.harvest());
+    }
+    let found = collector.merge_fruits(fruits)?;
     let mut items = Vec::with_capacity(found.hits.len().min(limit));
     for hit in found.hits.iter().take(limit) {
         items.push(SearchHit {
@@ -238,6 +270,12 @@ pub async fn search_agents(
     let search = Search::parse(&query)?;
     let index = state.search.clone();
     await_min_seq_on(&index.watch(), &state, &headers, &query).await?;
+    // Searches wait their turn for a core here rather than all running at
+    // once on blocking threads that only take turns on the cores anyway.
+    let _turn = SEARCHES
+        .acquire()
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?;
     let (seq, page) = tokio::task::spawn_blocking(move || run(&index, &search))
         .await
         .map_err(|e| ApiError::Internal(e.into()))??;

@@ -23,13 +23,31 @@
 //!
 //! Filters are required clauses worth nothing, so they select inside the
 //! engine without touching the ranking.
+//!
+//! ## Evaluation
+//!
+//! The query is not handed to tantivy's generic boolean machinery: a word's
+//! fuzzy and prefix matches would each fill a bitset of every matching
+//! document before the first hit, and every match would be scored. Instead
+//! [`Plan`] builds each word's Levenshtein automata once per query, finds
+//! the terms they accept in each segment's dictionary, and reads those
+//! terms' postings lazily: a word is the best of its terms
+//! ([`MaxUnion`]), a query the leapfrog intersection of its words and
+//! filters ([`SegmentMatches`]). Each segment also knows the best score any
+//! of its documents could reach ([`SegmentMatches::bound`]): the index keeps
+//! its documents in descending id order (see [`super::schema`]), so once a
+//! page is full of hits worth that bound, no later document can enter it
+//! and the segment stops there (see [`super::facets::PageSegment`]).
 
-use tantivy::Term;
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use tantivy::query::{
-    BooleanQuery, ConstScoreQuery, DisjunctionMaxQuery, EmptyQuery, FuzzyTermQuery, Occur,
-    PhraseQuery, Query, TermQuery,
+    AutomatonWeight, ConstScorer, DfaWrapper, EnableScoring, FuzzyTermQuery, PhraseQuery, Query,
+    Scorer, Weight,
 };
 use tantivy::schema::IndexRecordOption;
+use tantivy::{DocId, DocSet, Score, Searcher, SegmentReader, TERMINATED, Term};
 
 use super::schema::{Fields, tag_term};
 use crate::filters::Filters;
@@ -43,6 +61,11 @@ pub const PROXIMITY_SLOP: u32 = 2;
 const TIER: f32 = 1000.0;
 /// What matching a whole word adds over matching its prefix.
 const EXACT: f32 = 0.5;
+/// Most terms of one (field, prefix or typo class) read as postings of
+/// their own; past it (`a` as a prefix of thousands of words) the class is
+/// read once into a bitset, as tantivy does, which costs a pass over its
+/// postings but keeps the union narrow.
+const MAX_LAZY_TERMS: usize = 16;
 
 /// How many typos a word may have: none under 5 characters, one from 5,
 /// two from 9; none for a number (another number is not a typo).
@@ -57,72 +80,353 @@ pub fn typos_allowed(word: &str) -> u8 {
     }
 }
 
-/// The query for `words` (lowercased, as [`super::query_words`] splits
-/// them) under `filters`.
-pub fn build(fields: &Fields, words: &[String], filters: &Filters) -> Box<dyn Query> {
-    if words.is_empty() {
-        return Box::new(EmptyQuery);
+/// One way a word matches a field's terms, with its tier's worth (before
+/// the field's weight).
+enum Class {
+    /// The word itself: one term.
+    Exact,
+    /// The terms an automaton accepts: the last word's prefixes (with no
+    /// typo), and typos (with or without the prefix).
+    Automaton(Arc<DfaWrapper>),
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field(
+                "words",
+                &self.words.iter().map(|w| &w.word).collect::<Vec<_>>(),
+            )
+            .field("filters", &self.filters)
+            .finish_non_exhaustive()
     }
-    let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
-    for (i, word) in words.iter().enumerate() {
-        let last = i + 1 == words.len();
-        clauses.push((Occur::Must, word_query(fields, word, last)));
+}
+
+impl std::fmt::Debug for MaxUnion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaxUnion")
+            .field("parts", &self.parts.len())
+            .field("doc", &self.doc)
+            .finish_non_exhaustive()
     }
-    if words.len() > 1 {
-        let near: Vec<Box<dyn Query>> = fields
-            .text
-            .iter()
-            .map(|f| {
+}
+
+impl std::fmt::Debug for SegmentMatches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentMatches")
+            .field("doc", &self.doc)
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A query word: its classes, best first.
+struct WordPlan {
+    word: String,
+    classes: Vec<(Class, f32)>,
+}
+
+/// A search, ready to run on each segment of one searcher.
+pub struct Plan {
+    fields: Fields,
+    words: Vec<WordPlan>,
+    /// The words near each other, one phrase per field (multi-word only).
+    near: Vec<Box<dyn Weight>>,
+    filters: Vec<Term>,
+}
+
+impl Plan {
+    /// The plan of `words` (lowercased, as [`super::query_words`] splits
+    /// them) under `filters`; the automata are built here, once.
+    pub fn new(
+        fields: &Fields,
+        words: &[String],
+        filters: &Filters,
+        searcher: &Searcher,
+    ) -> tantivy::Result<Plan> {
+        let mut plans = Vec::with_capacity(words.len());
+        for (i, word) in words.iter().enumerate() {
+            let last = i + 1 == words.len();
+            // Any text field names the term: an automaton reads the text.
+            let term = Term::from_field_text(fields.name, word);
+            let mut classes = vec![(Class::Exact, 3.0 * TIER + EXACT)];
+            if last {
+                let prefix = FuzzyTermQuery::new_prefix(term.clone(), 0, true).automaton()?;
+                classes.push((Class::Automaton(Arc::new(prefix)), 3.0 * TIER));
+            }
+            for d in 1..=typos_allowed(word) {
+                let fuzzy = if last {
+                    FuzzyTermQuery::new_prefix(term.clone(), d, true)
+                } else {
+                    FuzzyTermQuery::new(term.clone(), d, true)
+                };
+                let worth = f32::from(3 - d) * TIER;
+                classes.push((Class::Automaton(Arc::new(fuzzy.automaton()?)), worth));
+            }
+            plans.push(WordPlan {
+                word: word.clone(),
+                classes,
+            });
+        }
+        let mut near = Vec::new();
+        if words.len() > 1 {
+            for f in &fields.text {
                 let terms = words
                     .iter()
                     .map(|w| Term::from_field_text(f.field, w))
                     .collect();
                 let mut phrase = PhraseQuery::new(terms);
                 phrase.set_slop(PROXIMITY_SLOP);
-                constant(Box::new(phrase), PROXIMITY)
-            })
-            .collect();
-        clauses.push((Occur::Should, Box::new(DisjunctionMaxQuery::new(near))));
+                near.push(phrase.weight(EnableScoring::enabled_from_searcher(searcher))?);
+            }
+        }
+        Ok(Plan {
+            fields: fields.clone(),
+            words: plans,
+            near,
+            filters: filter_terms(fields, filters),
+        })
     }
-    for filter in filter_terms(fields, filters) {
-        clauses.push((
-            Occur::Must,
-            constant(
-                Box::new(TermQuery::new(filter, IndexRecordOption::Basic)),
-                0.0,
-            ),
-        ));
+
+    /// The matches in one segment; `None` when nothing there can match.
+    pub fn segment(&self, reader: &SegmentReader) -> tantivy::Result<Option<SegmentMatches>> {
+        if self.words.is_empty() {
+            return Ok(None);
+        }
+        let mut required: Vec<Box<dyn Scorer>> = Vec::new();
+        let mut bound = 0.0;
+        for filter in &self.filters {
+            let postings = reader
+                .inverted_index(filter.field())?
+                .read_postings(filter, IndexRecordOption::Basic)?;
+            let Some(postings) = postings else {
+                return Ok(None);
+            };
+            required.push(Box::new(ConstScorer::new(postings, 0.0)));
+        }
+        for word in &self.words {
+            let Some(union) = self.word_scorer(reader, word)? else {
+                return Ok(None);
+            };
+            bound += union.best;
+            required.push(Box::new(union));
+        }
+        let mut near = Vec::new();
+        for weight in &self.near {
+            let scorer = weight.scorer(reader, 1.0)?;
+            if scorer.doc() != TERMINATED {
+                near.push(Box::new(ConstScorer::new(scorer, PROXIMITY)) as Box<dyn Scorer>);
+            }
+        }
+        let near = (!near.is_empty()).then(|| MaxUnion::new(near));
+        if near.is_some() {
+            bound += PROXIMITY;
+        }
+        Ok(Some(SegmentMatches::new(required, near, bound)))
     }
-    Box::new(BooleanQuery::new(clauses))
+
+    /// One word's matches in a segment: each of its terms in each field,
+    /// worth its best class there; `None` when no term matches.
+    fn word_scorer(
+        &self,
+        reader: &SegmentReader,
+        word: &WordPlan,
+    ) -> tantivy::Result<Option<MaxUnion>> {
+        let mut parts: Vec<Box<dyn Scorer>> = Vec::new();
+        for f in &self.fields.text {
+            let index = reader.inverted_index(f.field)?;
+            // A term the better class took already adds nothing.
+            let mut seen: HashSet<usize> = HashSet::new();
+            for (class, worth) in &word.classes {
+                let worth = worth + f.weight;
+                match class {
+                    Class::Exact => {
+                        let term = Term::from_field_text(f.field, &word.word);
+                        if let Some(info) = index.get_term_info(&term)? {
+                            seen.insert(info.postings_range.start);
+                            let postings = index
+                                .read_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
+                            parts.push(Box::new(ConstScorer::new(postings, worth)));
+                        }
+                    }
+                    Class::Automaton(dfa) => {
+                        let weight = AutomatonWeight::<DfaWrapper>::new(f.field, dfa.clone());
+                        let infos: Vec<_> = weight
+                            .get_match_term_infos(reader)?
+                            .into_iter()
+                            .filter(|info| seen.insert(info.postings_range.start))
+                            .collect();
+                        if infos.len() > MAX_LAZY_TERMS {
+                            parts.push(weight.scorer(reader, worth)?);
+                            continue;
+                        }
+                        for info in infos {
+                            let postings = index
+                                .read_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
+                            parts.push(Box::new(ConstScorer::new(postings, worth)));
+                        }
+                    }
+                }
+            }
+        }
+        Ok((!parts.is_empty()).then(|| MaxUnion::new(parts)))
+    }
 }
 
-/// One word's matches in every field, worth the best of them.
-fn word_query(fields: &Fields, word: &str, last: bool) -> Box<dyn Query> {
-    let typos = typos_allowed(word);
-    let mut matches: Vec<Box<dyn Query>> = Vec::new();
-    for f in &fields.text {
-        let term = Term::from_field_text(f.field, word);
-        matches.push(constant(
-            Box::new(TermQuery::new(term.clone(), IndexRecordOption::Basic)),
-            3.0 * TIER + f.weight + EXACT,
-        ));
-        if last {
-            matches.push(constant(
-                Box::new(FuzzyTermQuery::new_prefix(term.clone(), 0, true)),
-                3.0 * TIER + f.weight,
-            ));
-        }
-        for d in 1..=typos {
-            let worth = f32::from(3 - d) * TIER + f.weight;
-            let fuzzy = if last {
-                FuzzyTermQuery::new_prefix(term.clone(), d, true)
-            } else {
-                FuzzyTermQuery::new(term.clone(), d, true)
-            };
-            matches.push(constant(Box::new(fuzzy), worth));
-        }
+/// The documents of any of several scorers, each scored by the best of
+/// those that hold it (a disjunction-max over constant scores).
+pub struct MaxUnion {
+    parts: Vec<Box<dyn Scorer>>,
+    doc: DocId,
+    /// The best any part is worth.
+    best: Score,
+}
+
+impl MaxUnion {
+    fn new(parts: Vec<Box<dyn Scorer>>) -> MaxUnion {
+        let mut parts = parts;
+        let best = parts.iter_mut().map(|p| p.score()).fold(f32::MIN, f32::max);
+        let doc = parts.iter().map(|p| p.doc()).min().unwrap_or(TERMINATED);
+        MaxUnion { parts, doc, best }
     }
-    Box::new(DisjunctionMaxQuery::new(matches))
+}
+
+impl DocSet for MaxUnion {
+    fn advance(&mut self) -> DocId {
+        let current = self.doc;
+        let mut next = TERMINATED;
+        for p in &mut self.parts {
+            let d = if p.doc() == current {
+                p.advance()
+            } else {
+                p.doc()
+            };
+            next = next.min(d);
+        }
+        self.doc = next;
+        next
+    }
+
+    fn seek(&mut self, target: DocId) -> DocId {
+        if self.doc >= target {
+            return self.doc;
+        }
+        let mut next = TERMINATED;
+        for p in &mut self.parts {
+            let d = if p.doc() < target {
+                p.seek(target)
+            } else {
+                p.doc()
+            };
+            next = next.min(d);
+        }
+        self.doc = next;
+        next
+    }
+
+    fn doc(&self) -> DocId {
+        self.doc
+    }
+
+    fn size_hint(&self) -> u32 {
+        self.parts
+            .iter()
+            .map(|p| p.size_hint())
+            .fold(0, u32::saturating_add)
+    }
+}
+
+impl Scorer for MaxUnion {
+    fn score(&mut self) -> Score {
+        let doc = self.doc;
+        self.parts
+            .iter_mut()
+            .filter(|p| p.doc() == doc)
+            .map(|p| p.score())
+            .fold(0.0, f32::max)
+    }
+}
+
+/// A query's matches in one segment, in document order: the documents of
+/// every required scorer (words and filters), scored by their sum, plus
+/// [`PROXIMITY`] when the words stand near each other.
+pub struct SegmentMatches {
+    /// Rarest first, so the leapfrog proposes as few candidates as it can.
+    required: Vec<Box<dyn Scorer>>,
+    near: Option<MaxUnion>,
+    doc: DocId,
+    /// The best score a document of this segment could have.
+    pub bound: Score,
+}
+
+impl SegmentMatches {
+    fn new(
+        mut required: Vec<Box<dyn Scorer>>,
+        near: Option<MaxUnion>,
+        bound: Score,
+    ) -> SegmentMatches {
+        required.sort_by_key(|s| s.size_hint());
+        let mut matches = SegmentMatches {
+            required,
+            near,
+            doc: 0,
+            bound,
+        };
+        let first = matches.required.first().map_or(TERMINATED, |s| s.doc());
+        matches.doc = matches.align(first);
+        matches
+    }
+
+    /// The first document at or after `candidate` that every required
+    /// scorer holds.
+    fn align(&mut self, mut candidate: DocId) -> DocId {
+        'search: while candidate != TERMINATED {
+            for s in &mut self.required {
+                let d = if s.doc() < candidate {
+                    s.seek(candidate)
+                } else {
+                    s.doc()
+                };
+                if d > candidate {
+                    candidate = d;
+                    continue 'search;
+                }
+            }
+            return candidate;
+        }
+        TERMINATED
+    }
+
+    /// The current document, [`TERMINATED`] at the end.
+    pub fn doc(&self) -> DocId {
+        self.doc
+    }
+
+    /// Moves to the next match.
+    pub fn advance(&mut self) -> DocId {
+        if self.doc == TERMINATED {
+            return TERMINATED;
+        }
+        let next = match self.required.first_mut() {
+            Some(first) => first.advance(),
+            None => TERMINATED,
+        };
+        self.doc = self.align(next);
+        self.doc
+    }
+
+    /// The current document's score.
+    pub fn score(&mut self) -> Score {
+        let doc = self.doc;
+        let mut score: Score = self.required.iter_mut().map(|s| s.score()).sum();
+        if let Some(near) = &mut self.near
+            && near.doc() <= doc
+            && near.seek(doc) == doc
+        {
+            score += near.score();
+        }
+        score
+    }
 }
 
 /// The filters as terms of the fast fields, all required.
@@ -142,10 +446,6 @@ fn filter_terms(fields: &Fields, filters: &Filters) -> Vec<Term> {
         terms.push(Term::from_field_text(fields.tag, &tag_term(k, v)));
     }
     terms
-}
-
-fn constant(query: Box<dyn Query>, score: f32) -> Box<dyn Query> {
-    Box::new(ConstScoreQuery::new(query, score))
 }
 
 #[cfg(test)]

@@ -13,18 +13,22 @@
 //! and two fast `u64` halves (the tiebreak of equal scores). The agent as
 //! the API shows it is stored whole, as JSON: a hit needs no other read,
 //! and an update folds onto it.
+//!
+//! Every segment keeps its documents in descending id order ([`settings`]):
+//! among equal scores the best hits come first, so a query can stop a
+//! segment as soon as its page is full of the best scores it can reach.
 
 use infra::views::AgentView;
 use tantivy::schema::{
     FAST, Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
 };
 use tantivy::tokenizer::{LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer};
-use tantivy::{Index, TantivyDocument};
+use tantivy::{Index, IndexSettings, IndexSortByField, Order, TantivyDocument};
 use uuid::Uuid;
 
 /// Raised whenever the schema or the analysis changes: an index written
 /// under another version is rebuilt from the log.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The analyser of every searched field.
 pub const WORDS: &str = "words";
@@ -163,6 +167,28 @@ impl Default for Fields {
     fn default() -> Self {
         Fields::new()
     }
+}
+
+/// The settings an index is created with: documents sorted by the id's
+/// high half, descending.
+pub fn settings() -> IndexSettings {
+    IndexSettings {
+        sort_by_field: Some(IndexSortByField {
+            field: ID_HI.to_owned(),
+            order: Order::Desc,
+        }),
+        ..IndexSettings::default()
+    }
+}
+
+/// Whether `index` keeps its documents in descending id order, as
+/// [`settings`] asks.
+pub fn sorted_by_id(index: &Index) -> bool {
+    index
+        .settings()
+        .sort_by_field
+        .as_ref()
+        .is_some_and(|s| s.field == ID_HI && s.order == Order::Desc)
 }
 
 /// The `tag` filter term of tag `key: value`.

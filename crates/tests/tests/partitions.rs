@@ -1,0 +1,400 @@
+//! A partitioned projection (`YMERA_PARTITIONS=4`): projectors share the
+//! partitions, one owner each, and hand a dead one's over within seconds;
+//! read models that span aggregates (a project's `agent_count`) stay exact
+//! however the partitions interleave; and a read at an event's sequence is
+//! answered once every partition has got that far, a partition with
+//! nothing of its own to apply included.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use infra::projection::{self, PartitionState};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tests::{Sandbox, TestApp, agent_body, eventually, header_u64, process};
+use tokio_util::sync::CancellationToken;
+use ymera::Role;
+
+const PARTITIONS: u32 = 4;
+
+/// The partitions that `/health` of the projector process at `addr` says
+/// it owns; `None` when it does not answer.
+async fn owned(client: &reqwest::Client, addr: SocketAddr) -> Option<BTreeSet<u64>> {
+    let health = process::health(client, addr).await?;
+    let owned = health["checks"]["projector"]["partitions"].as_array()?;
+    Some(owned.iter().filter_map(Value::as_u64).collect())
+}
+
+/// A process playing every role on a projection split [`PARTITIONS`]
+/// ways, and an admin token.
+async fn partitioned_app() -> (TestApp, String) {
+    let sandbox = Sandbox::new().await;
+    let mut settings = sandbox.settings.clone();
+    settings.nats.partitions = PARTITIONS;
+    let app = sandbox.start_with(Role::All, &settings).await;
+    let token = app.admin_token().await;
+    (app, token)
+}
+
+/// Creates project `name`: its id.
+async fn create_project(app: &TestApp, token: &str, name: &str) -> String {
+    let r = app
+        .request(Method::POST, "/api/v1/projects", Some(token))
+        .json(&json!({"name": name}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// `PUT /agents/{id}` with `body`, which must succeed: the event's
+/// sequence.
+async fn update(app: &TestApp, token: &str, id: &str, body: Value) -> u64 {
+    let r = app
+        .request(Method::PUT, &format!("/api/v1/agents/{id}"), Some(token))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "update of {id}");
+    header_u64(&r, "x-event-seq")
+}
+
+/// Each project's `agent_count` as the query API gives it at `seq`.
+async fn agent_counts(app: &TestApp, token: &str, projects: &[String], seq: u64) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for project in projects {
+        let r = app
+            .read_at(&format!("/api/v1/projects/{project}"), token, seq)
+            .await;
+        assert_eq!(r.status(), 200);
+        counts.push(
+            r.json::<Value>().await.unwrap()["agent_count"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    counts
+}
+
+/// Waits until every partition's checkpoint is at `last`; the partitions.
+async fn all_partitions_at(app: &TestApp, last: u64) -> Vec<PartitionState> {
+    eventually(
+        Duration::from_secs(30),
+        "every partition at the end of the log",
+        || async {
+            let partitions = projection::partitions(&app.deps.pool).await.ok()?;
+            (partitions.len() == PARTITIONS as usize
+                && partitions.iter().all(|p| p.checkpoint == last))
+            .then_some(partitions)
+        },
+    )
+    .await
+}
+
+/// The live read models and a fresh fold of the log agree, table by table
+/// (the checkpoint table aside: the live one has a row per partition).
+async fn assert_read_models_are_the_fold(app: &TestApp) {
+    let (live, fold) = app.live_and_replayed("fold_of_the_log").await;
+    let tables = |checks: Vec<projector::rebuild::TableCheck>| {
+        checks
+            .into_iter()
+            .filter(|c| c.table != "projector_checkpoint")
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        tables(live),
+        tables(fold),
+        "the read models equal a fold of the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_projectors_share_the_partitions_and_one_takes_over_a_killed_ones() {
+    let sandbox = Sandbox::new().await;
+    let app = sandbox.start(Role::Command).await;
+    let token = app.admin_token().await;
+    let projects = [
+        create_project(&app, &token, "alpha").await,
+        create_project(&app, &token, "beta").await,
+        create_project(&app, &token, "gamma").await,
+    ];
+    let agents: Vec<Value> = (0..24)
+        .map(|i| json!({"name": format!("mover {i}"), "type": "llm", "project_id": projects[0]}))
+        .collect();
+    let ids = app.bulk_create(&token, agents).await;
+
+    let env = [("YMERA_PARTITIONS", "4")];
+    let (first, first_addr) = process::spawn_with(&sandbox, "projector", &env);
+    let (second, second_addr) = process::spawn_with(&sandbox, "projector", &env);
+    let mut children = [Some(first), Some(second)];
+    let addrs = [first_addr, second_addr];
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+
+    // Two partitions each, none owned twice.
+    let all: BTreeSet<u64> = (0..u64::from(PARTITIONS)).collect();
+    eventually(
+        Duration::from_secs(30),
+        "the projectors to share the partitions",
+        || {
+            let (client, all) = (client.clone(), all.clone());
+            async move {
+                let (a, b) = (
+                    owned(&client, addrs[0]).await?,
+                    owned(&client, addrs[1]).await?,
+                );
+                let shared = a.len() == 2
+                    && b.len() == 2
+                    && a.union(&b).copied().collect::<BTreeSet<_>>() == all;
+                shared.then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Both processes looked at all along: a partition never has two owners.
+    let done = CancellationToken::new();
+    let sampler = {
+        let (client, done) = (client.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !done.is_cancelled() {
+                let asked = Instant::now();
+                let (a, b) = tokio::join!(owned(&client, addrs[0]), owned(&client, addrs[1]));
+                samples.push((asked..Instant::now(), [a, b]));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            samples
+        })
+    };
+
+    // Writers move their agents between the projects, each agent's moves
+    // applied by its own partition, concurrently with the others'.
+    const MOVES: usize = 24;
+    let mut writers = Vec::new();
+    for (w, pair) in ids.chunks(2).enumerate() {
+        let (app_client, base, token, pair, projects) = (
+            app.client.clone(),
+            app.base.clone(),
+            token.clone(),
+            pair.to_vec(),
+            projects.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let mut last_project = Vec::new();
+            for (a, id) in pair.iter().enumerate() {
+                let mut at = 0;
+                for k in 0..MOVES {
+                    at = (w + a + k * (a + 1)) % projects.len();
+                    let r = app_client
+                        .put(format!("{base}/api/v1/agents/{id}"))
+                        .bearer_auth(&token)
+                        .json(&json!({"project_id": projects[at], "description": format!("move {k}")}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200, "move {k} of {id}");
+                }
+                last_project.push(at);
+            }
+            last_project
+        }));
+    }
+
+    // A moment in, one projector is killed outright; the other takes its
+    // partitions over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut killed = children[0].take().unwrap();
+    let kill_sent = Instant::now();
+    killed.start_kill().unwrap(); // SIGKILL: no chance to give a lease up
+    killed.wait().await.unwrap();
+    let killed_at = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the survivor to own every partition",
+        || {
+            let (client, all) = (client.clone(), all.clone());
+            async move { (owned(&client, addrs[1]).await? == all).then_some(()) }
+        },
+    )
+    .await;
+    let takeover = killed_at.elapsed();
+    assert!(
+        takeover < Duration::from_secs(3),
+        "took over after {takeover:?}"
+    );
+
+    let mut expected = [0u64; 3];
+    for w in writers {
+        for at in w.await.unwrap() {
+            expected[at] += 1;
+        }
+    }
+    let last = app.last_seq().await;
+    all_partitions_at(&app, last).await;
+    done.cancel();
+    let samples = sampler.await.unwrap();
+    for (when, sample) in &samples {
+        // The two answers of a look are not one instant: a look the kill
+        // fell inside can pair the killed process's last answer with the
+        // survivor's after its takeover.
+        if when.contains(&kill_sent) {
+            continue;
+        }
+        if let [Some(a), Some(b)] = sample {
+            assert!(
+                a.is_disjoint(b),
+                "a partition with two owners: {a:?} and {b:?}"
+            );
+        }
+    }
+    assert!(samples.len() > 10, "{} samples", samples.len());
+
+    // agent_count is exact: every agent counted in its last project once.
+    let reader = sandbox.start(Role::Query).await;
+    let counts = agent_counts(&reader, &token, &projects, last).await;
+    assert_eq!(counts, expected.to_vec(), "each project's agent_count");
+    assert_eq!(counts.iter().sum::<u64>(), ids.len() as u64);
+
+    for child in children.iter_mut().flatten() {
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+    assert_read_models_are_the_fold(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_waits_for_every_partition_and_an_idle_one_does_not_hold_it_back() {
+    let (app, token) = partitioned_app().await;
+
+    // One agent: one partition has events of its own, three have none.
+    let r = app.create_agent(&token, agent_body("solo")).await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for k in 0..20 {
+        let seq = update(&app, &token, &id, json!({"description": format!("v{k}")})).await;
+        // Read back at once, through the watch of every partition.
+        let started = Instant::now();
+        let r = app
+            .read_at(&format!("/api/v1/agents/{id}"), &token, seq)
+            .await;
+        assert_eq!(r.status(), 200, "read at {seq}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a read at {seq} waited {:?}",
+            started.elapsed()
+        );
+        assert!(header_u64(&r, "x-projection-seq") >= seq);
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["description"],
+            format!("v{k}")
+        );
+    }
+
+    // Every partition saw the whole log: the three idle ones moved their
+    // watermark over the events they did not apply.
+    let last = app.last_seq().await;
+    let partitions = all_partitions_at(&app, last).await;
+    assert_eq!(
+        partitions
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>(),
+        (0..PARTITIONS)
+            .map(|i| format!("main:{i}/{PARTITIONS}"))
+            .collect::<Vec<_>>()
+    );
+    let r = app.read_at("/api/v1/agents?limit=1", &token, last).await;
+    assert_eq!(
+        header_u64(&r, "x-projection-seq"),
+        last,
+        "the lowest watermark"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_count_is_exact_under_concurrent_partitions_and_a_deletion_detaches_all() {
+    let (app, token) = partitioned_app().await;
+    let from = create_project(&app, &token, "from").await;
+    let to = create_project(&app, &token, "to").await;
+    let agents: Vec<Value> = (0..40)
+        .map(|i| json!({"name": format!("a{i}"), "type": "llm", "project_id": from}))
+        .collect();
+    let ids = app.bulk_create(&token, agents).await;
+    // The agents fall into every partition.
+    let partitions: BTreeSet<u32> = ids
+        .iter()
+        .map(|id| {
+            let subject = app
+                .deps
+                .store
+                .subject(events::AggregateType::Agent, id.parse().unwrap());
+            projection::partition_of(&subject, PARTITIONS)
+        })
+        .collect();
+    assert_eq!(partitions.len(), PARTITIONS as usize);
+
+    // All move at once, three quarters of them back again: the partitions
+    // apply their own agents' moves concurrently.
+    let moves = ids.iter().enumerate().map(|(i, id)| {
+        let (app, token, from, to) = (&app, &token, &from, &to);
+        async move {
+            update(app, token, id, json!({"project_id": to})).await;
+            if i % 4 != 0 {
+                update(app, token, id, json!({"project_id": from})).await;
+            }
+        }
+    });
+    futures::future::join_all(moves).await;
+    let last = app.last_seq().await;
+    let projects = [from.clone(), to.clone()];
+    assert_eq!(
+        agent_counts(&app, &token, &projects, last).await,
+        vec![30, 10]
+    );
+
+    // The detach reaction waits for every partition before it reads the
+    // members: all thirty are detached.
+    let r = app
+        .request(
+            Method::DELETE,
+            &format!("/api/v1/projects/{from}"),
+            Some(&token),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    eventually(Duration::from_secs(30), "the members detached", || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM agents WHERE project_id = $1::uuid")
+                .bind(&from)
+                .fetch_one(&app.deps.pool)
+                .await
+                .ok()?;
+        let detached: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM agents WHERE project_id IS NULL")
+                .fetch_one(&app.deps.pool)
+                .await
+                .ok()?;
+        (left == 0 && detached == 30).then_some(())
+    })
+    .await;
+    let last = app.last_seq().await;
+    all_partitions_at(&app, last).await;
+    assert_eq!(agent_counts(&app, &token, &[to], last).await, vec![10]);
+    app.stop().await;
+}
