@@ -7,12 +7,11 @@
 //! created since, a no-op for an update that is one only on the old
 //! state), and decides on the current state once its node rejoins.
 //!
-//! Not covered, because it does not hold: a node cut off while it *leads*
-//! the stream goes on answering leader reads from its copy until it steps
-//! down (about 18 s after the cut here, 8 s after the others elected a new
-//! leader), so a write through it that appends nothing (a 404, a 422, a
-//! no-op) may be decided on that copy then; one that appends cannot be
-//! (the append needs a quorum, and fails with 503).
+//! The same holds through the stream's leader when it is the node cut off:
+//! it goes on answering leader reads from its copy until it steps down
+//! (about 18 s after the cut here, 8 s after the others elected a new
+//! leader and took writes), but a read it answers counts only while it
+//! still hears from a quorum of the replicas.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -101,24 +100,21 @@ async fn a_node_cut_off_from_the_leader_never_decides_a_write_on_its_old_copy() 
     drop(store);
     let cut = (0..cluster.nodes.len()).find(|n| *n != leader).unwrap();
 
-    // One command-api on the rest of the cluster, one on that node alone.
-    let mut rest = settings.clone();
-    rest.nats.nats_url = cluster.urls_without(&[cut]);
-    let app = sandbox.start_with(Role::Command, &rest).await;
-    let mut alone = settings.clone();
-    alone.nats.nats_url = cluster.nodes[cut].url.clone();
-    let lagging = sandbox.start_with(Role::Command, &alone).await;
+    // A command-api on that follower, and one on the node left, through
+    // which the writes go.
+    let on_node = |node: usize| {
+        let mut on = settings.clone();
+        on.nats.nats_url = cluster.nodes[node].url.clone();
+        on
+    };
+    let other = (0..cluster.nodes.len())
+        .find(|n| *n != leader && *n != cut)
+        .unwrap();
+    let app = sandbox.start_with(Role::Command, &on_node(other)).await;
+    let lagging = sandbox.start_with(Role::Command, &on_node(cut)).await;
     let token = app.admin_token().await;
-    let (rest, alone) = (
-        Writer {
-            app: &app,
-            token: &token,
-        },
-        Writer {
-            app: &lagging,
-            token: &token,
-        },
-    );
+    let writer = |app| Writer { app, token: &token };
+    let (rest, alone) = (writer(&app), writer(&lagging));
     let (ok, unavailable) = (StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE);
 
     // An agent, on every node.
@@ -235,4 +231,35 @@ async fn a_node_cut_off_from_the_leader_never_decides_a_write_on_its_old_copy() 
         "created, then updated once: {third_events:?}"
     );
     assert_eq!(third_events[1], "rejoined");
+
+    // The leader cut off (the stream's leader now, with a command-api on
+    // it and one on the others): once the others have elected another,
+    // and taken writes, a write through it is not decided on its copy.
+    let leader = eventually(Duration::from_secs(30), "the stream's leader", || {
+        cluster.stream_leader(other, &stream)
+    })
+    .await;
+    let on_leader = sandbox.start_with(Role::Command, &on_node(leader)).await;
+    let mut without = settings.clone();
+    without.nats.nats_url = cluster.urls_without(&[leader]);
+    let on_the_others = sandbox.start_with(Role::Command, &without).await;
+    let (deposed, rest) = (writer(&on_leader), writer(&on_the_others));
+    cluster.replicas_current(leader, &stream).await;
+    cluster.isolate(leader);
+    let asking = (0..cluster.nodes.len()).find(|n| *n != leader).unwrap();
+    eventually(Duration::from_secs(30), "another leader", || {
+        let (cluster, stream) = (&cluster, &stream);
+        async move {
+            let now = cluster.stream_leader(asking, stream).await?;
+            (now != leader).then_some(())
+        }
+    })
+    .await;
+    let project = rest.project("under the new leader").await;
+    let joins = json!({"name": "joins", "type": "llm", "project_id": project});
+    let (status, answer) = deposed.send(Method::POST, "/api/v1/agents", joins).await;
+    assert_eq!(
+        status, unavailable,
+        "a project just created, not found by the former leader: {answer}"
+    );
 }
