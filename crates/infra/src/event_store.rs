@@ -28,7 +28,11 @@
 //!   last sequence: the expected sequence of the next append and whether
 //!   the aggregate exists) are therefore read from the leader when the
 //!   stream has replicas; on R1 the only replica is the leader, and the
-//!   cheaper direct gets are just as current.
+//!   cheaper direct gets are just as current. A leader cut off from the
+//!   other replicas still answers from its copy until it steps down, some
+//!   seconds after they have elected another: so each such read is
+//!   confirmed by the leader having heard from a quorum of the replicas
+//!   within a lease shorter than an election takes, else it fails with 503.
 
 mod consumers;
 
@@ -339,7 +343,39 @@ impl EventStore {
                 Err(e) => return Err(unavailable(e)),
             }
         };
+        if self.leader_reads {
+            self.confirm_leader(&stream).await?;
+        }
         decode(message.sequence, &message.payload).map(Some)
+    }
+
+    /// Makes sure that what was just read from the stream's leader was
+    /// current: that the leader still hears from a quorum of the stream's
+    /// replicas, each within [`LEADER_LEASE`]. A leader cut off from the
+    /// others goes on answering from its copy until it steps down, seconds
+    /// after they have elected another and stored more; it fails this at
+    /// once, with 503.
+    async fn confirm_leader(
+        &self,
+        stream: &jetstream::stream::Stream<()>,
+    ) -> Result<(), StoreError> {
+        let info = stream.get_info().await.map_err(unavailable)?;
+        let Some(cluster) = info.cluster else {
+            return Ok(());
+        };
+        let heard = cluster
+            .replicas
+            .iter()
+            .filter(|r| r.current && !r.offline && r.active <= LEADER_LEASE)
+            .count();
+        // The leader itself, and the others it has heard from lately.
+        if 2 * (heard + 1) > cluster.replicas.len() + 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "the stream's leader has not heard from its replicas lately".into(),
+            ))
+        }
     }
 
     /// The first message on `subject` at sequence `from` or later, as the
@@ -486,6 +522,9 @@ impl EventStore {
                 None => break,
             }
         }
+        if self.leader_reads {
+            self.confirm_leader(&stream).await?;
+        }
         tracing::Span::current().record("events", out.len());
         let last = out.last().map_or(0, |e| e.seq);
         Ok((out, last))
@@ -538,6 +577,15 @@ pub struct StreamState {
     /// reads in progress.
     pub consumer_count: usize,
 }
+
+/// How long ago a replicated stream's leader may last have heard from a
+/// replica for that replica to count towards the quorum that makes the
+/// leader's reads current ([`EventStore::last_on_subject`],
+/// [`EventStore::load`]). A replica that the leader heard from that lately
+/// has not voted for another leader: NATS's Raft waits at least 4 s without
+/// a word from the leader before it does. Under that, with room for the
+/// leader's own heartbeats (every second) to be late.
+const LEADER_LEASE: Duration = Duration::from_millis(2_500);
 
 /// How many events of an aggregate are read by direct gets before the rest
 /// streams through a consumer.

@@ -247,6 +247,30 @@ pub async fn checkpoint_in(
     Ok(seq.max(0) as u64)
 }
 
+/// The live projection's checkpoint rows among the read models of
+/// `schema` (the one [`MAIN`] row when whole, one per partition when
+/// split, at most [`MAX_PARTITIONS`]), whatever the connection's search
+/// path, by name in partition order: where each partition stands, as a
+/// rebuild reads it to follow the live projection, and as the metrics show
+/// it.
+pub async fn partition_checkpoints_in(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> Result<Vec<(String, u64)>, sqlx::Error> {
+    db::assert_identifier(schema);
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT name, last_seq FROM {schema}.projector_checkpoint \
+         WHERE name = 'main' OR name LIKE 'main:%' \
+         ORDER BY length(name), name LIMIT {MAX_PARTITIONS}"
+    )))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, seq)| (name, seq.max(0) as u64))
+        .collect())
+}
+
 /// The live projection's checkpoint and when the event at it occurred
 /// (`None` before the first): how far behind the projection is, in time.
 pub async fn checkpoint_with_time(

@@ -288,11 +288,9 @@ impl Projector {
         }
         let mut checkpoint = self.checkpoint;
         let mut finished = false;
-        let mut pending = 0;
         let mut incoming = Vec::with_capacity(batch.len());
         for message in batch {
             let seq = message.seq;
-            pending = message.pending;
             if seq <= checkpoint {
                 continue; // already applied: a redelivery
             }
@@ -340,8 +338,6 @@ impl Projector {
             infra::metrics::record_projector_batch(&infra::metrics::ProjectorBatch {
                 applied,
                 elapsed: started.elapsed(),
-                checkpoint,
-                lag_events: pending,
                 occurred_at: &occurred,
                 committed_at: chrono::Utc::now(),
             });
