@@ -78,6 +78,11 @@ impl LogHead {
         see(&self.seen, seq);
     }
 
+    /// The last sequence seen: the log reaches at least that far.
+    pub fn seen(&self) -> u64 {
+        *self.rx.borrow()
+    }
+
     /// Waits until the log is seen past `seq`, asking the stream every
     /// [`POLL`] meanwhile. Cancel-safe.
     pub async fn past(&self, seq: u64) {

@@ -264,7 +264,10 @@ impl Projector {
                     None => std::future::pending().await,
                 }
             };
+            // An event at hand comes first: the idle check is for when
+            // there is none.
             tokio::select! {
+                biased;
                 next = messages.next() => match next {
                     None => {
                         return Err(StoreError::Unavailable("the consumer stream ended".into()).into());
@@ -329,15 +332,19 @@ impl Projector {
 
     /// Moves the watermark of an idle partition to the end of the log, if
     /// every event of its own up to there is applied: the end is read
-    /// first, then the subscription; if the server then has nothing more to
-    /// deliver and nothing unacknowledged, every event of the partition
-    /// stored before the end was read has been delivered, applied and
-    /// acknowledged (acknowledgements follow commits). The new checkpoint,
-    /// or `None` when something is still on its way or there is nothing to
+    /// first (the head: the stream's last sequence, or an event delivered
+    /// to another partition, as seen before this call), then the
+    /// subscription; if the server then has nothing more to deliver and
+    /// every message it delivered is applied, every event of the partition
+    /// stored before the end was read is applied. The new checkpoint, or
+    /// `None` when something is still on its way or there is nothing to
     /// move over.
     #[tracing::instrument(skip_all, fields(from = self.checkpoint, to), err)]
     async fn catch_up_idle(&mut self) -> Result<Option<u64>, ProjectorError> {
-        let end = self.store.last_seq().await?;
+        let Some(head) = self.head.as_ref() else {
+            return Ok(None);
+        };
+        let end = head.seen();
         let end = self.settings.stop_at.map_or(end, |stop| end.min(stop));
         if end <= self.checkpoint {
             return Ok(None);
@@ -345,7 +352,7 @@ impl Projector {
         let Some(messages) = self.messages.as_ref() else {
             return Ok(None);
         };
-        if !messages.drained().await? {
+        if !messages.caught_up(self.checkpoint).await? {
             return Ok(None);
         }
         let mut tx = self.begin().await?;
