@@ -57,6 +57,18 @@ async fn create_project(app: &TestApp, token: &str, name: &str) -> String {
         .to_owned()
 }
 
+/// Creates agent `name`: its id and the event's sequence.
+async fn create_agent(app: &TestApp, token: &str, name: &str) -> (String, u64) {
+    let r = app.create_agent(token, agent_body(name)).await;
+    assert_eq!(r.status(), 201);
+    let seq = header_u64(&r, "x-event-seq");
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (id, seq)
+}
+
 /// `PUT /agents/{id}` with `body`, which must succeed: the event's
 /// sequence.
 async fn update(app: &TestApp, token: &str, id: &str, body: Value) -> u64 {
@@ -283,12 +295,7 @@ async fn a_read_waits_for_every_partition_and_an_idle_one_does_not_hold_it_back(
     let (app, token) = partitioned_app().await;
 
     // One agent: one partition has events of its own, three have none.
-    let r = app.create_agent(&token, agent_body("solo")).await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, _) = create_agent(&app, &token, "solo").await;
     for k in 0..20 {
         let seq = update(&app, &token, &id, json!({"description": format!("v{k}")})).await;
         // Read back at once, through the watch of every partition.
@@ -481,12 +488,7 @@ async fn each_partition_is_delivered_its_own_events_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_at_a_write_is_answered_promptly_while_the_other_partitions_get_nothing() {
     let (app, token) = partitioned_app().await;
-    let r = app.create_agent(&token, agent_body("lonely")).await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, _) = create_agent(&app, &token, "lonely").await;
     let mine = events::partition_of(&id, PARTITIONS);
 
     // Writes now and then, each read back at once at its sequence: the
@@ -598,13 +600,7 @@ async fn one_partition_keeps_the_subjects_and_the_whole_log_consumer() {
     let sandbox = Sandbox::new().await;
     let app = sandbox.start(Role::All).await;
     let token = app.admin_token().await;
-    let r = app.create_agent(&token, agent_body("plain")).await;
-    assert_eq!(r.status(), 201);
-    let seq = header_u64(&r, "x-event-seq");
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, seq) = create_agent(&app, &token, "plain").await;
     app.caught_up_to(seq, Duration::from_secs(10)).await;
     let prefix = &sandbox.settings.nats.subject_prefix;
     assert_eq!(
