@@ -245,6 +245,15 @@ impl EventStore {
         events::subject(&self.prefix, aggregate_type, id, self.partitions)
     }
 
+    /// The sequence of the first message on `subjects` (one subject, or a
+    /// filter with wildcards) at sequence `from` or later, as the leader
+    /// has it (see the module doc); `None` when there is none yet.
+    pub async fn first_from(&self, subjects: &str, from: u64) -> Result<Option<u64>, StoreError> {
+        let stream = self.stream().await?;
+        let message = self.next_on_subject(&stream, subjects, from).await?;
+        Ok(message.map(|m| m.sequence))
+    }
+
     /// The subjects of the aggregate `id`, whatever its type.
     pub fn aggregate_subjects(&self, id: Uuid) -> String {
         events::aggregate_subjects(&self.prefix, id, self.partitions)

@@ -13,9 +13,9 @@
 //! checkpoint is its applied *watermark*: every event of the partition up
 //! to it is applied, and it moves past the other partitions' events too,
 //! whenever the partition has nothing pending (its owner reads the end of
-//! the log, then finds nothing of its own undelivered or unacknowledged),
-//! so a partition whose aggregates nobody writes keeps up with the log
-//! without being delivered anything. The projection as a whole has
+//! the log, then finds no event of its own after its checkpoint up to that
+//! end, asking the stream's leader), so a partition whose aggregates nobody
+//! writes keeps up with the log without being delivered anything. The projection as a whole has
 //! applied every event up to the lowest watermark ([`checkpoint`]): that
 //! is what reads are measured against (`X-Projection-Seq`,
 //! `X-Min-Event-Seq`).

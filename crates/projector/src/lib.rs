@@ -333,12 +333,12 @@ impl Projector {
     /// Moves the watermark of an idle partition to the end of the log, if
     /// every event of its own up to there is applied: the end is read
     /// first (the head: the stream's last sequence, or an event delivered
-    /// to another partition, as seen before this call), then the
-    /// subscription; if the server then has nothing more to deliver and
-    /// every message it delivered is applied, every event of the partition
-    /// stored before the end was read is applied. The new checkpoint, or
-    /// `None` when something is still on its way or there is nothing to
-    /// move over.
+    /// to another partition, as seen before this call), then the first
+    /// event of the partition after the checkpoint, from the stream's
+    /// leader (its consumer may sit on a replica that lags behind the
+    /// end); if there is none up to the end, the partition has nothing to
+    /// apply there. The new checkpoint, or `None` when an event of its own
+    /// is still to come or there is nothing to move over.
     #[tracing::instrument(skip_all, fields(from = self.checkpoint, to), err)]
     async fn catch_up_idle(&mut self) -> Result<Option<u64>, ProjectorError> {
         let Some(head) = self.head.as_ref() else {
@@ -349,10 +349,10 @@ impl Projector {
         if end <= self.checkpoint {
             return Ok(None);
         }
-        let Some(messages) = self.messages.as_ref() else {
-            return Ok(None);
-        };
-        if !messages.caught_up(self.checkpoint).await? {
+        let own = events::partition_subjects(self.store.prefix(), self.settings.partition.index);
+        if let Some(next) = self.store.first_from(&own, self.checkpoint + 1).await?
+            && next <= end
+        {
             return Ok(None);
         }
         let mut tx = self.begin().await?;

@@ -181,8 +181,6 @@ impl Drop for Ephemeral {
 /// what it has applied.
 pub struct Subscription {
     messages: pull::Stream,
-    /// Its consumer on the server, for [`Subscription::caught_up`].
-    consumer: jetstream::consumer::PullConsumer,
     /// The delivery count of the last message handed out (0 before the
     /// first), on a subscription whose deliveries must all arrive; `None`
     /// on one from [`EventStore::follow`], which acknowledges each message
@@ -214,7 +212,6 @@ impl Subscription {
             .map_err(unavailable)?;
         Ok(Subscription {
             messages,
-            consumer,
             last_delivery,
         })
     }
@@ -235,18 +232,6 @@ impl Subscription {
             *last = m.delivery;
         }
         Some(message)
-    }
-
-    /// Whether the server has nothing more of the subscription to deliver
-    /// and every message it delivered is applied, as of now: acknowledged,
-    /// or at or below `applied` (the holder applies in delivery order, so
-    /// the last delivery applied means all of them are; an acknowledgement
-    /// still on its way does not matter then). If so, every message on its
-    /// subjects stored before this call is applied.
-    pub async fn caught_up(&self, applied: u64) -> Result<bool, StoreError> {
-        let info = self.consumer.get_info().await.map_err(unavailable)?;
-        Ok(info.num_pending == 0
-            && (info.num_ack_pending == 0 || info.delivered.stream_sequence <= applied))
     }
 
     /// Tells the server `message` is still being worked on, so it is not
