@@ -94,6 +94,10 @@ pub enum StoreError {
     /// NATS or JetStream is unreachable or did not answer in time: 503.
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// The stream was made for another configuration than this process's
+    /// (another partition count): the process refuses to start.
+    #[error("{0}")]
+    Misconfigured(String),
     /// A stored message is not an envelope. Logged; 500.
     #[error("stored message {seq} is not a valid event: {reason}")]
     Corrupt { seq: u64, reason: String },
@@ -114,7 +118,14 @@ pub struct EventStore {
     /// Whether the reads that decide a write go to the stream's leader (a
     /// replicated stream) rather than to any replica by direct get.
     leader_reads: bool,
+    /// How many partitions the log is split into: part of every subject
+    /// when more than one (see [`events::subject`]).
+    partitions: u32,
 }
+
+/// The key of the stream's metadata that records how many partitions its
+/// log is split into; a stream without it holds a log of one.
+pub const PARTITIONS_KEY: &str = "ymera.partitions";
 
 impl EventStore {
     /// Connects and makes sure the stream exists with the configured
@@ -138,12 +149,17 @@ impl EventStore {
             stream: cfg.stream.clone(),
             prefix: cfg.subject_prefix.clone(),
             leader_reads: cfg.stream_replicas > 1,
+            partitions: cfg.partitions.max(1),
         };
         store.ensure_stream(cfg).await?;
         Ok(store)
     }
 
     /// Creates the stream, or brings a changed configuration up to date.
+    /// The partition count is recorded in the stream when it is created
+    /// and never changed: a process configured with another count would
+    /// name another subject for the same aggregate (and so guard its
+    /// appends against another sequence), so it is refused.
     async fn ensure_stream(&self, cfg: &NatsConfig) -> Result<(), StoreError> {
         let config = jetstream::stream::Config {
             name: cfg.stream.clone(),
@@ -158,6 +174,7 @@ impl EventStore {
             // Bulk writes are all or nothing (ADR-50 atomic batches).
             allow_atomic_publish: true,
             description: Some("YMERA event log".into()),
+            metadata: [(PARTITIONS_KEY.to_owned(), cfg.partitions.max(1).to_string())].into(),
             ..Default::default()
         };
         // The first start on a fresh server may race JetStream's own start;
@@ -167,6 +184,7 @@ impl EventStore {
             match self.js.get_or_create_stream(config.clone()).await {
                 Ok(stream) => {
                     let current = &stream.cached_info().config;
+                    check_partitions(current, self.partitions)?;
                     if current.duplicate_window != config.duplicate_window
                         || current.num_replicas != config.num_replicas
                         || !current.allow_atomic_publish
@@ -221,9 +239,28 @@ impl EventStore {
         }
     }
 
+    /// How many partitions the log is split into.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     /// The subject of one aggregate.
     pub fn subject(&self, aggregate_type: AggregateType, id: Uuid) -> String {
-        events::subject(&self.prefix, aggregate_type, id)
+        events::subject(&self.prefix, aggregate_type, id, self.partitions)
+    }
+
+    /// The sequence of the first message on `subjects` (one subject, or a
+    /// filter with wildcards) at sequence `from` or later, as the leader
+    /// has it (see the module doc); `None` when there is none yet.
+    pub async fn first_from(&self, subjects: &str, from: u64) -> Result<Option<u64>, StoreError> {
+        let stream = self.stream().await?;
+        let message = self.next_on_subject(&stream, subjects, from).await?;
+        Ok(message.map(|m| m.sequence))
+    }
+
+    /// The subjects of the aggregate `id`, whatever its type.
+    pub fn aggregate_subjects(&self, id: Uuid) -> String {
+        events::aggregate_subjects(&self.prefix, id, self.partitions)
     }
 
     /// Appends one event to `subject`, provided the subject's last sequence
@@ -652,6 +689,28 @@ fn batch_reply(payload: &[u8]) -> Result<Option<BatchAck>, StoreError> {
             "unreadable batch reply: {e}"
         ))),
     }
+}
+
+/// Refuses a stream whose log is split another way than `partitions`.
+fn check_partitions(stream: &jetstream::stream::Config, partitions: u32) -> Result<(), StoreError> {
+    let recorded = stream.metadata.get(PARTITIONS_KEY);
+    let theirs = match recorded {
+        None => Some(1),
+        Some(n) => n.parse::<u32>().ok(),
+    };
+    if theirs == Some(partitions) {
+        return Ok(());
+    }
+    let theirs = match recorded {
+        Some(n) => n.clone(),
+        None => "1 (it records no partition count: it was made before partitions)".into(),
+    };
+    Err(StoreError::Misconfigured(format!(
+        "stream {} holds a log split for YMERA_PARTITIONS={theirs}, but this process is \
+         configured with YMERA_PARTITIONS={partitions}: every process of a stream must be given \
+         the partition count the stream was created with",
+        stream.name
+    )))
 }
 
 /// Reads a stored message's payload as an envelope.

@@ -3,8 +3,11 @@
 //! read models that span aggregates (a project's `agent_count`) stay exact
 //! however the partitions interleave; and a read at an event's sequence is
 //! answered once every partition has got that far, a partition with
-//! nothing of its own to apply included; and `ymera rebuild` swaps new
-//! models in under projectors that keep running.
+//! nothing of its own to apply included. Each partition is delivered only
+//! its own events (the partition is the last token of the subjects of a
+//! split log), and a process given another partition count than its
+//! stream's refuses to start. `ymera rebuild` swaps new models in under
+//! projectors that keep running.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use infra::projection::{self, PartitionState};
+use infra::projection::{self, Partition, PartitionState};
 use projector::progress::Reporter;
 use projector::rebuild;
 use reqwest::Method;
@@ -82,6 +85,18 @@ async fn create_project(app: &TestApp, token: &str, name: &str) -> String {
         .as_str()
         .unwrap()
         .to_owned()
+}
+
+/// Creates agent `name`: its id and the event's sequence.
+async fn create_agent(app: &TestApp, token: &str, name: &str) -> (String, u64) {
+    let r = app.create_agent(token, agent_body(name)).await;
+    assert_eq!(r.status(), 201);
+    let seq = header_u64(&r, "x-event-seq");
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (id, seq)
 }
 
 /// `PUT /agents/{id}` with `body`, which must succeed: the event's
@@ -152,7 +167,9 @@ async fn assert_read_models_are_the_fold(app: &TestApp) {
 async fn agents_in_the_first_of_three_projects(
     agents: usize,
 ) -> (Sandbox, TestApp, String, [String; 3], Vec<String>) {
-    let sandbox = Sandbox::new().await;
+    // Every process of the stream is given its partition count.
+    let mut sandbox = Sandbox::new().await;
+    sandbox.settings.nats.partitions = PARTITIONS;
     let app = sandbox.start(Role::Command).await;
     let token = app.admin_token().await;
     let projects = [
@@ -309,12 +326,7 @@ async fn a_read_waits_for_every_partition_and_an_idle_one_does_not_hold_it_back(
     let (app, token) = partitioned_app().await;
 
     // One agent: one partition has events of its own, three have none.
-    let r = app.create_agent(&token, agent_body("solo")).await;
-    assert_eq!(r.status(), 201);
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, _) = create_agent(&app, &token, "solo").await;
     for k in 0..20 {
         let seq = update(&app, &token, &id, json!({"description": format!("v{k}")})).await;
         // Read back at once, through the watch of every partition.
@@ -368,13 +380,7 @@ async fn agent_count_is_exact_under_concurrent_partitions_and_a_deletion_detache
     // The agents fall into every partition.
     let partitions: BTreeSet<u32> = ids
         .iter()
-        .map(|id| {
-            let subject = app
-                .deps
-                .store
-                .subject(events::AggregateType::Agent, id.parse().unwrap());
-            projection::partition_of(&subject, PARTITIONS)
-        })
+        .map(|id| events::partition_of(id, PARTITIONS))
         .collect();
     assert_eq!(partitions.len(), PARTITIONS as usize);
 
@@ -646,5 +652,212 @@ async fn the_metrics_show_each_partition_and_the_projection_at_the_lowest() {
         app.metric("ymera_projector_checkpoint").await,
         Some(end as f64)
     );
+    app.stop().await;
+}
+
+/// The durable consumer of `partition` of the projection of `app`'s
+/// stream, as the server describes it.
+async fn consumer_info(
+    app: &TestApp,
+    partition: Partition,
+) -> async_nats::jetstream::consumer::Info {
+    let nats = &app.sandbox.settings.nats;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.nats_url).await.unwrap());
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&nats.stream)
+        .await
+        .unwrap()
+        .get_consumer(&projector::Settings::live(partition).consumer)
+        .await
+        .unwrap();
+    consumer.info().await.unwrap().clone()
+}
+
+/// Every message of `app`'s log: (sequence, subject).
+async fn stored_subjects(app: &TestApp) -> Vec<(u64, String)> {
+    let store = &app.deps.store;
+    let mut reader = store
+        .read_stored(&events::all_subjects(store.prefix()), 1)
+        .await
+        .unwrap();
+    let mut subjects = Vec::new();
+    while let Some(message) = reader.next().await {
+        let message = message.unwrap();
+        subjects.push((message.seq, message.subject().to_owned()));
+    }
+    subjects
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_partition_is_delivered_its_own_events_only() {
+    let (app, token) = partitioned_app().await;
+    let project = create_project(&app, &token, "home").await;
+    let agents: Vec<Value> = (0..24)
+        .map(|i| json!({"name": format!("a{i}"), "type": "llm", "project_id": project}))
+        .collect();
+    let ids = app.bulk_create(&token, agents).await;
+    for id in ids.iter().step_by(3) {
+        update(&app, &token, id, json!({"description": "moved on"})).await;
+    }
+    let last = app.last_seq().await;
+    all_partitions_at(&app, last).await;
+
+    // Each event is stored with its aggregate's partition last.
+    let prefix = app.deps.store.prefix().to_owned();
+    let mut own = vec![0u64; PARTITIONS as usize];
+    for (seq, subject) in stored_subjects(&app).await {
+        let tokens: Vec<&str> = subject.split('.').collect();
+        assert_eq!(tokens.len(), 4, "event {seq} on {subject}");
+        let partition = events::partition_of(tokens[2], PARTITIONS);
+        assert_eq!(tokens[3], partition.to_string(), "event {seq} on {subject}");
+        own[partition as usize] += 1;
+    }
+    assert_eq!(own.iter().sum::<u64>(), last);
+
+    // The server delivered each partition's consumer its own events, and
+    // nothing else: every event once in all.
+    for partition in Partition::all(PARTITIONS) {
+        let info = consumer_info(&app, partition).await;
+        assert_eq!(
+            info.config.filter_subject,
+            format!("{prefix}.*.*.{}", partition.index),
+            "{}",
+            partition.name()
+        );
+        assert_eq!(
+            info.delivered.consumer_sequence,
+            own[partition.index as usize],
+            "deliveries to {}: its own events",
+            partition.name()
+        );
+    }
+    assert_read_models_are_the_fold(&app).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_read_at_a_write_is_answered_promptly_while_the_other_partitions_get_nothing() {
+    let (app, token) = partitioned_app().await;
+    let (id, _) = create_agent(&app, &token, "lonely").await;
+    let mine = events::partition_of(&id, PARTITIONS);
+
+    // Writes now and then, each read back at once at its sequence: the
+    // three partitions that get nothing must move their watermark past it
+    // by themselves.
+    let mut waits = Vec::new();
+    for k in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seq = update(&app, &token, &id, json!({"description": format!("v{k}")})).await;
+        let started = Instant::now();
+        let r = app
+            .read_at(&format!("/api/v1/agents/{id}"), &token, seq)
+            .await;
+        let waited = started.elapsed();
+        assert_eq!(r.status(), 200, "read at {seq}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["description"],
+            format!("v{k}")
+        );
+        waits.push(waited);
+    }
+    waits.sort_unstable();
+    let median = waits[waits.len() / 2];
+    let worst = waits[waits.len() - 1];
+    assert!(
+        worst < Duration::from_secs(1) && median < Duration::from_millis(150),
+        "reads at a write waited {median:?} (median), {worst:?} (worst)"
+    );
+    // Only the agent's partition was delivered anything.
+    for partition in Partition::all(PARTITIONS) {
+        let delivered = consumer_info(&app, partition)
+            .await
+            .delivered
+            .consumer_sequence;
+        if partition.index == mine {
+            assert_eq!(delivered, 16, "{}", partition.name());
+        } else {
+            assert_eq!(delivered, 0, "{}", partition.name());
+        }
+    }
+    app.stop().await;
+}
+
+/// Starts `ymera command-api` on `sandbox`'s stream with
+/// `YMERA_PARTITIONS=partitions` and waits (at most 30 s) for it to exit:
+/// its exit code and what it wrote to stderr.
+async fn start_refused(sandbox: &Sandbox, partitions: u32) -> (Option<i32>, String) {
+    let s = &sandbox.settings;
+    let secret = s.auth.jwt_secret.as_ref().unwrap();
+    let mut command = tokio::process::Command::new(process::ymera_bin());
+    command
+        .arg("command-api")
+        .env("YMERA_NATS_URL", &s.nats.nats_url)
+        .env("YMERA_STREAM", &s.nats.stream)
+        .env("YMERA_SUBJECT_PREFIX", &s.nats.subject_prefix)
+        .env("YMERA_DATABASE_URL", &s.db.database_url)
+        .env("YMERA_BIND", "127.0.0.1:0")
+        .env(
+            "YMERA_JWT_SECRET",
+            secrecy::ExposeSecret::expose_secret(secret),
+        )
+        .env("YMERA_PARTITIONS", partitions.to_string())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("a process of another partition count refuses to start")
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_of_another_partition_count_than_the_streams_refuses_to_start() {
+    let (app, _token) = partitioned_app().await;
+    let (code, stderr) = start_refused(&app.sandbox, 2).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("YMERA_PARTITIONS=4") && stderr.contains("YMERA_PARTITIONS=2"),
+        "{stderr}"
+    );
+    // In process too, for every role that opens the event store.
+    let mut nats = app.sandbox.settings.nats.clone();
+    nats.partitions = 1;
+    let refused = infra::EventStore::connect(&nats).await.unwrap_err();
+    assert!(
+        matches!(&refused, infra::StoreError::Misconfigured(m) if m.contains("YMERA_PARTITIONS=4")),
+        "{refused}"
+    );
+    app.stop().await;
+
+    // A stream made before partitions (no count recorded) holds a log of
+    // one: a process split four ways is refused.
+    let sandbox = Sandbox::new().await;
+    let whole = sandbox.start(Role::Command).await;
+    let (code, stderr) = start_refused(&sandbox, 4).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("YMERA_PARTITIONS=1") && stderr.contains("YMERA_PARTITIONS=4"),
+        "{stderr}"
+    );
+    whole.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_partition_keeps_the_subjects_and_the_whole_log_consumer() {
+    let sandbox = Sandbox::new().await;
+    let app = sandbox.start(Role::All).await;
+    let token = app.admin_token().await;
+    let (id, seq) = create_agent(&app, &token, "plain").await;
+    app.caught_up_to(seq, Duration::from_secs(10)).await;
+    let prefix = &sandbox.settings.nats.subject_prefix;
+    assert_eq!(
+        stored_subjects(&app).await,
+        vec![(seq, format!("{prefix}.agent.{id}"))]
+    );
+    let info = consumer_info(&app, Partition::WHOLE).await;
+    assert_eq!(info.config.filter_subject, format!("{prefix}.>"));
     app.stop().await;
 }

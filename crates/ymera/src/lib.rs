@@ -13,13 +13,13 @@ use axum::response::Html;
 use axum::routing::get;
 use chrono::Utc;
 use command_api::CommandState;
-use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use infra::http::drain::{self, Drain};
 use infra::http::ops::{self, Needs, Ops};
 use infra::http::ratelimit::{self, Limits};
 use infra::projection::{Ownership, ProjectionWatch};
+use infra::{EventStore, StoreError};
 use query_api::QueryState;
 use query_api::search::SearchIndex;
 use sqlx::PgPool;
@@ -101,9 +101,12 @@ pub async fn connect(nats: &NatsConfig, db: &DbConfig) -> anyhow::Result<Deps> {
         .await
         .context(Unreachable("PostgreSQL"))?;
     migrate(&pool).await?;
-    let store = EventStore::connect(nats)
-        .await
-        .context(Unreachable("NATS JetStream"))?;
+    let store = match EventStore::connect(nats).await {
+        Ok(store) => store,
+        // A stream of another partition count: no retry helps.
+        Err(e @ StoreError::Misconfigured(_)) => return Err(e.into()),
+        Err(e) => return Err(anyhow::Error::new(e).context(Unreachable("NATS JetStream"))),
+    };
     Ok(Deps { store, pool })
 }
 
@@ -394,7 +397,6 @@ pub async fn start(
         tasks.spawn(projector::partitions::run(
             deps.store.clone(),
             deps.pool.clone(),
-            settings.nats.partitions,
             ownership.clone(),
             stopped.clone(),
         ));

@@ -246,6 +246,7 @@ impl Ctx {
             publish_pipelined(
                 &js,
                 &r.prefix,
+                1,
                 r.published,
                 events - r.published,
                 2_000,
