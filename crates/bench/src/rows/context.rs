@@ -218,6 +218,48 @@ impl Ctx {
         Ok(())
     }
 
+    /// Waits until the main server's search index has applied everything
+    /// in the main stream (its own reader of the log, apart from the
+    /// projector [`Ctx::settle`] waits for), so write-to-searchable does
+    /// not pay for the index's backlog of the rows before it.
+    pub async fn settle_search(&mut self) -> anyhow::Result<()> {
+        let js = self.env.js.clone();
+        let main = self.main().await?;
+        let last = js
+            .get_stream(&main.stream)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence;
+        let started = Instant::now();
+        // A search with `X-Min-Event-Seq` answers once the index has the
+        // event, or 503 when the server's wait for it runs out: ask again.
+        loop {
+            let r = main
+                .server
+                .get("/api/v1/agents/search")
+                .query(&[("q", "settle")])
+                .header("x-min-event-seq", last.to_string())
+                .send()
+                .await?;
+            if r.status().is_success() {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("the search index has not reached event {last} after 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if started.elapsed() > Duration::from_millis(500) {
+            eprintln!(
+                "bench:   waited {:.1} s for the search index to catch up",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
+    }
+
     /// Starts the write-only server (first use), for the write rows.
     pub async fn writer(&mut self) -> anyhow::Result<&Server> {
         if self.writer.is_none() {
