@@ -206,12 +206,14 @@ pub async fn ensure_layout(pool: &PgPool, count: u32) -> Result<(), LayoutError>
 pub enum LayoutError {
     #[error(transparent)]
     Db(#[from] sqlx::Error),
-    /// The partition count changed while the old partitions stood at
-    /// different events.
+    /// The checkpoints are of another partition count, and those
+    /// partitions stood at different events: the read models were not made
+    /// from a log split as this one is (the stream records its count, and
+    /// every process of it is given that count).
     #[error(
-        "the projection's partitions stand at different events ({0}): to change YMERA_PARTITIONS, \
-         run the projectors with the old count until they have caught up with the log, stop them \
-         all, then start them with the new count"
+        "the projection's checkpoints are of another partition count and stand at different \
+         events ({0}): these read models were made from a log split another way; rebuild them \
+         from an empty database"
     )]
     Uneven(String),
 }

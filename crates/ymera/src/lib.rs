@@ -101,13 +101,19 @@ pub async fn connect(nats: &NatsConfig, db: &DbConfig) -> anyhow::Result<Deps> {
         .await
         .context(Unreachable("PostgreSQL"))?;
     migrate(&pool).await?;
-    let store = match EventStore::connect(nats).await {
-        Ok(store) => store,
-        // A stream of another partition count: no retry helps.
-        Err(e @ StoreError::Misconfigured(_)) => return Err(e.into()),
-        Err(e) => return Err(anyhow::Error::new(e).context(Unreachable("NATS JetStream"))),
-    };
+    let store = connect_store(nats).await?;
     Ok(Deps { store, pool })
+}
+
+/// Connects to the event store: an error says whether NATS could not be
+/// reached or the stream is not this process's to use (another partition
+/// count, which no retry helps).
+pub async fn connect_store(nats: &NatsConfig) -> anyhow::Result<EventStore> {
+    match EventStore::connect(nats).await {
+        Ok(store) => Ok(store),
+        Err(e @ StoreError::Misconfigured(_)) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(Unreachable("NATS JetStream"))),
+    }
 }
 
 /// Applies every crate's migrations: the write side's tables, then the read
