@@ -255,6 +255,11 @@ impl EventStore {
     pub async fn first_from(&self, subjects: &str, from: u64) -> Result<Option<u64>, StoreError> {
         let stream = self.stream().await?;
         let message = self.next_on_subject(&stream, subjects, from).await?;
+        // "None yet" lets a partition's watermark move past `from`: a
+        // deposed leader must not say so of events the others now hold.
+        if message.is_none() && self.leader_reads {
+            self.confirm_leader(&stream).await?;
+        }
         Ok(message.map(|m| m.sequence))
     }
 
@@ -368,22 +373,23 @@ impl EventStore {
     pub async fn last_on_subject(&self, subject: &str) -> Result<Option<StoredEvent>, StoreError> {
         let stream = self.stream().await?;
         let message = if self.leader_reads {
-            match stream.get_last_raw_message_by_subject(subject).await {
-                Ok(message) => message,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            let message = match stream.get_last_raw_message_by_subject(subject).await {
+                Ok(message) => Some(message),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => None,
                 Err(e) => return Err(unavailable(e)),
-            }
+            };
+            // "Nothing there" decides as much as the last event does (no
+            // such project: 422), so it is confirmed as current too.
+            self.confirm_leader(&stream).await?;
+            message
         } else {
             match stream.direct_get_last_for_subject(subject).await {
-                Ok(message) => message,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+                Ok(message) => Some(message),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
                 Err(e) => return Err(unavailable(e)),
             }
         };
-        if self.leader_reads {
-            self.confirm_leader(&stream).await?;
-        }
-        decode(message.sequence, &message.payload).map(Some)
+        message.map(|m| decode(m.sequence, &m.payload)).transpose()
     }
 
     /// Makes sure that what was just read from the stream's leader was
