@@ -124,8 +124,9 @@ pub fn event(a: &AgentCreated) -> Event {
 }
 
 impl Event {
-    pub fn subject(&self, prefix: &str) -> String {
-        events::subject(prefix, AggregateType::Agent, self.aggregate_id)
+    /// Its subject under `prefix` on a log split `partitions` ways.
+    pub fn subject(&self, prefix: &str, partitions: u32) -> String {
+        events::subject(prefix, AggregateType::Agent, self.aggregate_id, partitions)
     }
 
     pub fn bytes(&self) -> Bytes {

@@ -1,8 +1,15 @@
 //! The harness's own place on the shared servers: databases named
 //! `ymera_bench_<id>*` and streams named `BENCH_<id>*`, created here and
-//! dropped at the end (leftovers of an aborted run are swept at the start),
-//! and the `ymera` process under test, run as a child so its memory can be
-//! read from `/proc`.
+//! dropped at the end, and the `ymera` process under test, run as a child
+//! so its memory can be read from `/proc`.
+//!
+//! A run that dies leaves its databases and streams behind; the next run
+//! sweeps them at its start. Another run may be going on at the same time
+//! (two people, or two branches, measuring on one machine), so a run marks
+//! itself alive with a PostgreSQL advisory lock keyed by its id, held by a
+//! connection of its own for as long as it lives, and the sweep spares
+//! every id whose lock is held. The server drops the lock with the
+//! connection, so a run killed with `-9` is swept like any other.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -15,13 +22,16 @@ use async_nats::jetstream::{self, stream::StorageType};
 use futures::StreamExt;
 use infra::config::DbConfig;
 use serde_json::json;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
 pub const ADMIN_PASSWORD: &str = "bench-admin-password";
 const JWT_SECRET: &str = "a-benchmark-secret-that-is-long-enough-0123456789";
 const DB_PREFIX: &str = "ymera_bench_";
 const STREAM_PREFIX: &str = "BENCH_";
+/// The advisory lock class of the runs' liveness locks (the key is the
+/// run's id); "YB" in ASCII, apart from the projector's own classes.
+const ALIVE_CLASS: i32 = 0x5942;
 
 /// Connections to the shared servers and what this run created on them.
 #[derive(Debug)]
@@ -31,6 +41,8 @@ pub struct Env {
     pub admin_url: String,
     pub js: jetstream::Context,
     admin: PgPool,
+    /// Holds this run's liveness lock (see the module doc) until dropped.
+    _alive: sqlx::PgConnection,
     databases: Mutex<Vec<String>>,
     streams: Mutex<Vec<String>>,
 }
@@ -54,12 +66,19 @@ impl Env {
             .with_context(|| format!("connecting to PostgreSQL at {admin_url}"))?;
         let id = Uuid::now_v7().simple().to_string();
         let id = id[id.len() - 8..].to_owned();
+        let mut alive = sqlx::PgConnection::connect(&admin_url).await?;
+        sqlx::query("SELECT pg_advisory_lock($1, $2)")
+            .bind(ALIVE_CLASS)
+            .bind(run_key(&id).context("a run id is hex")?)
+            .execute(&mut alive)
+            .await?;
         let env = Env {
             id,
             nats_url,
             admin_url,
             js,
             admin,
+            _alive: alive,
             databases: Mutex::new(vec![]),
             streams: Mutex::new(vec![]),
         };
@@ -67,25 +86,40 @@ impl Env {
         Ok(env)
     }
 
-    /// Drops what an earlier, aborted run left behind.
+    /// Drops what earlier runs that are no longer alive left behind.
     async fn sweep(&self) {
-        let old: Vec<String> = sqlx::query_scalar(
+        let alive: Vec<i64> = sqlx::query_scalar(
+            "SELECT objid::int8 FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND objsubid = 2 AND classid::int8 = $1",
+        )
+        .bind(i64::from(ALIVE_CLASS))
+        .fetch_all(&self.admin)
+        .await
+        .unwrap_or_default();
+        // A name whose run cannot be told (not one of ours) is left alone.
+        let dead = |name: &str, prefix: &str| {
+            name.strip_prefix(prefix)
+                .and_then(|rest| rest.get(..8))
+                .and_then(run_key)
+                .is_some_and(|key| !alive.contains(&(i64::from(key) & 0xffff_ffff)))
+        };
+        let databases: Vec<String> = sqlx::query_scalar(
             "SELECT datname FROM pg_database WHERE datname LIKE 'ymera\\_bench\\_%'",
         )
         .fetch_all(&self.admin)
         .await
         .unwrap_or_default();
-        for db in old {
-            self.drop_database(&db).await;
+        for db in databases.iter().filter(|db| dead(db, DB_PREFIX)) {
+            self.drop_database(db).await;
         }
         let mut names = self.js.stream_names();
-        let mut old = vec![];
+        let mut streams = vec![];
         while let Some(Ok(name)) = names.next().await {
-            if name.starts_with(STREAM_PREFIX) {
-                old.push(name);
+            if dead(&name, STREAM_PREFIX) {
+                streams.push(name);
             }
         }
-        for s in old {
+        for s in streams {
             let _ = self.js.delete_stream(&s).await;
         }
     }
@@ -169,6 +203,11 @@ impl Env {
             let _ = self.js.delete_stream(&s).await;
         }
     }
+}
+
+/// The liveness lock key of the run with id `id` (8 hex digits).
+fn run_key(id: &str) -> Option<i32> {
+    u32::from_str_radix(id, 16).ok().map(|k| k as i32)
 }
 
 /// `postgres://u:p@h:port/db?x` with the database replaced.

@@ -17,7 +17,8 @@ pub struct NatsConfig {
     /// Name of the JetStream stream that holds the event log.
     #[arg(long, env = "YMERA_STREAM", default_value = "YMERA")]
     pub stream: String,
-    /// Subject prefix: events live under `<prefix>.<aggregate>.<id>`.
+    /// Subject prefix: events live under `<prefix>.<aggregate>.<id>` (and
+    /// a partition token after it on a split log).
     #[arg(long, env = "YMERA_SUBJECT_PREFIX", default_value = "ymera")]
     pub subject_prefix: String,
     /// Stream replicas: 1 on a single server; 3 on a cluster survives the
@@ -36,10 +37,12 @@ pub struct NatsConfig {
     /// milliseconds.
     #[arg(long, env = "YMERA_NATS_TIMEOUT_MS", default_value_t = 1_000)]
     pub request_timeout_ms: u64,
-    /// How many partitions the projection splits the log into, by a hash of
-    /// the aggregate id; projectors share them, one owner each. Fixed per
-    /// deployment: every projector must be given the same number, and
-    /// changing it means stopping them all first (1 to 64).
+    /// How many partitions the log and its projection are split into, by a
+    /// hash of the aggregate id: the partition is the last token of every
+    /// event's subject, and projectors share the partitions, one owner
+    /// each. Recorded in the stream when it is made: every process of every
+    /// role must be given the stream's value, or it refuses to start (1 to
+    /// 64).
     #[arg(long, env = "YMERA_PARTITIONS", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::projection::MAX_PARTITIONS)))]
     pub partitions: u32,

@@ -28,7 +28,11 @@
 //!   last sequence: the expected sequence of the next append and whether
 //!   the aggregate exists) are therefore read from the leader when the
 //!   stream has replicas; on R1 the only replica is the leader, and the
-//!   cheaper direct gets are just as current.
+//!   cheaper direct gets are just as current. A leader cut off from the
+//!   other replicas still answers from its copy until it steps down, some
+//!   seconds after they have elected another: so each such read is
+//!   confirmed by the leader having heard from a quorum of the replicas
+//!   within a lease shorter than an election takes, else it fails with 503.
 
 mod consumers;
 
@@ -90,6 +94,10 @@ pub enum StoreError {
     /// NATS or JetStream is unreachable or did not answer in time: 503.
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// The stream was made for another configuration than this process's
+    /// (another partition count): the process refuses to start.
+    #[error("{0}")]
+    Misconfigured(String),
     /// A stored message is not an envelope. Logged; 500.
     #[error("stored message {seq} is not a valid event: {reason}")]
     Corrupt { seq: u64, reason: String },
@@ -110,7 +118,14 @@ pub struct EventStore {
     /// Whether the reads that decide a write go to the stream's leader (a
     /// replicated stream) rather than to any replica by direct get.
     leader_reads: bool,
+    /// How many partitions the log is split into: part of every subject
+    /// when more than one (see [`events::subject`]).
+    partitions: u32,
 }
+
+/// The key of the stream's metadata that records how many partitions its
+/// log is split into; a stream without it holds a log of one.
+pub const PARTITIONS_KEY: &str = "ymera.partitions";
 
 impl EventStore {
     /// Connects and makes sure the stream exists with the configured
@@ -134,12 +149,17 @@ impl EventStore {
             stream: cfg.stream.clone(),
             prefix: cfg.subject_prefix.clone(),
             leader_reads: cfg.stream_replicas > 1,
+            partitions: cfg.partitions.max(1),
         };
         store.ensure_stream(cfg).await?;
         Ok(store)
     }
 
     /// Creates the stream, or brings a changed configuration up to date.
+    /// The partition count is recorded in the stream when it is created
+    /// and never changed: a process configured with another count would
+    /// name another subject for the same aggregate (and so guard its
+    /// appends against another sequence), so it is refused.
     async fn ensure_stream(&self, cfg: &NatsConfig) -> Result<(), StoreError> {
         let config = jetstream::stream::Config {
             name: cfg.stream.clone(),
@@ -154,6 +174,7 @@ impl EventStore {
             // Bulk writes are all or nothing (ADR-50 atomic batches).
             allow_atomic_publish: true,
             description: Some("YMERA event log".into()),
+            metadata: [(PARTITIONS_KEY.to_owned(), cfg.partitions.max(1).to_string())].into(),
             ..Default::default()
         };
         // The first start on a fresh server may race JetStream's own start;
@@ -163,6 +184,7 @@ impl EventStore {
             match self.js.get_or_create_stream(config.clone()).await {
                 Ok(stream) => {
                     let current = &stream.cached_info().config;
+                    check_partitions(current, self.partitions)?;
                     if current.duplicate_window != config.duplicate_window
                         || current.num_replicas != config.num_replicas
                         || !current.allow_atomic_publish
@@ -217,9 +239,33 @@ impl EventStore {
         }
     }
 
+    /// How many partitions the log is split into.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
     /// The subject of one aggregate.
     pub fn subject(&self, aggregate_type: AggregateType, id: Uuid) -> String {
-        events::subject(&self.prefix, aggregate_type, id)
+        events::subject(&self.prefix, aggregate_type, id, self.partitions)
+    }
+
+    /// The sequence of the first message on `subjects` (one subject, or a
+    /// filter with wildcards) at sequence `from` or later, as the leader
+    /// has it (see the module doc); `None` when there is none yet.
+    pub async fn first_from(&self, subjects: &str, from: u64) -> Result<Option<u64>, StoreError> {
+        let stream = self.stream().await?;
+        let message = self.next_on_subject(&stream, subjects, from).await?;
+        // "None yet" lets a partition's watermark move past `from`: a
+        // deposed leader must not say so of events the others now hold.
+        if message.is_none() && self.leader_reads {
+            self.confirm_leader(&stream).await?;
+        }
+        Ok(message.map(|m| m.sequence))
+    }
+
+    /// The subjects of the aggregate `id`, whatever its type.
+    pub fn aggregate_subjects(&self, id: Uuid) -> String {
+        events::aggregate_subjects(&self.prefix, id, self.partitions)
     }
 
     /// Appends one event to `subject`, provided the subject's last sequence
@@ -327,19 +373,52 @@ impl EventStore {
     pub async fn last_on_subject(&self, subject: &str) -> Result<Option<StoredEvent>, StoreError> {
         let stream = self.stream().await?;
         let message = if self.leader_reads {
-            match stream.get_last_raw_message_by_subject(subject).await {
-                Ok(message) => message,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            let message = match stream.get_last_raw_message_by_subject(subject).await {
+                Ok(message) => Some(message),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => None,
                 Err(e) => return Err(unavailable(e)),
-            }
+            };
+            // "Nothing there" decides as much as the last event does (no
+            // such project: 422), so it is confirmed as current too.
+            self.confirm_leader(&stream).await?;
+            message
         } else {
             match stream.direct_get_last_for_subject(subject).await {
-                Ok(message) => message,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => return Ok(None),
+                Ok(message) => Some(message),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
                 Err(e) => return Err(unavailable(e)),
             }
         };
-        decode(message.sequence, &message.payload).map(Some)
+        message.map(|m| decode(m.sequence, &m.payload)).transpose()
+    }
+
+    /// Makes sure that what was just read from the stream's leader was
+    /// current: that the leader still hears from a quorum of the stream's
+    /// replicas, each within [`LEADER_LEASE`]. A leader cut off from the
+    /// others goes on answering from its copy until it steps down, seconds
+    /// after they have elected another and stored more; it fails this at
+    /// once, with 503.
+    async fn confirm_leader(
+        &self,
+        stream: &jetstream::stream::Stream<()>,
+    ) -> Result<(), StoreError> {
+        let info = stream.get_info().await.map_err(unavailable)?;
+        let Some(cluster) = info.cluster else {
+            return Ok(());
+        };
+        let heard = cluster
+            .replicas
+            .iter()
+            .filter(|r| r.current && !r.offline && r.active <= LEADER_LEASE)
+            .count();
+        // The leader itself, and the others it has heard from lately.
+        if 2 * (heard + 1) > cluster.replicas.len() + 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(
+                "the stream's leader has not heard from its replicas lately".into(),
+            ))
+        }
     }
 
     /// The first message on `subject` at sequence `from` or later, as the
@@ -486,6 +565,9 @@ impl EventStore {
                 None => break,
             }
         }
+        if self.leader_reads {
+            self.confirm_leader(&stream).await?;
+        }
         tracing::Span::current().record("events", out.len());
         let last = out.last().map_or(0, |e| e.seq);
         Ok((out, last))
@@ -538,6 +620,15 @@ pub struct StreamState {
     /// reads in progress.
     pub consumer_count: usize,
 }
+
+/// How long ago a replicated stream's leader may last have heard from a
+/// replica for that replica to count towards the quorum that makes the
+/// leader's reads current ([`EventStore::last_on_subject`],
+/// [`EventStore::load`]). A replica that the leader heard from that lately
+/// has not voted for another leader: NATS's Raft waits at least 4 s without
+/// a word from the leader before it does. Under that, with room for the
+/// leader's own heartbeats (every second) to be late.
+const LEADER_LEASE: Duration = Duration::from_millis(2_500);
 
 /// How many events of an aggregate are read by direct gets before the rest
 /// streams through a consumer.
@@ -604,6 +695,28 @@ fn batch_reply(payload: &[u8]) -> Result<Option<BatchAck>, StoreError> {
             "unreadable batch reply: {e}"
         ))),
     }
+}
+
+/// Refuses a stream whose log is split another way than `partitions`.
+fn check_partitions(stream: &jetstream::stream::Config, partitions: u32) -> Result<(), StoreError> {
+    let recorded = stream.metadata.get(PARTITIONS_KEY);
+    let theirs = match recorded {
+        None => Some(1),
+        Some(n) => n.parse::<u32>().ok(),
+    };
+    if theirs == Some(partitions) {
+        return Ok(());
+    }
+    let theirs = match recorded {
+        Some(n) => n.clone(),
+        None => "1 (it records no partition count: it was made before partitions)".into(),
+    };
+    Err(StoreError::Misconfigured(format!(
+        "stream {} holds a log split for YMERA_PARTITIONS={theirs}, but this process is \
+         configured with YMERA_PARTITIONS={partitions}: every process of a stream must be given \
+         the partition count the stream was created with",
+        stream.name
+    )))
 }
 
 /// Reads a stored message's payload as an envelope.

@@ -107,15 +107,23 @@ fn describe() {
     );
     describe_gauge!(
         "ymera_projector_checkpoint",
-        "Stream sequence of the last applied event"
+        "Stream sequence up to which the projection has applied the log: the lowest of its partitions' checkpoints, read from PostgreSQL when scraped (the same in every role)"
     );
     describe_gauge!(
         "ymera_projector_lag_events",
-        "Events in the stream not yet applied"
+        "Events in the stream after ymera_projector_checkpoint"
     );
     describe_gauge!(
         "ymera_projector_lag_seconds",
-        "Age of the last applied event while the projector is behind; 0 when caught up"
+        "Age of the event at ymera_projector_checkpoint while the projection is behind; 0 when caught up"
+    );
+    describe_gauge!(
+        "ymera_projector_partition_checkpoint",
+        "Stream sequence each partition of the projection (label `partition`) has seen up to, its watermark, read from PostgreSQL when scraped (the same in every role)"
+    );
+    describe_gauge!(
+        "ymera_projector_partition_lag_events",
+        "Events in the stream after each partition's checkpoint (label `partition`)"
     );
     describe_histogram!(
         "ymera_write_to_visible_seconds",
@@ -243,15 +251,17 @@ pub struct ProjectorBatch<'a> {
     /// Events applied (not counting skipped redeliveries).
     pub applied: usize,
     pub elapsed: Duration,
-    pub checkpoint: u64,
-    /// Messages still pending for the consumer after the batch.
-    pub lag_events: u64,
     /// `occurred_at` of each applied event, oldest first.
     pub occurred_at: &'a [DateTime<Utc>],
     pub committed_at: DateTime<Utc>,
 }
 
-/// Records a committed projector batch.
+/// Records a committed projector batch: what it applied and how long that
+/// took. Where the projection stands is not recorded here but read from
+/// PostgreSQL when scraped ([`record_read_time`],
+/// [`record_partition_checkpoints`]): a process owns some of the
+/// partitions, each at its own checkpoint, and its batches alone would
+/// make one gauge jump from one partition's checkpoint to another's.
 pub fn record_projector_batch(batch: &ProjectorBatch<'_>) {
     install()
         .applied
@@ -259,17 +269,10 @@ pub fn record_projector_batch(batch: &ProjectorBatch<'_>) {
     metrics::counter!("ymera_projector_events_applied_total").increment(batch.applied as u64);
     metrics::histogram!("ymera_projector_batch_duration_seconds")
         .record(batch.elapsed.as_secs_f64());
-    metrics::gauge!("ymera_projector_checkpoint").set(batch.checkpoint as f64);
-    metrics::gauge!("ymera_projector_lag_events").set(batch.lag_events as f64);
     let visible = metrics::histogram!("ymera_write_to_visible_seconds");
     for at in batch.occurred_at {
         visible.record(seconds_between(*at, batch.committed_at));
     }
-    let lag_seconds = match batch.occurred_at.last() {
-        Some(last) if batch.lag_events > 0 => seconds_between(*last, Utc::now()),
-        _ => 0.0,
-    };
-    metrics::gauge!("ymera_projector_lag_seconds").set(lag_seconds);
 }
 
 /// Records a committed batch of the search index: `events` read from the
@@ -480,6 +483,23 @@ pub fn record_read_time(g: &ReadTimeGauges) {
     }
     if let Some(v) = g.projector_lag_seconds {
         gauge!("ymera_projector_lag_seconds").set(v);
+    }
+}
+
+/// Records each partition's checkpoint (`partitions`: name and checkpoint,
+/// as `projection::partition_checkpoints_in` reads them) and, with the
+/// stream's last sequence, how far behind it is. One series per partition
+/// (label `partition`, `main` when the projection is whole or
+/// `main:<i>/<P>`): at most `projection::MAX_PARTITIONS`, a bounded label
+/// set.
+pub fn record_partition_checkpoints(partitions: &[(String, u64)], last_seq: Option<u64>) {
+    for (name, checkpoint) in partitions {
+        let label = [("partition", name.clone())];
+        metrics::gauge!("ymera_projector_partition_checkpoint", &label).set(*checkpoint as f64);
+        if let Some(last) = last_seq {
+            metrics::gauge!("ymera_projector_partition_lag_events", &label)
+                .set(last.saturating_sub(*checkpoint) as f64);
+        }
     }
 }
 

@@ -6,14 +6,19 @@
 //! of a new checkpoint exactly when its data becomes visible.
 //!
 //! The live projection may be split into [`Partition`]s by aggregate, each
-//! with its own checkpoint row and one owner at a time. Every partition
-//! reads the whole log and applies only its own aggregates' events, but its
-//! checkpoint moves over the others' too: it is the partition's applied
-//! *watermark*, the last stream sequence it has seen, so a partition whose
-//! aggregates nobody writes keeps up with the log without applying
-//! anything. The projection as a whole has applied every event up to the
-//! lowest watermark ([`checkpoint`]): that is what reads are measured
-//! against (`X-Projection-Seq`, `X-Min-Event-Seq`).
+//! with its own checkpoint row and one owner at a time. On a log split
+//! that way every event's subject carries its partition, and each
+//! partition's projector consumes only its own events: the server filters
+//! them, so each event is delivered once, to its partition. A partition's
+//! checkpoint is its applied *watermark*: every event of the partition up
+//! to it is applied, and it moves past the other partitions' events too,
+//! whenever the partition has nothing pending (its owner reads the end of
+//! the log, then finds no event of its own after its checkpoint up to that
+//! end, asking the stream's leader), so a partition whose aggregates nobody
+//! writes keeps up with the log without being delivered anything. The projection as a whole has
+//! applied every event up to the lowest watermark ([`checkpoint`]): that
+//! is what reads are measured against (`X-Projection-Seq`,
+//! `X-Min-Event-Seq`).
 //!
 //! Every statement on `projector_checkpoint` that more than one crate needs
 //! lives here. The table itself is created by the projector's migrations,
@@ -40,12 +45,10 @@ pub const MAIN: &str = "main";
 /// The most partitions a projection may be split into.
 pub const MAX_PARTITIONS: u32 = 64;
 
-/// One partition of the live projection: the aggregates whose id hashes to
-/// `index` among `count`. The hash is FNV-1a (32 bits) of the aggregate
-/// id's text as it stands in the subject, modulo `count`: the function of
-/// NATS's own subject mapping `{{partition(count, ...)}}`, so a stream that
-/// one day carries the partition in its subjects keeps every aggregate
-/// where it is.
+/// One partition of the live projection: the aggregates whose id falls to
+/// `index` among `count` ([`events::partition_of`]). On a log split
+/// `count` ways each event's subject carries its partition, and the
+/// partition's projector is delivered only its own events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Partition {
     pub index: u32,
@@ -73,21 +76,15 @@ impl Partition {
         }
     }
 
-    /// Whether the event on `subject` belongs to this partition.
+    /// Whether the event on `subject`, of a log split the same way, belongs
+    /// to this partition: its aggregate id's hash, not the subject's
+    /// partition token, decides, so a subject whose token lies is not
+    /// applied here.
     pub fn owns(&self, subject: &str) -> bool {
-        self.count == 1 || partition_of(subject, self.count) == self.index
+        self.count == 1
+            || events::aggregate_id_of(subject, self.count)
+                .is_some_and(|id| events::partition_of(id, self.count) == self.index)
     }
-}
-
-/// The partition (among `count`) of the aggregate whose subject is
-/// `subject` (`<prefix>.<type>.<id>`; see [`Partition`]). A subject
-/// without a token falls to partition 0.
-pub fn partition_of(subject: &str, count: u32) -> u32 {
-    let id = subject.rsplit('.').next().unwrap_or_default();
-    let hash = id.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    hash % count.max(1)
 }
 
 /// The live projection's watermark as one SQL scalar: the lowest
@@ -209,12 +206,14 @@ pub async fn ensure_layout(pool: &PgPool, count: u32) -> Result<(), LayoutError>
 pub enum LayoutError {
     #[error(transparent)]
     Db(#[from] sqlx::Error),
-    /// The partition count changed while the old partitions stood at
-    /// different events.
+    /// The checkpoints are of another partition count, and those
+    /// partitions stood at different events: the read models were not made
+    /// from a log split as this one is (the stream records its count, and
+    /// every process of it is given that count).
     #[error(
-        "the projection's partitions stand at different events ({0}): to change YMERA_PARTITIONS, \
-         run the projectors with the old count until they have caught up with the log, stop them \
-         all, then start them with the new count"
+        "the projection's checkpoints are of another partition count and stand at different \
+         events ({0}): these read models were made from a log split another way; rebuild them \
+         from an empty database"
     )]
     Uneven(String),
 }
@@ -245,6 +244,30 @@ pub async fn checkpoint_in(
     .fetch_one(conn)
     .await?;
     Ok(seq.max(0) as u64)
+}
+
+/// The live projection's checkpoint rows among the read models of
+/// `schema` (the one [`MAIN`] row when whole, one per partition when
+/// split, at most [`MAX_PARTITIONS`]), whatever the connection's search
+/// path, by name in partition order: where each partition stands, as a
+/// rebuild reads it to follow the live projection, and as the metrics show
+/// it.
+pub async fn partition_checkpoints_in(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> Result<Vec<(String, u64)>, sqlx::Error> {
+    db::assert_identifier(schema);
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT name, last_seq FROM {schema}.projector_checkpoint \
+         WHERE name = 'main' OR name LIKE 'main:%' \
+         ORDER BY length(name), name LIMIT {MAX_PARTITIONS}"
+    )))
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, seq)| (name, seq.max(0) as u64))
+        .collect())
 }
 
 /// The live projection's checkpoint and when the event at it occurred

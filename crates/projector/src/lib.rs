@@ -16,11 +16,15 @@
 //! claimed the projection with, so a former owner's late batch fails.
 //!
 //! The live projection may be split into partitions by aggregate
-//! ([`Partition`]), each a projector of its own (its checkpoint, its lease),
-//! shared among the projector processes by [`partitions::run`].
+//! ([`Partition`]), each a projector of its own (its checkpoint, its lease,
+//! its subscription to its own events only), shared among the projector
+//! processes by [`partitions::run`]. A partition with nothing pending moves
+//! its watermark to the end of the log as soon as it is idle (see
+//! [`Projector::process_next_batch`] and `infra::projection`).
 
 mod apply;
 pub mod detach;
+pub mod head;
 pub mod lease;
 pub mod parked;
 pub mod partitions;
@@ -39,6 +43,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use apply::ApplyError;
+pub use head::LogHead;
 
 /// The read-model migrations, run into the live schema (or a rebuild's).
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -65,8 +70,9 @@ pub struct Settings {
     pub stop_at: Option<u64>,
     /// Stop at the first event that occurred after this time.
     pub stop_after: Option<chrono::DateTime<chrono::Utc>>,
-    /// The aggregates whose events it applies; the checkpoint moves over
-    /// the others' events too (see `infra::projection`).
+    /// The aggregates whose events it applies: the events it is delivered
+    /// (all of them when whole); its checkpoint moves past the others'
+    /// too (see `infra::projection`).
     pub partition: Partition,
 }
 
@@ -143,6 +149,9 @@ pub struct Projector {
     epoch: i64,
     messages: Option<Subscription>,
     finished: bool,
+    /// The end of the log, for a partition of a split one (made on first
+    /// use unless shared with [`Projector::sharing_head`]).
+    head: Option<LogHead>,
 }
 
 impl std::fmt::Debug for Projector {
@@ -164,7 +173,16 @@ impl Projector {
             epoch: 0,
             messages: None,
             finished: false,
+            head: None,
         }
+    }
+
+    /// Learns where the log ends from `head`, shared with the other
+    /// partitions' projectors of the process, rather than from a head of
+    /// its own.
+    pub fn sharing_head(mut self, head: LogHead) -> Self {
+        self.head = Some(head);
+        self
     }
 
     /// The last sequence this projector has committed.
@@ -194,6 +212,7 @@ impl Projector {
             .store
             .subscribe(
                 &self.settings.consumer,
+                self.settings.partition,
                 self.checkpoint + 1,
                 self.settings.batch_size,
             )
@@ -205,6 +224,11 @@ impl Projector {
     /// One step: waits at most `wait` for the first event, takes whatever
     /// else is ready up to the batch size, and applies it all in one
     /// transaction with the checkpoint. Acks after commit.
+    ///
+    /// A partition of a split log is delivered only its own events; while
+    /// it waits for one it moves its watermark past the others' (an
+    /// `Applied` step of no events) as soon as the log is seen past its
+    /// checkpoint and it has nothing pending (see [`Projector::catch_up_idle`]).
     pub async fn process_next_batch(&mut self, wait: Duration) -> Result<Outcome, ProjectorError> {
         let result = self.step(wait).await;
         if result.is_err() {
@@ -219,16 +243,50 @@ impl Projector {
         if self.messages.is_none() {
             self.connect().await?;
         }
+        if self.settings.partition.count > 1 && self.head.is_none() {
+            self.head = Some(LogHead::spawn(self.store.clone()));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut retry_at = tokio::time::Instant::now();
+        let first = loop {
+            let Some(messages) = self.messages.as_mut() else {
+                return Ok(Outcome::Idle);
+            };
+            let head = self.head.as_ref();
+            let checkpoint = self.checkpoint;
+            // Idle, and the log has moved past the watermark.
+            let behind = async move {
+                match head {
+                    Some(head) => {
+                        tokio::time::sleep_until(retry_at).await;
+                        head.past(checkpoint).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            // An event at hand comes first: the idle check is for when
+            // there is none.
+            tokio::select! {
+                biased;
+                next = messages.next() => match next {
+                    None => {
+                        return Err(StoreError::Unavailable("the consumer stream ended".into()).into());
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    Some(Ok(m)) => break m,
+                },
+                _ = tokio::time::sleep_until(deadline) => return Ok(Outcome::Idle),
+                _ = behind => {
+                    if let Some(checkpoint) = self.catch_up_idle().await? {
+                        return Ok(Outcome::Applied { events: 0, checkpoint });
+                    }
+                    // Something is still on its way: look again shortly.
+                    retry_at = tokio::time::Instant::now() + head::POLL;
+                }
+            }
+        };
         let Some(messages) = self.messages.as_mut() else {
             return Ok(Outcome::Idle);
-        };
-        let first = match tokio::time::timeout(wait, messages.next()).await {
-            Err(_) => return Ok(Outcome::Idle),
-            Ok(None) => {
-                return Err(StoreError::Unavailable("the consumer stream ended".into()).into());
-            }
-            Ok(Some(Err(e))) => return Err(e.into()),
-            Ok(Some(Ok(m))) => m,
         };
         let mut batch = vec![first];
         // Take whatever else is at hand, and no more: nothing waits for a
@@ -245,6 +303,9 @@ impl Projector {
             }
         }
         let count = batch.len();
+        if let (Some(head), Some(last)) = (self.head.as_ref(), batch.last()) {
+            head.see(last.seq);
+        }
         let (new_checkpoint, finished) = self.apply_batch(&batch).await?;
         self.checkpoint = new_checkpoint;
         self.finished = finished;
@@ -269,9 +330,42 @@ impl Projector {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(events = batch.len(), from, to), err)]
-    async fn apply_batch(&self, batch: &[StoredMessage]) -> Result<(u64, bool), ProjectorError> {
-        let started = std::time::Instant::now();
+    /// Moves the watermark of an idle partition to the end of the log, if
+    /// every event of its own up to there is applied: the end is read
+    /// first (the head: the stream's last sequence, or an event delivered
+    /// to another partition, as seen before this call), then the first
+    /// event of the partition after the checkpoint, from the stream's
+    /// leader (its consumer may sit on a replica that lags behind the
+    /// end); if there is none up to the end, the partition has nothing to
+    /// apply there. The new checkpoint, or `None` when an event of its own
+    /// is still to come or there is nothing to move over.
+    #[tracing::instrument(skip_all, fields(from = self.checkpoint, to), err)]
+    async fn catch_up_idle(&mut self) -> Result<Option<u64>, ProjectorError> {
+        let Some(head) = self.head.as_ref() else {
+            return Ok(None);
+        };
+        let end = head.seen();
+        let end = self.settings.stop_at.map_or(end, |stop| end.min(stop));
+        if end <= self.checkpoint {
+            return Ok(None);
+        }
+        let own = events::partition_subjects(self.store.prefix(), self.settings.partition.index);
+        if let Some(next) = self.store.first_from(&own, self.checkpoint + 1).await?
+            && next <= end
+        {
+            return Ok(None);
+        }
+        let mut tx = self.begin().await?;
+        self.advance(&mut tx, end).await?;
+        tx.commit().await?;
+        tracing::Span::current().record("to", end);
+        self.checkpoint = end;
+        Ok(Some(end))
+    }
+
+    /// Opens the transaction of one checkpoint move: a live one holds the
+    /// swap lock shared (see [`SWAP_LOCK`]).
+    async fn begin(&self) -> Result<Tx<'_>, ProjectorError> {
         let mut tx: Tx<'_> = self.pool.begin().await?;
         if self.settings.live {
             sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
@@ -286,13 +380,34 @@ impl Projector {
                 .execute(&mut *tx)
                 .await?;
         }
+        Ok(tx)
+    }
+
+    /// Moves the checkpoint from this projector's to `to` in `tx`, fenced
+    /// by its claim (see [`projection::advance`]); rolls back and fails
+    /// when another projector has claimed the projection since.
+    async fn advance(&self, tx: &mut Tx<'_>, to: u64) -> Result<(), ProjectorError> {
+        let claim = Claim {
+            checkpoint: self.checkpoint,
+            epoch: self.epoch,
+        };
+        let moved =
+            projection::advance(tx, &self.settings.name, claim, to, self.settings.live).await?;
+        if !moved {
+            return Err(ProjectorError::Fenced(self.settings.name.clone()));
+        }
+        Ok(())
+    }
+
+    #[tracing::instrument(skip_all, fields(events = batch.len(), from, to), err)]
+    async fn apply_batch(&self, batch: &[StoredMessage]) -> Result<(u64, bool), ProjectorError> {
+        let started = std::time::Instant::now();
+        let mut tx = self.begin().await?;
         let mut checkpoint = self.checkpoint;
         let mut finished = false;
-        let mut pending = 0;
         let mut incoming = Vec::with_capacity(batch.len());
         for message in batch {
             let seq = message.seq;
-            pending = message.pending;
             if seq <= checkpoint {
                 continue; // already applied: a redelivery
             }
@@ -302,7 +417,14 @@ impl Projector {
             }
             checkpoint = seq;
             if !self.settings.partition.owns(message.subject()) {
-                continue; // another partition's: seen, not applied here
+                // Never delivered to a partition's own subscription; a
+                // message that names another's aggregate is not applied.
+                tracing::warn!(
+                    seq,
+                    subject = message.subject(),
+                    "skipping another partition's event"
+                );
+                continue;
             }
             incoming.push(apply::Incoming {
                 seq,
@@ -313,22 +435,8 @@ impl Projector {
         }
         let applied = incoming.len();
         if checkpoint > self.checkpoint {
-            let claim = Claim {
-                checkpoint: self.checkpoint,
-                epoch: self.epoch,
-            };
-            let moved = projection::advance(
-                &mut tx,
-                &self.settings.name,
-                claim,
-                checkpoint,
-                self.settings.live,
-            )
-            .await?;
-            if !moved {
-                tx.rollback().await?;
-                return Err(ProjectorError::Fenced(self.settings.name.clone()));
-            }
+            // A fenced move's transaction rolls back as it is dropped.
+            self.advance(&mut tx, checkpoint).await?;
         }
         let occurred: Vec<_> = apply::apply_all(&mut tx, &incoming)
             .await?
@@ -340,8 +448,6 @@ impl Projector {
             infra::metrics::record_projector_batch(&infra::metrics::ProjectorBatch {
                 applied,
                 elapsed: started.elapsed(),
-                checkpoint,
-                lag_events: pending,
                 occurred_at: &occurred,
                 committed_at: chrono::Utc::now(),
             });

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::Membership;
-use crate::{Projector, Settings};
+use crate::{LogHead, Projector, Settings};
 
 /// How often a member re-reads who the members are.
 const REBALANCE: Duration = Duration::from_millis(250);
@@ -38,18 +38,18 @@ const REBALANCE: Duration = Duration::from_millis(250);
 /// that an operator must resolve).
 const LAYOUT_RETRY: Duration = Duration::from_secs(5);
 
-/// Runs this process's share of the live projection split `count` ways
-/// until `shutdown`, sharing it with every other process that runs this
-/// with the same `count`. `ownership` tells `/health` and the metrics which
-/// partitions this process owns.
+/// Runs this process's share of the live projection, split the way the
+/// store's log is ([`EventStore::partitions`]), until `shutdown`, sharing
+/// it with every other process that runs this on the same log.
+/// `ownership` tells `/health` and the metrics which partitions this
+/// process owns.
 pub async fn run(
     store: EventStore,
     pool: PgPool,
-    count: u32,
     ownership: Ownership,
     shutdown: CancellationToken,
 ) {
-    let count = count.clamp(1, projection::MAX_PARTITIONS);
+    let count = store.partitions().clamp(1, projection::MAX_PARTITIONS);
     // Every partition shows as stood by until this process owns it.
     for partition in Partition::all(count) {
         ownership.set(partition, false);
@@ -102,13 +102,19 @@ impl Share {
         let stop = shutdown.child_token();
         let mut shares = Vec::new();
         let mut tasks = Vec::new();
+        // One end of the log for every partition of the process: each
+        // reports the events it is delivered to the others.
+        let head = (self.count > 1).then(|| LogHead::spawn(self.store.clone()));
         for partition in Partition::all(self.count) {
             let (share, mine) = watch::channel(false);
-            let projector = Projector::new(
+            let mut projector = Projector::new(
                 self.store.clone(),
                 self.pool.clone(),
                 Settings::live(partition),
             );
+            if let Some(head) = &head {
+                projector = projector.sharing_head(head.clone());
+            }
             tasks.push(tokio::spawn(projector.run(
                 self.ownership.clone(),
                 mine,

@@ -10,14 +10,23 @@
 //! live projector: the live models are read in one snapshot, and the new
 //! ones are brought to that snapshot's checkpoint. The checksums are chains
 //! of hashes over bounded chunks of rows, so they work at any size. Then it
-//! takes [`SWAP_LOCK`] exclusively (the live projector finishes its batch
-//! and waits), brings the new models to exactly the live checkpoint,
+//! takes [`SWAP_LOCK`] exclusively (the live projectors finish their
+//! batches and wait), brings the new models to exactly the live checkpoint,
 //! compares only the rows that the events since the comparison changed,
 //! and swaps the schemas by renaming them in one transaction. So the live
 //! projector is held for the last few events, whatever the size of the log.
 //! Readers and the live projector then resolve their unqualified names in
 //! the new schema (PostgreSQL drops cached plans when a schema is renamed);
 //! the old one is dropped.
+//!
+//! A live projection split into partitions is followed partition by
+//! partition: the bulk of the log is built by one projector of the whole
+//! log up to the lowest live checkpoint, then one projector per partition
+//! takes over from there (with a checkpoint row each, named as the live
+//! ones) and brings each partition of the new models to the event its live
+//! counterpart stands at. So the comparisons and the swap see the same
+//! events applied on both sides, and after the swap each live owner finds
+//! its partition's row where it left it and goes on.
 //!
 //! The comparison of changed rows trusts that only the projectors write
 //! the read models: a row changed behind the live projector's back after
@@ -26,10 +35,11 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use infra::EventStore;
 use infra::config::DbConfig;
 use infra::db::{self, READ_SCHEMA};
-use infra::{EventStore, projection};
-use sqlx::PgPool;
+use infra::projection::{self, Partition};
+use sqlx::{PgConnection, PgPool};
 
 use crate::progress::Reporter;
 use crate::{MIGRATIONS, Projector, SWAP_LOCK, Settings};
@@ -74,6 +84,8 @@ pub enum RebuildError {
         "the rebuilt read models differ from the live ones at event {seq}: {details}; nothing was swapped"
     )]
     Mismatch { seq: u64, details: String },
+    #[error(transparent)]
+    Layout(#[from] projection::LayoutError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -330,21 +342,34 @@ pub async fn rebuild(
     force: bool,
     progress: &Reporter,
 ) -> Result<RebuildReport, RebuildError> {
-    // The swap compares with, and continues from, one live checkpoint; the
-    // partitions of a split projection each stand at their own.
-    if projection::partition_count(live).await? > 1 {
-        return Err(RebuildError::Invalid(
-            "the live projection is partitioned (YMERA_PARTITIONS > 1): rebuild with the \
-             projectors on one partition"
-                .into(),
-        ));
-    }
+    let partitions = projection::partition_count(live).await?;
     let schema = fresh_schema("ymera_read_rebuild");
     prepare(live, &schema).await?;
     let pool = db::pool_reading(db_cfg, &schema)?;
     let consumer = format!("ymera-{schema}").replace('_', "-");
-    let result = rebuild_into(store, live, &pool, &schema, &consumer, force, progress).await;
-    let _ = store.unsubscribe(&consumer).await;
+    let mut rebuild = Rebuilding {
+        projectors: vec![Projector::new(
+            store.clone(),
+            pool.clone(),
+            bounded(consumer.clone(), Some(0), None),
+        )],
+        partitions,
+        store,
+        consumer: &consumer,
+        progress,
+        live,
+        pool: &pool,
+        schema: &schema,
+        force,
+    };
+    let result = rebuild.run().await;
+    drop(rebuild);
+    let partition_consumers = Partition::all(partitions)
+        .filter(|_| partitions > 1)
+        .map(|p| partition_consumer(&consumer, p));
+    for name in std::iter::once(consumer.clone()).chain(partition_consumers) {
+        let _ = store.unsubscribe(&name).await;
+    }
     pool.close().await;
     if result.is_err() {
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -356,113 +381,22 @@ pub async fn rebuild(
     result
 }
 
-async fn rebuild_into(
-    store: &EventStore,
-    live: &PgPool,
-    pool: &PgPool,
-    schema: &str,
-    consumer: &str,
-    force: bool,
-    progress: &Reporter,
-) -> Result<RebuildReport, RebuildError> {
-    let started = Instant::now();
-    // The bulk of the log goes into tables with their keys only; the
-    // filter indexes are made once it is in.
-    let indexes = drop_filter_indexes(pool, schema).await?;
-    // The new models must match the live ones at one sequence, so the
-    // rebuild follows the live checkpoint and never runs past it (a live
-    // projector that is behind, or not running, is caught up with later,
-    // by itself, on the swapped-in models).
-    let live_at = projection::checkpoint(live).await?;
-    progress.total_at_least(live_at);
-    let mut rebuild = Rebuilding {
-        projector: Projector::new(
-            store.clone(),
-            pool.clone(),
-            bounded(consumer.to_owned(), Some(live_at), None),
-        ),
-        progress,
-        live,
-        pool,
-        schema,
-        force,
-    };
-
-    // Everything but the last few events is built and compared while the
-    // live projector goes on: first every row, at one event, then, while
-    // many events came after, the rows those changed.
-    rebuild.catch_up().await?;
-    create_indexes(pool, &indexes).await?;
-    let (checked_at, tables) = rebuild.compare_at_live_snapshot(None).await?;
-    let mut compared = checked_at;
-    for _ in 0..TAIL_ROUNDS {
-        let live_at = rebuild.catch_up().await?;
-        if live_at.saturating_sub(compared) <= SWAP_GAP {
-            break;
-        }
-        compared = rebuild.compare_at_live_snapshot(Some(compared)).await?.0;
-    }
-
-    // Swap, between two live batches: with the live projector held, bring
-    // the new models to exactly its checkpoint, and compare the rows
-    // changed since the last comparison.
-    let mut tx = live.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(SWAP_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    let live_at = projection::checkpoint_in(&mut tx, READ_SCHEMA, projection::MAIN).await?;
-    rebuild.advance_to(live_at).await?;
-    let mut conn = pool.acquire().await?;
-    let (old, new) = tokio::try_join!(
-        checksums_since(&mut tx, READ_SCHEMA, Some(compared)),
-        checksums_since(&mut conn, schema, Some(compared)),
-    )?;
-    drop(conn);
-    if let Err(mismatch) = rebuild.judge(live_at, &old, &new, Some(compared)) {
-        tx.rollback().await?;
-        return Err(mismatch);
-    }
-    // The live projector goes on with the new models' checkpoint row: it
-    // carries the epoch the live owner claimed the projection with, so the
-    // owner's next batch is not taken for a former owner's.
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE {schema}.projector_checkpoint n SET epoch = l.epoch \
-         FROM {READ_SCHEMA}.projector_checkpoint l WHERE n.name = l.name"
-    )))
-    .execute(&mut *tx)
-    .await?;
-    let retired = fresh_schema("ymera_read_retired");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER SCHEMA {READ_SCHEMA} RENAME TO {retired}"
-    )))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "ALTER SCHEMA {schema} RENAME TO {READ_SCHEMA}"
-    )))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    tracing::info!(seq = live_at, %retired, "swapped the rebuilt read models in");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA {retired} CASCADE"
-    )))
-    .execute(live)
-    .await?;
-    Ok(RebuildReport {
-        events: live_at,
-        checkpoint: live_at,
-        elapsed: started.elapsed(),
-        checked_at,
-        tables,
-    })
+/// The durable subscription of a rebuild's projector of `partition`.
+fn partition_consumer(consumer: &str, partition: Partition) -> String {
+    format!("{consumer}-{}", partition.index)
 }
 
-/// A rebuild under way: its projector into the new schema, and what it is
+/// A rebuild under way: its projectors into the new schema, and what it is
 /// compared with.
 struct Rebuilding<'a> {
-    projector: Projector,
+    /// One projector of the whole log, which builds the bulk of the new
+    /// models; after [`Rebuilding::split`], one per partition of the live
+    /// projection.
+    projectors: Vec<Projector>,
+    /// How many partitions the live projection has.
+    partitions: u32,
+    store: &'a EventStore,
+    consumer: &'a str,
     progress: &'a Reporter,
     live: &'a PgPool,
     pool: &'a PgPool,
@@ -471,40 +405,230 @@ struct Rebuilding<'a> {
 }
 
 impl Rebuilding<'_> {
-    /// Applies events until the new models are exactly at event `seq`
-    /// (which the live projection has reached).
-    async fn advance_to(&mut self, seq: u64) -> Result<(), RebuildError> {
-        self.projector.settings.stop_at = Some(seq);
-        while self.projector.checkpoint() < seq {
-            self.projector
-                .process_next_batch(Duration::from_secs(2))
-                .await?;
-            self.progress.done(self.projector.checkpoint());
+    async fn run(&mut self) -> Result<RebuildReport, RebuildError> {
+        let started = Instant::now();
+        // The bulk of the log goes into tables with their keys only; the
+        // filter indexes are made once it is in.
+        let indexes = drop_filter_indexes(self.pool, self.schema).await?;
+        // The new models must match the live ones at one point of the log,
+        // so the rebuild follows the live checkpoints and never runs past
+        // them (a live projector that is behind, or not running, is caught
+        // up with later, by itself, on the swapped-in models).
+        self.catch_up().await?;
+        create_indexes(self.pool, &indexes).await?;
+        self.split().await?;
+
+        // Everything but the last few events is built and compared while
+        // the live projectors go on: first every row, at one point, then,
+        // while many events came after, the rows those changed.
+        let (checked_at, tables) = self.compare_at_live_snapshot(None).await?;
+        let mut compared = checked_at;
+        for _ in 0..TAIL_ROUNDS {
+            let live_at = self.catch_up().await?;
+            if live_at.saturating_sub(compared) <= SWAP_GAP {
+                break;
+            }
+            compared = self.compare_at_live_snapshot(Some(compared)).await?.0;
+        }
+        let live_at = self.swap(compared).await?;
+        Ok(RebuildReport {
+            events: live_at,
+            checkpoint: live_at,
+            elapsed: started.elapsed(),
+            checked_at,
+            tables,
+        })
+    }
+
+    /// Swaps the new models in, between two live batches: with every live
+    /// projector held, brings each partition of the new models to exactly
+    /// where its live counterpart stands, compares the rows changed since
+    /// event `compared`, and renames the schemas. Returns the live
+    /// projection's checkpoint (its lowest watermark) at the swap.
+    async fn swap(&mut self, compared: u64) -> Result<u64, RebuildError> {
+        let mut tx = self.live.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SWAP_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        // A claim of a partition (which raises its epoch) or a change of the
+        // partitions waits for the swap too, so the checkpoints and epochs
+        // read here stay the live ones until the new rows replace them.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "LOCK TABLE {READ_SCHEMA}.projector_checkpoint IN SHARE MODE"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        let stands = self.live_stands(&mut tx).await?;
+        self.advance_to(&stands).await?;
+        let live_at = lowest(&stands);
+        let mut conn = self.pool.acquire().await?;
+        let (old, new) = tokio::try_join!(
+            checksums_since(&mut tx, READ_SCHEMA, Some(compared)),
+            checksums_since(&mut conn, self.schema, Some(compared)),
+        )?;
+        drop(conn);
+        if let Err(mismatch) = self.judge(live_at, &old, &new, Some(compared)) {
+            tx.rollback().await?;
+            return Err(mismatch);
+        }
+        // The live projectors go on with the new models' checkpoint rows,
+        // one per partition at the event its owner has reached: each
+        // carries the epoch its owner claimed it with, so the owner's next
+        // batch is not taken for a former owner's. (An owner that claimed
+        // it after this read finds the epoch moved on, and claims it again
+        // in the new models.)
+        let schema = self.schema;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {schema}.projector_checkpoint n SET epoch = l.epoch \
+             FROM {READ_SCHEMA}.projector_checkpoint l WHERE n.name = l.name"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        let retired = fresh_schema("ymera_read_retired");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER SCHEMA {READ_SCHEMA} RENAME TO {retired}"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER SCHEMA {schema} RENAME TO {READ_SCHEMA}"
+        )))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(seq = live_at, %retired, "swapped the rebuilt read models in");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {retired} CASCADE"
+        )))
+        .execute(self.live)
+        .await?;
+        Ok(live_at)
+    }
+
+    /// Where each partition of the live projection stands (its checkpoint,
+    /// in partition order), as `conn` sees the live models; all at 0 before
+    /// anything was projected. Fails if the live projection is no longer
+    /// split the way the rebuild follows it (the projectors were restarted
+    /// with another `YMERA_PARTITIONS`).
+    async fn live_stands(&self, conn: &mut PgConnection) -> Result<Vec<u64>, RebuildError> {
+        let rows = projection::partition_checkpoints_in(conn, READ_SCHEMA).await?;
+        if rows.is_empty() {
+            return Ok(vec![0; self.partitions as usize]);
+        }
+        let stands: Option<Vec<u64>> = Partition::all(self.partitions)
+            .map(|p| {
+                let name = p.name();
+                rows.iter().find(|(n, _)| *n == name).map(|(_, seq)| *seq)
+            })
+            .collect();
+        match stands {
+            Some(stands) if stands.len() == rows.len() => Ok(stands),
+            _ => Err(RebuildError::Invalid(format!(
+                "the live projection is no longer split into {} partitions \
+                 (YMERA_PARTITIONS changed during the rebuild); nothing was swapped",
+                self.partitions
+            ))),
+        }
+    }
+
+    /// Where the new models stand: every event up to the lowest of their
+    /// projectors' checkpoints is applied.
+    fn checkpoint(&self) -> u64 {
+        self.projectors
+            .iter()
+            .map(Projector::checkpoint)
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Each projector's target for the live projection standing at
+    /// `stands`: its own partition's checkpoint, or, for the one projector
+    /// of the whole log before the split, the lowest of them (every event
+    /// up to it is applied in every live partition).
+    fn targets(&self, stands: &[u64]) -> Vec<u64> {
+        if self.projectors.len() == stands.len() {
+            stands.to_vec()
+        } else {
+            vec![lowest(stands)]
+        }
+    }
+
+    /// Applies events until each projector is exactly at its target for
+    /// the live projection standing at `stands` (see [`Self::targets`]).
+    async fn advance_to(&mut self, stands: &[u64]) -> Result<(), RebuildError> {
+        for (k, target) in self.targets(stands).into_iter().enumerate() {
+            self.projectors[k].settings.stop_at = Some(target);
+            while self.projectors[k].checkpoint() < target {
+                self.projectors[k]
+                    .process_next_batch(Duration::from_secs(2))
+                    .await?;
+                self.progress.done(self.checkpoint());
+            }
         }
         Ok(())
     }
 
     /// Catches up at full speed while the live models keep serving, until
-    /// the gap to the live checkpoint is small enough to close with the
-    /// live projector held. Returns the live checkpoint last read.
+    /// every projector is close enough to its target to close the gap with
+    /// the live projectors held. Returns the live checkpoint (the lowest
+    /// watermark) last read.
     async fn catch_up(&mut self) -> Result<u64, RebuildError> {
         loop {
-            let live_at = projection::checkpoint(self.live).await?;
-            self.progress.total_at_least(live_at);
-            if live_at.saturating_sub(self.projector.checkpoint()) <= SWAP_GAP {
-                return Ok(live_at);
+            let stands = {
+                let mut conn = self.live.acquire().await?;
+                self.live_stands(&mut conn).await?
+            };
+            self.progress.total_at_least(lowest(&stands));
+            let gap = self
+                .targets(&stands)
+                .iter()
+                .zip(&self.projectors)
+                .map(|(target, p)| target.saturating_sub(p.checkpoint()))
+                .max()
+                .unwrap_or(0);
+            if gap <= SWAP_GAP {
+                return Ok(lowest(&stands));
             }
-            self.advance_to(live_at).await?;
+            self.advance_to(&stands).await?;
         }
     }
 
-    /// Compares the new models with the live ones at one event, without
-    /// holding the live projector: the live models are read in one
-    /// snapshot (which shows the rows of the checkpoint it shows, as the
-    /// projector commits them together), and the new ones are brought to
-    /// that checkpoint first. Compares the rows changed after `since`
-    /// (every row with `None`). Returns the event compared at, and the
-    /// rebuilt tables' checks.
+    /// Hands the new models over from the projector of the whole log,
+    /// which built their bulk, to one projector per partition of the live
+    /// projection, each starting where the bulk ends: the new models then
+    /// get one checkpoint row per partition, named as the live ones, and
+    /// each partition follows its live counterpart to the very event it
+    /// stands at (they differ: each partition commits on its own). So the
+    /// two can be compared row for row, and at the swap each live owner
+    /// finds its partition's row where it left it. A projection of one
+    /// partition keeps its one projector.
+    async fn split(&mut self) -> Result<(), RebuildError> {
+        if self.partitions == 1 {
+            return Ok(());
+        }
+        projection::ensure_layout(self.pool, self.partitions).await?;
+        self.projectors = Partition::all(self.partitions)
+            .map(|partition| {
+                let settings = Settings {
+                    name: partition.name(),
+                    partition,
+                    ..bounded(partition_consumer(self.consumer, partition), None, None)
+                };
+                Projector::new(self.store.clone(), self.pool.clone(), settings)
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// Compares the new models with the live ones at one point of the log,
+    /// without holding the live projectors: the live models are read in
+    /// one snapshot (which shows the rows of the checkpoints it shows, as
+    /// the projectors commit them together), and the new ones are brought
+    /// to those checkpoints first. Compares the rows changed after `since`
+    /// (every row with `None`). Returns the live checkpoint compared at
+    /// (the lowest watermark: every event after it may have changed rows
+    /// since), and the rebuilt tables' checks.
     async fn compare_at_live_snapshot(
         &mut self,
         since: Option<u64>,
@@ -513,8 +637,9 @@ impl Rebuilding<'_> {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *snapshot)
             .await?;
-        let at = projection::checkpoint_in(&mut snapshot, READ_SCHEMA, projection::MAIN).await?;
-        self.advance_to(at).await?;
+        let stands = self.live_stands(&mut snapshot).await?;
+        self.advance_to(&stands).await?;
+        let at = lowest(&stands);
         let mut conn = self.pool.acquire().await?;
         let (old, new) = tokio::try_join!(
             checksums_since(&mut snapshot, READ_SCHEMA, since),
@@ -545,6 +670,11 @@ impl Rebuilding<'_> {
         }
         Err(RebuildError::Mismatch { seq, details })
     }
+}
+
+/// The lowest of the partitions' checkpoints: the projection's.
+fn lowest(stands: &[u64]) -> u64 {
+    stands.iter().copied().min().unwrap_or(0)
 }
 
 /// Where a replay stops.

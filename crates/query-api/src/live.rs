@@ -343,7 +343,7 @@ impl LiveHub {
         out: &mpsc::Sender<Item>,
     ) -> Result<u64, FeedError> {
         let subject = match filter.aggregate_id {
-            Some(id) => format!("{}.*.{id}", self.store.prefix()),
+            Some(id) => self.store.aggregate_subjects(id),
             None => events::all_subjects(self.store.prefix()),
         };
         let end = self.store.last_seq().await?;

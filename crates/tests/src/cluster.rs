@@ -133,6 +133,7 @@ impl Cluster {
     pub async fn store(&self) -> EventStore {
         let mut cfg = NatsConfig::local(self.nats_urls(), "YMERA", "ymera");
         cfg.stream_replicas = 3;
+        cfg.partitions = PARTITIONS;
         EventStore::connect(&cfg)
             .await
             .expect("the cluster's stream")

@@ -1,13 +1,20 @@
 //! A TCP proxy between the system under test and a real server, to cut the
-//! connection and restore it: an outage of NATS or PostgreSQL as the
-//! process sees it, without stopping the server other tests share.
+//! connection and restore it, or slow it down: an outage of NATS or
+//! PostgreSQL as the process sees it, without stopping the server other
+//! tests share.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 /// What the proxy does with a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +33,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     state: Arc<watch::Sender<State>>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
+    /// Milliseconds each chunk is held before it is passed on.
+    latency: Arc<AtomicU64>,
     accept: AbortHandle,
 }
 
@@ -37,15 +46,16 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy addr");
         let state = Arc::new(watch::Sender::new(State::Up));
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let latency = Arc::new(AtomicU64::new(0));
         let accept = {
-            let (state, links) = (state.clone(), links.clone());
+            let (state, links, latency) = (state.clone(), links.clone(), latency.clone());
             tokio::spawn(async move {
-                while let Ok((mut client, _)) = listener.accept().await {
+                while let Ok((client, _)) = listener.accept().await {
                     if *state.borrow() == State::Down {
                         drop(client); // refused, as a stopped server would
                         continue;
                     }
-                    let upstream = upstream.clone();
+                    let (upstream, latency) = (upstream.clone(), latency.clone());
                     let mut now = state.subscribe();
                     let link = tokio::spawn(async move {
                         let Ok(now) = now.wait_for(|s| *s != State::Held).await.map(|s| *s) else {
@@ -54,8 +64,13 @@ impl Proxy {
                         if now == State::Down {
                             return;
                         }
-                        if let Ok(mut server) = TcpStream::connect(&upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        if let Ok(server) = TcpStream::connect(&upstream).await {
+                            let (from_client, to_client) = client.into_split();
+                            let (from_server, to_server) = server.into_split();
+                            tokio::join!(
+                                pump(from_client, to_server, latency.clone()),
+                                pump(from_server, to_client, latency),
+                            );
                         }
                     });
                     links.lock().expect("links").push(link.abort_handle());
@@ -67,8 +82,17 @@ impl Proxy {
             addr,
             state,
             links,
+            latency,
             accept,
         }
+    }
+
+    /// Delays everything sent through the proxy from now on by `latency`,
+    /// both ways, on the open connections too (zero: none): a slow
+    /// network, where nothing is lost.
+    pub fn delay(&self, latency: Duration) {
+        self.latency
+            .store(latency.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// The outage: every open connection is cut and new ones are refused.
@@ -102,6 +126,38 @@ impl Drop for Proxy {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// Chunks read and not yet passed on, per direction of a connection.
+const IN_FLIGHT: usize = 64;
+
+/// Passes what `from` reads on to `to`, each chunk once the latency in
+/// effect when it was read has passed, until either side closes.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, latency: Arc<AtomicU64>) {
+    let (chunks, mut due) = mpsc::channel::<(Instant, Bytes)>(IN_FLIGHT);
+    let read = async move {
+        let mut buf = vec![0; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            let at = Instant::now() + Duration::from_millis(latency.load(Ordering::SeqCst));
+            if chunks
+                .send((at, Bytes::copy_from_slice(&buf[..n])))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// `host:port` of a URL like `scheme://user:pass@host:port/path`.

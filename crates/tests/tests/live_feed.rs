@@ -208,7 +208,20 @@ async fn replay_then_live_has_no_gap_and_no_duplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_by_type_and_aggregate() {
-    let app = TestApp::spawn().await;
+    filters_by_type_and_aggregate_on_a_log_split(1).await;
+}
+
+/// The aggregate filter's replay reads the aggregate's subject, which
+/// carries its partition on a split log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_by_type_and_aggregate_on_a_partitioned_log() {
+    filters_by_type_and_aggregate_on_a_log_split(4).await;
+}
+
+async fn filters_by_type_and_aggregate_on_a_log_split(partitions: u32) {
+    let mut sandbox = Sandbox::new().await;
+    sandbox.settings.nats.partitions = partitions;
+    let app = sandbox.start(Role::All).await;
     let token = app.admin_token().await;
     let r = app.create_agent(&token, agent_body("watched")).await;
     let id = r.json::<Value>().await.unwrap()["id"]

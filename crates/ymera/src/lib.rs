@@ -13,13 +13,13 @@ use axum::response::Html;
 use axum::routing::get;
 use chrono::Utc;
 use command_api::CommandState;
-use infra::EventStore;
 use infra::auth::Auth;
 use infra::config::{AuthConfig, DbConfig, HttpConfig, NatsConfig, SearchConfig};
 use infra::http::drain::{self, Drain};
 use infra::http::ops::{self, Needs, Ops};
 use infra::http::ratelimit::{self, Limits};
 use infra::projection::{Ownership, ProjectionWatch};
+use infra::{EventStore, StoreError};
 use query_api::QueryState;
 use query_api::search::SearchIndex;
 use sqlx::PgPool;
@@ -101,10 +101,19 @@ pub async fn connect(nats: &NatsConfig, db: &DbConfig) -> anyhow::Result<Deps> {
         .await
         .context(Unreachable("PostgreSQL"))?;
     migrate(&pool).await?;
-    let store = EventStore::connect(nats)
-        .await
-        .context(Unreachable("NATS JetStream"))?;
+    let store = connect_store(nats).await?;
     Ok(Deps { store, pool })
+}
+
+/// Connects to the event store: an error says whether NATS could not be
+/// reached or the stream is not this process's to use (another partition
+/// count, which no retry helps).
+pub async fn connect_store(nats: &NatsConfig) -> anyhow::Result<EventStore> {
+    match EventStore::connect(nats).await {
+        Ok(store) => Ok(store),
+        Err(e @ StoreError::Misconfigured(_)) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(Unreachable("NATS JetStream"))),
+    }
 }
 
 /// Applies every crate's migrations: the write side's tables, then the read
@@ -394,7 +403,6 @@ pub async fn start(
         tasks.spawn(projector::partitions::run(
             deps.store.clone(),
             deps.pool.clone(),
-            settings.nats.partitions,
             ownership.clone(),
             stopped.clone(),
         ));

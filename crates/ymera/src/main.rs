@@ -324,9 +324,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             nats,
             ..
         } => {
-            let store = infra::EventStore::connect(&nats)
-                .await
-                .context("NATS JetStream is not reachable")?;
+            let store = ymera::connect_store(&nats).await?;
             let started = std::time::Instant::now();
             let dir = &search_dir.search_dir;
             let checkpoint = query_api::search::index::rebuild_offline(dir, &store).await?;

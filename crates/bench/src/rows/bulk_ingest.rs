@@ -60,7 +60,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
             for a in agents.iter() {
                 let e = data::event(a);
                 acks.push(
-                    js.send_publish(e.subject(&prefix), guarded(&e, false))
+                    js.send_publish(e.subject(&prefix, 1), guarded(&e, false))
                         .await?,
                 );
             }

@@ -193,13 +193,7 @@ impl Ctx {
         let main = self.main().await?;
         let started = Instant::now();
         loop {
-            let last = js
-                .get_stream(&main.stream)
-                .await?
-                .info()
-                .await?
-                .state
-                .last_sequence;
+            let last = last_seq(&js, &main.stream).await?;
             let applied = infra::projection::checkpoint(&main.pool).await?;
             if applied >= last {
                 break;
@@ -209,12 +203,38 @@ impl Ctx {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if started.elapsed() > Duration::from_millis(500) {
-            eprintln!(
-                "bench:   waited {:.1} s for the projector to catch up",
-                started.elapsed().as_secs_f64()
-            );
+        report_wait("the projector", started);
+        Ok(())
+    }
+
+    /// Waits until the main server's search index has applied everything
+    /// in the main stream (its own reader of the log, apart from the
+    /// projector [`Ctx::settle`] waits for), so write-to-searchable does
+    /// not pay for the index's backlog of the rows before it.
+    pub async fn settle_search(&mut self) -> anyhow::Result<()> {
+        let js = self.env.js.clone();
+        let main = self.main().await?;
+        let last = last_seq(&js, &main.stream).await?;
+        let started = Instant::now();
+        // A search with `X-Min-Event-Seq` answers once the index has the
+        // event, or 503 when the server's wait for it runs out: ask again.
+        loop {
+            let r = main
+                .server
+                .get("/api/v1/agents/search")
+                .query(&[("q", "settle")])
+                .header("x-min-event-seq", last.to_string())
+                .send()
+                .await?;
+            if r.status().is_success() {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("the search index has not reached event {last} after 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        report_wait("the search index", started);
         Ok(())
     }
 
@@ -246,6 +266,7 @@ impl Ctx {
             publish_pipelined(
                 &js,
                 &r.prefix,
+                1,
                 r.published,
                 events - r.published,
                 2_000,
@@ -276,5 +297,26 @@ impl Ctx {
             });
         }
         self.replay.as_mut().context("replay sandbox")
+    }
+}
+
+/// The last sequence of `stream`.
+async fn last_seq(js: &async_nats::jetstream::Context, stream: &str) -> anyhow::Result<u64> {
+    Ok(js
+        .get_stream(stream)
+        .await?
+        .info()
+        .await?
+        .state
+        .last_sequence)
+}
+
+/// Says how long a settle waited for `what`, when it was noticeable.
+fn report_wait(what: &str, started: Instant) {
+    if started.elapsed() > Duration::from_millis(500) {
+        eprintln!(
+            "bench:   waited {:.1} s for {what} to catch up",
+            started.elapsed().as_secs_f64()
+        );
     }
 }

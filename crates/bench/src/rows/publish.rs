@@ -23,11 +23,12 @@ pub fn guarded(e: &data::Event, msg_id: bool) -> PublishMessage {
     PublishMessage::build().payload(e.bytes()).headers(headers)
 }
 
-/// Publishes `count` generated `agent.created` events to `prefix`,
-/// `window` acks in flight, each [`guarded`].
+/// Publishes `count` generated `agent.created` events to `prefix` (a log
+/// split `partitions` ways), `window` acks in flight, each [`guarded`].
 pub async fn publish_pipelined(
     js: &jetstream::Context,
     prefix: &str,
+    partitions: u32,
     from: u64,
     count: u64,
     window: usize,
@@ -37,7 +38,11 @@ pub async fn publish_pipelined(
     for i in from..from + count {
         let e = data::event(&data::agent(i));
         let msg = guarded(&e, msg_id);
-        inflight.push(js.send_publish(e.subject(prefix), msg).await?.into_future());
+        inflight.push(
+            js.send_publish(e.subject(prefix, partitions), msg)
+                .await?
+                .into_future(),
+        );
         while inflight.len() >= window {
             if let Some(ack) = inflight.next().await {
                 ack?;

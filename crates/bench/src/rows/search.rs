@@ -53,7 +53,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let (stream, prefix) = ctx.env.stream_names("_S");
     // Connecting provisions the stream.
     EventStore::connect(&NatsConfig::local(&ctx.env.nats_url, &stream, &prefix)).await?;
-    publish_pipelined(&ctx.env.js, &prefix, 0, published, 2_000, true)
+    publish_pipelined(&ctx.env.js, &prefix, 1, 0, published, 2_000, true)
         .await
         .context("filling the stream")?;
     let vars = ymera_env(&ctx.env, &stream, &prefix, &db_url);

@@ -49,7 +49,7 @@ pub(super) async fn raw_creates(js: jetstream::Context, prefix: String, plan: &P
     closed_loop(plan.clients, plan.warmup, plan.measure, move |_, n| {
         let e = data::event(&data::agent(n));
         let msg = guarded(&e, true);
-        let subject = e.subject(&prefix);
+        let subject = e.subject(&prefix, 1);
         let js = js.clone();
         async move {
             js.send_publish(subject, msg).await?.await?;

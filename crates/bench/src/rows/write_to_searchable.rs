@@ -72,6 +72,7 @@ async fn searchable_at(main: &Main, rate: f64, secs: Duration) -> Run {
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let plan = ctx.plan.clone();
     let rate = write_to_visible::half_create_rate(ctx).await?;
+    ctx.settle_search().await?;
     let main = ctx.main().await?;
     let run = searchable_at(main, rate, plan.visible_secs).await;
     run.check("write-to-searchable")?;

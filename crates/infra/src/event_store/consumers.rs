@@ -11,6 +11,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
 use futures::StreamExt;
 
+use crate::projection::Partition;
+
 use super::{EventStore, StoreError, StoredEvent, TraceCarrier, decode, unavailable};
 
 /// How long the server waits for a subscription's ack before it delivers
@@ -162,7 +164,7 @@ impl Drop for Ephemeral {
     }
 }
 
-/// A durable subscription to the whole log, delivered in pulls of up to a
+/// A durable subscription to the log (or to one partition of it), delivered in pulls of up to a
 /// batch and acknowledged cumulatively: the server keeps its position
 /// across reconnects, and delivers again what stays unacknowledged for
 /// [`ACK_WAIT`].
@@ -340,21 +342,36 @@ impl EventStore {
         Ok(())
     }
 
-    /// Subscribes `name` durably to the whole log from sequence `from` on,
-    /// replacing any subscription of that name: one left by an earlier run
-    /// may point anywhere. Each pull brings at most `batch_size` messages.
+    /// Subscribes `name` durably to the events of `partition` (the whole
+    /// log for [`Partition::WHOLE`]) from sequence `from` on, replacing any
+    /// subscription of that name: one left by an earlier run may point
+    /// anywhere. Each pull brings at most `batch_size` messages. A
+    /// partition of a log split into several is read through its
+    /// subjects' partition token, so the server delivers it only its own
+    /// events; it must be a partition of this log's split.
     pub async fn subscribe(
         &self,
         name: &str,
+        partition: Partition,
         from: u64,
         batch_size: usize,
     ) -> Result<Subscription, StoreError> {
+        let filter_subject = match partition.count {
+            1 => events::all_subjects(&self.prefix),
+            n if n == self.partitions => events::partition_subjects(&self.prefix, partition.index),
+            n => {
+                return Err(StoreError::Misconfigured(format!(
+                    "a partition of {n} cannot be read from a log split into {}",
+                    self.partitions
+                )));
+            }
+        };
         let stream = self.stream().await?;
         let _ = stream.delete_consumer(name).await;
         let consumer: jetstream::consumer::PullConsumer = stream
             .create_consumer(pull::Config {
                 durable_name: Some(name.to_owned()),
-                filter_subject: events::all_subjects(&self.prefix),
+                filter_subject,
                 deliver_policy: DeliverPolicy::ByStartSequence {
                     start_sequence: from,
                 },

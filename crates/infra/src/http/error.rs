@@ -220,7 +220,9 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(%reason, "event store unavailable");
                 ApiError::Unavailable("the event store is unavailable; retry shortly".into())
             }
-            e @ StoreError::Corrupt { .. } => ApiError::Internal(e.into()),
+            e @ (StoreError::Corrupt { .. } | StoreError::Misconfigured(_)) => {
+                ApiError::Internal(e.into())
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use utoipa::ToSchema;
 
 use super::ops::probe;
+use crate::db;
 use crate::event_store::EventStore;
 use crate::metrics::{self, ReadTimeGauges};
 use crate::projection;
@@ -159,9 +160,18 @@ pub async fn take(pool: &PgPool, store: &EventStore) -> Snapshot {
 
 /// The Prometheus text exposition, with the read-time gauges fresh.
 pub async fn prometheus(pool: &PgPool, store: &EventStore) -> String {
-    take(pool, store).await;
-    if let (Ok(parked), _) = probe(projection::parked(pool)).await {
+    let snap = take(pool, store).await;
+    let partitions = async {
+        let mut conn = pool.acquire().await?;
+        projection::partition_checkpoints_in(&mut conn, db::READ_SCHEMA).await
+    };
+    let ((parked, _), (partitions, _)) =
+        tokio::join!(probe(projection::parked(pool)), probe(partitions));
+    if let Ok(parked) = parked {
         metrics::record_parked(parked);
+    }
+    if let Ok(partitions) = partitions {
+        metrics::record_partition_checkpoints(&partitions, snap.events.last_seq);
     }
     metrics::render()
 }
