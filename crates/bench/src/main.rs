@@ -36,8 +36,9 @@ struct Cli {
     #[arg(long)]
     strict: bool,
     /// Rows to run: `all` (default) or names among single-create,
-    /// bulk-ingest, projection-catch-up, write-to-visible, get-by-id, search,
-    /// export, rebuild, memory.
+    /// single-create-r3, bulk-ingest, write-to-visible, write-to-searchable,
+    /// get-by-id, search, export, projection-catch-up, partitioned-catch-up,
+    /// rebuild, memory.
     rows: Vec<String>,
 }
 
