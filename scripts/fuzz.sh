@@ -13,6 +13,11 @@
 # The live feeds (/api/v1/ws, /api/v1/events/stream) are excluded: they
 # stream until the client leaves, which a request/response fuzzer cannot do.
 #
+# When the only errors of a run are crashes of the Hypothesis engine itself
+# (tests/fuzz/engine_errors.py tells them apart), each operation it crashed
+# on is fuzzed again on its own, up to twice, and that run's result counts:
+# such a crash says nothing about the API but cut its fuzzing short.
+#
 # Exits non-zero on any failure; the last line is the summary
 # `fuzz: N test cases, F failures`. Reports (JUnit, NDJSON, the output,
 # ymera's log) go to fuzz-results/<UTC timestamp>.
@@ -33,7 +38,6 @@ die() { printf 'fuzz: ERROR: %s\n' "$*" >&2; exit 2; }
 
 VENV="$ROOT/.data/venv"
 REQS="$ROOT/tests/fuzz/requirements.txt"
-ST="$VENV/bin/schemathesis"
 
 # ------------------------------------------------- inside: against YMERA_HOST
 if [ "${1:-}" = "--inside" ]; then
@@ -52,33 +56,70 @@ EOF
 
     seed=()
     [ -n "${YMERA_FUZZ_SEED:-}" ] && seed=(--seed "$YMERA_FUZZ_SEED")
-    set +e
     # Run from the report folder: Schemathesis keeps its cache (.schemathesis)
     # in the working directory, and it belongs with the reports, not in the tree.
     cd "$YMERA_FUZZ_OUT"
-    # Loopback only: keep any proxy settings of the environment out of the way.
-    env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy NO_PROXY='*' no_proxy='*' \
-        PYTHONPATH="$ROOT/tests/fuzz${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks \
-    "$ST" --no-color run \
-        "$YMERA_HOST/api/v1/openapi.json" \
-        -H "Authorization: Bearer $TOKEN" \
-        --exclude-path /api/v1/ws --exclude-path /api/v1/events/stream \
+    # st LOG ARGS...: one Schemathesis run with every check, output in LOG.
+    st() {
+        local log="$1"; shift
+        # Loopback only: keep any proxy settings of the environment out of the way.
+        env -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy NO_PROXY='*' no_proxy='*' \
+            PYTHONPATH="$ROOT/tests/fuzz${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks \
+        "$VENV/bin/python" -m schemathesis.cli --no-color run \
+            "$YMERA_HOST/api/v1/openapi.json" \
+            -H "Authorization: Bearer $TOKEN" \
+            --exclude-path /api/v1/ws --exclude-path /api/v1/events/stream \
+            --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,positive_data_acceptance \
+            --max-examples "${YMERA_FUZZ_MAX_EXAMPLES:-40}" \
+            --workers "${YMERA_FUZZ_WORKERS:-2}" \
+            --request-timeout 15 \
+            "$@" 2>&1 | tee "$YMERA_FUZZ_OUT/$log"
+        return "${PIPESTATUS[0]}"
+    }
+    set +e
+    st schemathesis.log \
         --phases examples,fuzzing,stateful \
-        --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,positive_data_acceptance \
-        --max-examples "${YMERA_FUZZ_MAX_EXAMPLES:-40}" \
         --max-time "${YMERA_FUZZ_MAX_TIME:-75}" \
-        --workers "${YMERA_FUZZ_WORKERS:-2}" \
-        --request-timeout 15 \
         --report junit,ndjson --report-dir "$YMERA_FUZZ_OUT" \
-        "${seed[@]}" 2>&1 | tee "$YMERA_FUZZ_OUT/schemathesis.log"
-    rc=${PIPESTATUS[0]}
+        "${seed[@]}"
+    rc=$?
     set -e
+    # A run with no check failure whose only errors are defects of the
+    # Hypothesis engine itself (tests/fuzz/engine_errors.py) fuzzes each of
+    # those operations again, up to twice, and its result stands for theirs:
+    # the engine's crash cut their fuzzing short and says nothing of the API.
+    failed="$(sed -n 's/^=* \([0-9][0-9]*\) failures\{0,1\}\b.*/\1/p' schemathesis.log | tail -n1)"
+    if [ "$rc" != 0 ] && [ "${failed:-0}" = 0 ] \
+        && ops="$("$VENV/bin/python" "$ROOT/tests/fuzz/engine_errors.py" schemathesis.log)" \
+        && [ -n "$ops" ]; then
+        rc=0
+        n=0
+        while IFS= read -r op; do
+            n=$((n + 1))
+            for attempt in 1 2; do
+                printf 'fuzz: the Hypothesis engine crashed while fuzzing %s; fuzzing it again (%s of 2)\n' "$op" "$attempt" \
+                    | tee -a engine-retries.txt
+                set +e
+                st "engine-retry-$n-$attempt.log" --include-name "$op" --phases examples,fuzzing --max-time 30
+                op_rc=$?
+                set -e
+                [ "$op_rc" = 0 ] && { echo "fuzz: $op passed on its own run" | tee -a engine-retries.txt; break; }
+                again="$("$VENV/bin/python" "$ROOT/tests/fuzz/engine_errors.py" "engine-retry-$n-$attempt.log" || true)"
+                failed="$(sed -n 's/^=* \([0-9][0-9]*\) failures\{0,1\}\b.*/\1/p' "engine-retry-$n-$attempt.log" | tail -n1)"
+                # Anything but the engine's crash again is a failure of ours.
+                if [ "$attempt" = 2 ] || [ "${failed:-0}" != 0 ] || [ "$again" != "$op" ]; then
+                    rc=$op_rc
+                    break
+                fi
+            done
+        done <<<"$ops"
+    fi
     exit "$rc"
 fi
 
 # ------------------------------------------------------------- Schemathesis
 ST_VERSION="$(sed -n 's/^schemathesis==//p' "$REQS")"
-if ! "$ST" --version 2>/dev/null | grep -q "version $ST_VERSION\$"; then
+if ! "$VENV/bin/python" -m schemathesis.cli --version 2>/dev/null | grep -q "version $ST_VERSION\$"; then
     mkdir -p "$ROOT/.data"
     if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1; then
         rm -rf "$VENV"
@@ -117,6 +158,8 @@ errors="$(sed -n 's/^=* .*\b\([0-9][0-9]*\) errors\{0,1\}\b.*/\1/p' "$out" 2>/de
 [ "$rc" = 0 ] || [ "$failures" != 0 ] || failures="unknown (exit $rc)"
 extra=""
 [ -n "$errors" ] && [ "$errors" != 0 ] && extra=", $errors errors"
+[ -s "$YMERA_FUZZ_OUT/engine-retries.txt" ] \
+    && extra="$extra, $(grep -c 'fuzzing it again' "$YMERA_FUZZ_OUT/engine-retries.txt") reruns after a crash of the Hypothesis engine (engine-retries.txt)"
 [ "$cases" != 0 ] || { log "Schemathesis ran no test case"; rc=1; }
 echo "fuzz: $cases test cases, $failures failures$extra ($((SECONDS - started)) s; reports in ${YMERA_FUZZ_OUT#"$ROOT"/})"
 [ "$rc" = 0 ] || exit 1
