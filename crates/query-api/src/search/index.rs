@@ -70,6 +70,8 @@ pub const MAX_DELAY: Duration = Duration::from_millis(10);
 /// How often the disk index commits what the overlay holds (sooner when
 /// the overlay is full).
 pub const DISK_COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// The longest a shutdown waits for the last commit.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 /// A batch this large goes to disk directly (see the module doc).
 pub const CATCH_UP_BATCH: usize = 1_000;
 
@@ -234,6 +236,14 @@ impl DiskWriter {
                 r.error = error;
             });
         }
+        // The index is closing: what was applied is committed, so a
+        // restart resumes right after it.
+        if applied > committed
+            && !failed
+            && let Err(e) = self.commit(applied)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "the search index's last commit failed");
+        }
         if let Err(e) = self.writer.wait_merging_threads() {
             tracing::warn!(error = %e, "the search index's merges ended in error");
         }
@@ -258,10 +268,12 @@ impl DiskWriter {
             checkpoint: last,
             boot: self.boot.clone(),
         })?;
+        let started = Instant::now();
         let mut commit = self.writer.prepare_commit()?;
         commit.set_payload(&payload);
         commit.commit()?;
         self.reader.reload()?;
+        infra::metrics::record_search_commit(last, started.elapsed());
         Ok(())
     }
 }
@@ -401,7 +413,18 @@ impl SearchIndex {
         let mut backoff = Duration::from_millis(100);
         loop {
             let followed = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    // What the overlay holds goes to disk, so a restart
+                    // resumes from where this process stopped.
+                    let last = self.checkpoint();
+                    let committed = |r: &DiskCommit| r.seq >= last || r.error.is_some();
+                    let flushed =
+                        tokio::time::timeout(SHUTDOWN_FLUSH, self.disk_job(Job::Commit, committed));
+                    if !matches!(flushed.await, Ok(Ok(_))) {
+                        tracing::warn!("the search index's last commit did not complete; a restart reads the log from the one before");
+                    }
+                    return;
+                }
                 r = self.follow(&store, None) => r,
             };
             match followed {
@@ -575,13 +598,18 @@ impl SearchIndex {
             .context("the search index's disk writer stopped")
     }
 
-    /// Sends `job` and waits for the disk writer's report of it.
-    async fn disk_job(&self, job: Job) -> anyhow::Result<DiskCommit> {
+    /// Sends `job` and waits for the disk writer's first report after it
+    /// that is `done` (a report of a job sent before may come first).
+    async fn disk_job(
+        &self,
+        job: Job,
+        done: impl Fn(&DiskCommit) -> bool,
+    ) -> anyhow::Result<DiskCommit> {
         let mut disk = self.disk.clone();
         let before = disk.borrow_and_update().report;
         self.send(job)?;
         let report = disk
-            .wait_for(|r| r.report > before)
+            .wait_for(|r| r.report > before && done(r))
             .await
             .ok()
             .context("the search index's disk writer stopped")?
@@ -592,7 +620,8 @@ impl SearchIndex {
     /// Commits to disk everything up to event `last` (and all applied
     /// before), then empties the overlay of it and makes it searchable.
     async fn settle(&self, last: u64) -> anyhow::Result<()> {
-        let report = self.disk_job(Job::Commit).await?;
+        let committed = |r: &DiskCommit| r.seq >= last || r.error.is_some();
+        let report = self.disk_job(Job::Commit, committed).await?;
         if let Some(e) = &report.error {
             anyhow::bail!("the search index's disk writer failed: {e}");
         }
@@ -607,7 +636,8 @@ impl SearchIndex {
     /// After the disk writer failed: it went back to its last commit, so
     /// the overlay starts over from there, and so does the reading.
     async fn recover(&self) -> anyhow::Result<()> {
-        let report = self.disk_job(Job::Resume).await?;
+        // A failed writer reports nothing before it resumes.
+        let report = self.disk_job(Job::Resume, |_| true).await?;
         let overlay = Overlay::new(report.searcher, report.seq);
         self.publish(&overlay, report.seq);
         *self.overlay.lock().unwrap_or_else(|p| p.into_inner()) = overlay;
@@ -616,7 +646,8 @@ impl SearchIndex {
 
     /// Empties the index, at checkpoint 0.
     async fn reset(&self) -> anyhow::Result<()> {
-        let report = self.disk_job(Job::Reset).await?;
+        let emptied = |r: &DiskCommit| r.seq == 0 || r.error.is_some();
+        let report = self.disk_job(Job::Reset, emptied).await?;
         if let Some(e) = &report.error {
             anyhow::bail!("emptying the search index failed: {e}");
         }
@@ -657,22 +688,31 @@ impl SearchIndex {
         Ok(serde_json::from_slice(bytes)?)
     }
 
-    /// Stops the disk writer and waits for its merges to finish, so the
-    /// directory can be moved.
+    /// Stops the disk writer, once it has committed what it was sent, and
+    /// waits for its merges to finish, so the directory can be moved.
     fn close(self: Arc<Self>) -> anyhow::Result<()> {
         let this = Arc::into_inner(self).context("the search index is still in use")?;
-        drop(this.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let thread = this
+        drop(this);
+        Ok(())
+    }
+}
+
+impl Drop for SearchIndex {
+    /// Closes the disk writer: its last commit, its merges, and the
+    /// directory's lock released before this returns, so the directory
+    /// can be opened again at once.
+    fn drop(&mut self) {
+        drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self
             .disk_thread
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(thread) = thread {
-            thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("the search index's disk writer panicked"))?;
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::warn!("the search index's disk writer panicked");
         }
-        Ok(())
     }
 }
 
