@@ -18,28 +18,6 @@ use ymera::Role;
 const DISK: &str = "ymera_search_disk_checkpoint";
 const INDEXED: &str = "ymera_search_events_indexed_total";
 
-async fn put(app: &TestApp, token: &str, id: &str, body: Value) -> u64 {
-    let r = app
-        .request(Method::PUT, &format!("/api/v1/agents/{id}"), Some(token))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    header_u64(&r, "x-event-seq")
-}
-
-async fn create(app: &TestApp, token: &str, body: Value) -> (String, u64) {
-    let r = app.create_agent(token, body).await;
-    assert_eq!(r.status(), 201);
-    let seq = header_u64(&r, "x-event-seq");
-    let id = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    (id, seq)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_write_is_searchable_at_its_sequence_under_a_steady_write_load() {
     let app = TestApp::spawn().await;
@@ -65,14 +43,16 @@ async fn each_write_is_searchable_at_its_sequence_under_a_steady_write_load() {
         let mut previous: Option<(String, String)> = None;
         for round in 0..40 {
             let name = format!("Zephyrine{round:03}");
-            let (id, seq) = create(&app, &token, json!({"name": name, "type": "llm"})).await;
+            let (id, seq) = app
+                .create_agent_seq(&token, json!({"name": name, "type": "llm"}))
+                .await;
             let found = names(&app.search(&token, &[("q", &name)], seq).await);
             assert!(found.contains(&name), "{name} at {seq}: {found:?}");
             // An update of the agent before: its new name at the update's
             // sequence, its old one no more.
             if let Some((id, old)) = previous.take() {
                 let new = format!("Borealis{round:03}");
-                let seq = put(&app, &token, &id, json!({"name": new})).await;
+                let seq = app.update_agent(&token, &id, json!({"name": new})).await;
                 let found = names(&app.search(&token, &[("q", &new)], seq).await);
                 assert!(found.contains(&new), "{new} at {seq}: {found:?}");
                 let found = names(&app.search(&token, &[("q", &old)], seq).await);
@@ -94,31 +74,30 @@ async fn a_newer_version_in_memory_hides_the_one_on_disk_in_hits_and_facets() {
     // five such rounds is plenty.
     for round in 0..5 {
         let word = format!("orionid{round}");
-        let (a, _) = create(
-            &app,
-            &token,
-            json!({"name": format!("{word} alpha"), "type": "scanner"}),
-        )
-        .await;
-        let (b, _) = create(
-            &app,
-            &token,
-            json!({"name": format!("{word} beta"), "type": "scanner"}),
-        )
-        .await;
-        let (_, seq) = create(
-            &app,
-            &token,
-            json!({"name": format!("{word} gamma"), "type": "scanner"}),
-        )
-        .await;
+        let (a, _) = app
+            .create_agent_seq(
+                &token,
+                json!({"name": format!("{word} alpha"), "type": "scanner"}),
+            )
+            .await;
+        let (b, _) = app
+            .create_agent_seq(
+                &token,
+                json!({"name": format!("{word} beta"), "type": "scanner"}),
+            )
+            .await;
+        let (_, seq) = app
+            .create_agent_seq(
+                &token,
+                json!({"name": format!("{word} gamma"), "type": "scanner"}),
+            )
+            .await;
         eventually(Duration::from_secs(30), "the agents on disk", || async {
             (app.metric(DISK).await? >= seq as f64).then_some(())
         })
         .await;
 
-        put(
-            &app,
+        app.update_agent(
             &token,
             &a,
             json!({"name": format!("{word} delta"), "type": "probe"}),
@@ -206,13 +185,13 @@ async fn a_kill_9_while_writes_are_only_in_memory_loses_none_of_them() {
     let (seq, disk) = loop {
         let mut seq = 0;
         for _ in 0..10 {
-            seq = create(
-                &writer,
-                &token,
-                json!({"name": format!("lyrae {written}"), "type": "llm"}),
-            )
-            .await
-            .1;
+            seq = writer
+                .create_agent_seq(
+                    &token,
+                    json!({"name": format!("lyrae {written}"), "type": "llm"}),
+                )
+                .await
+                .1;
             written += 1;
         }
         let page = eventually(Duration::from_secs(60), "the writes searchable", || {
