@@ -50,15 +50,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use tantivy::postings::SegmentPostings;
 use tantivy::query::{
     AutomatonWeight, ConstScorer, DfaWrapper, EnableScoring, FuzzyTermQuery, PhraseQuery, Query,
     Scorer, Weight,
 };
 use tantivy::schema::IndexRecordOption;
-use tantivy::postings::SegmentPostings;
-use tantivy::{
-    DocId, DocSet, Score, Searcher, SeekDangerResult, SegmentReader, TERMINATED, Term,
-};
+use tantivy::{DocId, DocSet, Score, Searcher, SeekDangerResult, SegmentReader, TERMINATED, Term};
 
 use super::schema::{Fields, near_term, pairs_near, tag_term};
 use crate::filters::Filters;
