@@ -98,19 +98,30 @@ impl Facet {
 }
 
 /// Most segments whose id columns [`ID_COLUMNS`] keeps: a few times the
-/// segments of one searcher.
+/// disk segments of one searcher.
 const MAX_CACHED_SEGMENTS: usize = 64;
+/// Segments smaller than this open their columns each time: the search
+/// overlay's pieces are many, short-lived and cheap to open, and would
+/// only push the large disk segments out of the cache.
+const MIN_CACHED_DOCS: u32 = 10_000;
+
+/// A segment's id columns, high half first.
+type IdColumns = (Column<u64>, Column<u64>);
 
 /// The id columns of the segments searched lately: opening a column reads
 /// its whole block index, which cost a search more than collecting its
 /// page. A segment never changes, so its columns stay valid as long as it
 /// lives; when the cache is full it starts over, which also lets go of
 /// the files of segments merged away since.
-static ID_COLUMNS: LazyLock<Mutex<HashMap<SegmentId, (Column<u64>, Column<u64>)>>> =
+static ID_COLUMNS: LazyLock<Mutex<HashMap<SegmentId, IdColumns>>> =
     LazyLock::new(Mutex::default);
 
 /// `reader`'s id columns, high half first.
-fn id_columns(reader: &SegmentReader) -> tantivy::Result<(Column<u64>, Column<u64>)> {
+fn id_columns(reader: &SegmentReader) -> tantivy::Result<IdColumns> {
+    let fast = reader.fast_fields();
+    if reader.max_doc() < MIN_CACHED_DOCS {
+        return Ok((fast.u64(ID_HI)?, fast.u64(ID_LO)?));
+    }
     let segment = reader.segment_id();
     let cached = ID_COLUMNS
         .lock()
@@ -120,7 +131,6 @@ fn id_columns(reader: &SegmentReader) -> tantivy::Result<(Column<u64>, Column<u6
     if let Some(columns) = cached {
         return Ok(columns);
     }
-    let fast = reader.fast_fields();
     let columns = (fast.u64(ID_HI)?, fast.u64(ID_LO)?);
     let mut cache = ID_COLUMNS.lock().unwrap_or_else(|p| p.into_inner());
     if cache.len() >= MAX_CACHED_SEGMENTS {

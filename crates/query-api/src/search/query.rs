@@ -381,7 +381,9 @@ enum NearField {
     /// With one: the documents holding the `near` term, where the phrase is
     /// checked when asked.
     Paired {
-        candidates: SegmentPostings,
+        /// Boxed: a segment's postings reader is large, and a query holds
+        /// one of these per field.
+        candidates: Box<SegmentPostings>,
         phrase: Box<dyn Scorer>,
         /// No document below this one matches the phrase, except the one
         /// `found` at creation.
@@ -415,7 +417,7 @@ impl NearField {
             SeekDangerResult::SeekLowerBound(lower) => (lower, None),
         };
         Ok(Some(NearField::Paired {
-            candidates,
+            candidates: Box::new(candidates),
             phrase,
             floor,
             found,
