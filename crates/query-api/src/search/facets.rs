@@ -113,8 +113,7 @@ type IdColumns = (Column<u64>, Column<u64>);
 /// page. A segment never changes, so its columns stay valid as long as it
 /// lives; when the cache is full it starts over, which also lets go of
 /// the files of segments merged away since.
-static ID_COLUMNS: LazyLock<Mutex<HashMap<SegmentId, IdColumns>>> =
-    LazyLock::new(Mutex::default);
+static ID_COLUMNS: LazyLock<Mutex<HashMap<SegmentId, IdColumns>>> = LazyLock::new(Mutex::default);
 
 /// `reader`'s id columns, high half first.
 fn id_columns(reader: &SegmentReader) -> tantivy::Result<IdColumns> {
