@@ -284,6 +284,14 @@ pub fn record_search_batch(events: u64, checkpoint: u64, elapsed: Duration) {
     metrics::gauge!("ymera_search_checkpoint").set(checkpoint as f64);
 }
 
+/// The search index committed to disk at `checkpoint`: where a restart
+/// resumes (searches see further, through the in-memory overlay).
+pub fn record_search_commit(checkpoint: u64, elapsed: Duration) {
+    install();
+    metrics::histogram!("ymera_search_commit_duration_seconds").record(elapsed.as_secs_f64());
+    metrics::gauge!("ymera_search_disk_checkpoint").set(checkpoint as f64);
+}
+
 /// The number of open live-feed connections.
 pub fn live_connections() -> i64 {
     install().live.load(Ordering::Relaxed)

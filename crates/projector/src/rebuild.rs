@@ -8,8 +8,8 @@
 //! has caught up, it compares the new models with the live ones table by
 //! table (row counts and checksums) at one event, still without holding the
 //! live projector: the live models are read in one snapshot, and the new
-//! ones are brought to that snapshot's checkpoint. The checksums are chains
-//! of hashes over bounded chunks of rows, so they work at any size. Then it
+//! ones are brought to that snapshot's checkpoint. A checksum is a sum of
+//! per-row hashes, one sequential pass per table at any size. Then it
 //! takes [`SWAP_LOCK`] exclusively (the live projectors finish their
 //! batches and wait), brings the new models to exactly the live checkpoint,
 //! compares only the rows that the events since the comparison changed,
@@ -90,12 +90,6 @@ pub enum RebuildError {
     Invalid(String),
 }
 
-/// Rows per checksum chunk. A table's checksum is a chain of chunk hashes,
-/// each over at most this many rows' hashes (about 330 kB), so no value
-/// grows with the table: one `string_agg` over a whole table passes
-/// PostgreSQL's 1 GB value limit at about 33 million rows.
-const CHUNK: i64 = 10_000;
-
 /// At most this many comparisons of the rows changed since the previous one
 /// are made before the swap lock is taken, even if the live projection
 /// keeps outrunning them (each is quicker than the last, unless writes come
@@ -103,13 +97,12 @@ const CHUNK: i64 = 10_000;
 const TAIL_ROUNDS: usize = 10;
 
 /// A read-model table: the columns that must agree (not the moment a row
-/// was written), its key for ordering, and the rows a comparison limited to
-/// the changes after some event covers.
+/// was written), its key, and the rows a comparison limited to the changes
+/// after some event covers.
 struct Table {
     name: &'static str,
     cols: &'static str,
     key: &'static str,
-    key_type: &'static str,
     changed: Changed,
 }
 
@@ -129,35 +122,30 @@ const TABLES: [Table; 5] = [
         name: "agents",
         cols: "t.*",
         key: "id",
-        key_type: "uuid",
         changed: Changed::Aggregate("agent"),
     },
     Table {
         name: "projects",
         cols: "t.*",
         key: "id",
-        key_type: "uuid",
         changed: Changed::Aggregate("project"),
     },
     Table {
         name: "events",
         cols: "t.*",
         key: "seq",
-        key_type: "int8",
         changed: Changed::Seq,
     },
     Table {
         name: "parked_events",
         cols: "t.seq, t.subject, t.error",
         key: "seq",
-        key_type: "int8",
         changed: Changed::Seq,
     },
     Table {
         name: "projector_checkpoint",
         cols: "t.name, t.last_seq",
         key: "name",
-        key_type: "text",
         changed: Changed::All,
     },
 ];
@@ -171,10 +159,14 @@ pub async fn checksums(
 }
 
 /// Counts and checksums of the rows of every read-model table in `schema`
-/// that events after `since` changed (every row with `None`). Each table is
-/// read in chunks of [`CHUNK`] rows in key order, and its checksum chains
-/// the chunks' hashes: equal tables give equal checksums, whatever their
-/// size.
+/// that events after `since` changed (every row with `None`). A table's
+/// checksum is the sum of a 64-bit hash of each row's text, twice over
+/// with two seeds (128 bits in all): equal tables give equal checksums, and
+/// a sum needs neither the rows in order nor a value that grows with the
+/// table, so each table is one sequential pass. It used to chain MD5s over
+/// chunks of rows read in key order, which cost more than loading the rows
+/// (a random-order index walk of `agents` by its UUID key, an MD5 and a
+/// sort per row).
 async fn checksums_since(
     conn: &mut sqlx::PgConnection,
     schema: &str,
@@ -183,7 +175,7 @@ async fn checksums_since(
     db::assert_identifier(schema);
     let mut out = Vec::new();
     for table in &TABLES {
-        let (name, cols, key, key_type) = (table.name, table.cols, table.key, table.key_type);
+        let (name, cols, key) = (table.name, table.cols, table.key);
         // `since` is a number, written into the statement as one.
         let filter = match (since, &table.changed) {
             (None, _) | (Some(_), Changed::All) => "true".to_owned(),
@@ -193,33 +185,13 @@ async fn checksums_since(
                  WHERE e.seq > {s} AND e.aggregate_type = '{kind}')"
             ),
         };
-        let chunk = |after: &str| {
-            format!(
-                "SELECT count(*), (array_agg(t.{key}::text ORDER BY t.{key} DESC))[1], \
-                        md5($1 || coalesce(string_agg(md5(row({cols})::text), '' ORDER BY t.{key}), '')) \
-                 FROM (SELECT * FROM {schema}.{name} t WHERE {filter} {after} \
-                       ORDER BY t.{key} LIMIT {CHUNK}) t"
-            )
-        };
-        let first = chunk("");
-        let next = chunk(&format!("AND t.{key} > $2::{key_type}"));
-        let (mut rows, mut checksum, mut last) = (0i64, String::new(), None::<String>);
-        loop {
-            let query = match last.take() {
-                None => sqlx::query_as(sqlx::AssertSqlSafe(first.clone())).bind(checksum),
-                Some(key) => sqlx::query_as(sqlx::AssertSqlSafe(next.clone()))
-                    .bind(checksum)
-                    .bind(key),
-            };
-            let (n, chunk_last, chained): (i64, Option<String>, String) =
-                query.fetch_one(&mut *conn).await?;
-            rows += n;
-            checksum = chained;
-            last = chunk_last;
-            if n < CHUNK {
-                break;
-            }
-        }
+        let (rows, checksum): (i64, String) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*), coalesce(sum(hashtextextended(r, 0)), 0)::text || '/' \
+                    || coalesce(sum(hashtextextended(r, 1)), 0)::text \
+             FROM (SELECT row({cols})::text AS r FROM {schema}.{name} t WHERE {filter}) rows"
+        )))
+        .fetch_one(&mut *conn)
+        .await?;
         out.push(TableCheck {
             table: name,
             rows,
@@ -268,57 +240,107 @@ async fn prepare(live: &PgPool, schema: &str) -> Result<(), RebuildError> {
     Ok(())
 }
 
-/// The filter indexes of `schema` (every index but the primary keys and
-/// unique ones), dropped so that a rebuild or replay loads its tables
-/// without maintaining them row by row; [`create_indexes`] makes them again
-/// from what this returns, each in one sorted pass over the loaded rows.
-async fn drop_filter_indexes(pool: &PgPool, schema: &str) -> Result<Vec<String>, sqlx::Error> {
-    db::assert_identifier(schema);
-    let indexes: Vec<(String, String)> = sqlx::query_as(
-        "SELECT c.relname::text, pg_get_indexdef(c.oid) FROM pg_index x \
-         JOIN pg_class c ON c.oid = x.indexrelid \
-         JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE n.nspname = $1 AND NOT x.indisprimary AND NOT x.indisunique \
-         ORDER BY c.relname",
-    )
-    .bind(schema)
-    .fetch_all(pool)
-    .await?;
-    for (name, _) in &indexes {
-        db::assert_identifier(name);
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {schema}.{name}")))
+/// A schema's tables while a rebuild or replay loads them in bulk: without
+/// their filter indexes (every index but the primary keys and unique ones),
+/// which are made again once the rows are in, each in one sorted pass
+/// instead of an insert per row; and without autovacuum, which would
+/// otherwise vacuum and analyze each table again and again as the rows
+/// pour in, on the cores the load needs. [`BulkLoad::finish`] makes the
+/// indexes and analyzes every table once.
+struct BulkLoad {
+    schema: String,
+    /// The dropped indexes' definitions, as PostgreSQL printed them.
+    indexes: Vec<String>,
+    tables: Vec<String>,
+}
+
+impl BulkLoad {
+    async fn start(pool: &PgPool, schema: &str) -> Result<BulkLoad, sqlx::Error> {
+        db::assert_identifier(schema);
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_get_indexdef(c.oid) FROM pg_index x \
+             JOIN pg_class c ON c.oid = x.indexrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND NOT x.indisprimary AND NOT x.indisunique \
+             ORDER BY c.relname",
+        )
+        .bind(schema)
+        .fetch_all(pool)
+        .await?;
+        for (name, _) in &indexes {
+            db::assert_identifier(name);
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {schema}.{name}")))
+                .execute(pool)
+                .await?;
+        }
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY c.relname",
+        )
+        .bind(schema)
+        .fetch_all(pool)
+        .await?;
+        for table in &tables {
+            db::assert_identifier(table);
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {schema}.{table} SET (autovacuum_enabled = off)"
+            )))
             .execute(pool)
             .await?;
+        }
+        Ok(BulkLoad {
+            schema: schema.to_owned(),
+            indexes: indexes.into_iter().map(|(_, def)| def).collect(),
+            tables,
+        })
     }
-    Ok(indexes.into_iter().map(|(_, def)| def).collect())
+
+    /// Makes the dropped indexes, [`INDEX_BUILDERS`] at a time, each with
+    /// room to sort in memory; then analyzes every table (the planner
+    /// needs its statistics as soon as the tables serve) and gives it back
+    /// to autovacuum.
+    async fn finish(self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let builders = (0..INDEX_BUILDERS).map(|_| async {
+            let mut conn = pool.acquire().await?;
+            sqlx::query("SET maintenance_work_mem = '256MB'")
+                .execute(&mut *conn)
+                .await?;
+            // Each builder takes the next index still to make, so a long
+            // one (the tags' GIN index) does not leave the other idle.
+            while let Some(definition) = self
+                .indexes
+                .get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+            {
+                sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            sqlx::query("RESET maintenance_work_mem")
+                .execute(&mut *conn)
+                .await?;
+            Ok::<_, sqlx::Error>(())
+        });
+        futures::future::try_join_all(builders).await?;
+        let schema = &self.schema;
+        for table in &self.tables {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {schema}.{table} RESET (autovacuum_enabled)"
+            )))
+            .execute(pool)
+            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {schema}.{table}")))
+                .execute(pool)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// Index builds run at once: the sorts are CPU-bound, and one per core of
 /// a small database server keeps it busy.
 const INDEX_BUILDERS: usize = 2;
-
-/// Makes the indexes that [`drop_filter_indexes`] dropped, a few at a time,
-/// each with room to sort in memory.
-async fn create_indexes(pool: &PgPool, definitions: &[String]) -> Result<(), sqlx::Error> {
-    let builders = (0..INDEX_BUILDERS).map(|k| async move {
-        let mut conn = pool.acquire().await?;
-        sqlx::query("SET maintenance_work_mem = '256MB'")
-            .execute(&mut *conn)
-            .await?;
-        // Definitions as PostgreSQL printed them for this schema.
-        for definition in definitions.iter().skip(k).step_by(INDEX_BUILDERS) {
-            sqlx::query(sqlx::AssertSqlSafe(definition.clone()))
-                .execute(&mut *conn)
-                .await?;
-        }
-        sqlx::query("RESET maintenance_work_mem")
-            .execute(&mut *conn)
-            .await?;
-        Ok::<_, sqlx::Error>(())
-    });
-    futures::future::try_join_all(builders).await?;
-    Ok(())
-}
 
 fn bounded(consumer: String, stop_at: Option<u64>, stop_after: Option<DateTime<Utc>>) -> Settings {
     Settings {
@@ -409,13 +431,13 @@ impl Rebuilding<'_> {
         let started = Instant::now();
         // The bulk of the log goes into tables with their keys only; the
         // filter indexes are made once it is in.
-        let indexes = drop_filter_indexes(self.pool, self.schema).await?;
+        let load = BulkLoad::start(self.pool, self.schema).await?;
         // The new models must match the live ones at one point of the log,
         // so the rebuild follows the live checkpoints and never runs past
         // them (a live projector that is behind, or not running, is caught
         // up with later, by itself, on the swapped-in models).
         self.catch_up().await?;
-        create_indexes(self.pool, &indexes).await?;
+        load.finish(self.pool).await?;
         self.split().await?;
 
         // Everything but the last few events is built and compared while
@@ -735,12 +757,12 @@ pub async fn replay(
         bounded(consumer.clone(), stop_at, stop_after),
     );
     let result = async {
-        let indexes = drop_filter_indexes(&pool, schema).await?;
+        let load = BulkLoad::start(&pool, schema).await?;
         while projector.checkpoint() < goal && !projector.finished() {
             projector.process_next_batch(Duration::from_secs(2)).await?;
             progress.done(projector.checkpoint());
         }
-        create_indexes(&pool, &indexes).await?;
+        load.finish(&pool).await?;
         Ok::<_, RebuildError>(projector.checkpoint())
     }
     .await;

@@ -49,19 +49,34 @@ pub(crate) async fn await_min_seq_on(
     headers: &HeaderMap,
     query: &QueryPairs,
 ) -> Result<(), ApiError> {
-    if let Some(seq) = min_seq(headers, query)? {
-        if seq > watch.current() {
-            // A sequence past the end of the log can never be reached:
-            // say so at once instead of waiting out the timeout.
-            let end = state.store.last_seq().await?;
-            if seq > end {
-                return Err(ApiError::BadRequest(format!(
-                    "min_seq {seq} is beyond the end of the log ({end})"
-                )));
+    let Some(seq) = min_seq(headers, query)? else {
+        return Ok(());
+    };
+    let wait = watch.wait_for(seq, state.http.min_seq_wait());
+    tokio::pin!(wait);
+    if seq > watch.current() {
+        // A sequence past the end of the log can never be reached: say so
+        // at once instead of waiting out the timeout. The end is asked for
+        // beside the wait, not before it: it is a round trip to NATS (tens
+        // of milliseconds on a busy server) that a wait over first need not
+        // pay.
+        tokio::select! {
+            biased;
+            reached = &mut wait => {
+                reached?;
+                return Ok(());
+            }
+            end = state.store.last_seq() => {
+                let end = end?;
+                if seq > end {
+                    return Err(ApiError::BadRequest(format!(
+                        "min_seq {seq} is beyond the end of the log ({end})"
+                    )));
+                }
             }
         }
-        watch.wait_for(seq, state.http.min_seq_wait()).await?;
     }
+    wait.await?;
     Ok(())
 }
 

@@ -297,6 +297,32 @@ impl TestApp {
             .expect("POST /agents")
     }
 
+    /// `POST /agents` of `body`, which must succeed (201): the new
+    /// agent's id and the event's sequence.
+    pub async fn create_agent_seq(&self, token: &str, body: Value) -> (String, u64) {
+        let r = self.create_agent(token, body).await;
+        assert_eq!(r.status(), 201, "create");
+        let seq = header_u64(&r, "x-event-seq");
+        let id = r.json::<Value>().await.expect("the created agent")["id"]
+            .as_str()
+            .expect("its id")
+            .to_owned();
+        (id, seq)
+    }
+
+    /// `PUT /agents/{id}` with `body`, which must succeed: the event's
+    /// sequence.
+    pub async fn update_agent(&self, token: &str, id: &str, body: Value) -> u64 {
+        let r = self
+            .request(Method::PUT, &format!("/api/v1/agents/{id}"), Some(token))
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT /agents/{id}");
+        assert_eq!(r.status(), 200, "update of {id}");
+        header_u64(&r, "x-event-seq")
+    }
+
     /// `POST /agents/bulk` of `agents`, which must succeed (201); the
     /// created ids, in order.
     pub async fn bulk_create(&self, token: &str, agents: Vec<Value>) -> Vec<String> {

@@ -267,3 +267,47 @@ async fn replay_builds_the_search_index_as_of_the_same_event() {
     .unwrap();
     assert_eq!(schema, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_with_search_makes_the_read_models_and_the_search_index_at_once() {
+    let sandbox = Sandbox::new().await;
+    let app = sandbox.start(Role::All).await;
+    let token = app.admin_token().await;
+    let names: Vec<_> = (0..20)
+        .map(|i| tests::agent_body(&format!("rebuilt agent {i}")))
+        .collect();
+    app.bulk_create(&token, names).await;
+    app.settled(&token).await;
+    let end = app.last_seq().await;
+    let dir = sandbox.fresh_search_dir();
+    let dir_text = dir.display().to_string();
+    let out = ymera(
+        Some(&sandbox),
+        &["rebuild", "--with-search"],
+        &[("YMERA_SEARCH_DIR", dir_text.as_str())],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains(&format!("rebuilt the read models from {end} events")),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        said.contains(&format!(
+            "rebuilt the search index in {dir_text} from events 1..={end}"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert!(dir.join("meta.json").exists(), "{}", text(&out));
+    // Both at once is one build of each, not another mode of either.
+    let out = ymera(
+        Some(&sandbox),
+        &["rebuild", "--with-search", "--search"],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}

@@ -436,3 +436,65 @@ async fn health_is_degraded_while_the_projector_lags() {
     projector.stop().await;
     writer.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_project_filter_of_analytics_finds_its_agents_through_an_index_of_named_projects_only()
+{
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let project = app
+        .request(Method::POST, "/api/v1/projects", Some(&token))
+        .json(&json!({"name": "indexed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(project.status(), 201);
+    let project: Value = project.json().await.unwrap();
+    let mut placed = agent_body("placed");
+    placed["project_id"] = project["id"].clone();
+    assert_eq!(app.create_agent(&token, placed).await.status(), 201);
+    assert_eq!(
+        app.create_agent(&token, agent_body("loose")).await.status(),
+        201
+    );
+    app.settled(&token).await;
+
+    let mut tx = app.deps.pool.begin().await.unwrap();
+    // With sequential scans priced out, the plan uses the index whenever
+    // its predicate admits the query (a parameter, as analytics binds it).
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "PREPARE by_project(uuid) AS SELECT aggregate_id FROM events \
+         WHERE aggregate_type = 'agent' AND data ->> 'project_id' = $1::text",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN EXECUTE by_project('{}')",
+        project["id"].as_str().unwrap()
+    )))
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter().any(|l| l.contains("events_agent_project")),
+        "{plan:#?}"
+    );
+    // The agent events that name no project have no entry.
+    let predicate: String = sqlx::query_scalar(
+        "SELECT pg_get_expr(indpred, indrelid) FROM pg_index \
+         WHERE indexrelid = 'events_agent_project'::regclass",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert!(predicate.contains("IS NOT NULL"), "{predicate}");
+}

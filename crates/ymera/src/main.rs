@@ -128,6 +128,12 @@ enum Command {
         /// rebuilds a missing or outdated index by itself.
         #[arg(long, conflicts_with = "force")]
         search: bool,
+        /// Rebuild the search index in --search-dir too (as --search does,
+        /// its query process stopped), at the same time as the read models:
+        /// the two builds share the machine instead of running one after
+        /// the other.
+        #[arg(long, conflicts_with = "search")]
+        with_search: bool,
         #[command(flatten)]
         search_dir: SearchConfig,
         #[command(flatten)]
@@ -336,15 +342,39 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rebuild {
-            force, nats, db, ..
+            force,
+            with_search,
+            search_dir,
+            nats,
+            db,
+            ..
         } => {
             let deps = ymera::connect(&nats, &db).await?;
             let (reporter, shown) = progress::show("rebuild");
-            let report =
-                projector::rebuild::rebuild(&deps.store, &db, &deps.pool, force, &reporter).await;
+            let started = std::time::Instant::now();
+            let search = async {
+                if !with_search {
+                    return Ok(None);
+                }
+                let dir = &search_dir.search_dir;
+                let checkpoint =
+                    query_api::search::index::rebuild_offline(dir, &deps.store).await?;
+                anyhow::Ok(Some((checkpoint, started.elapsed())))
+            };
+            let (report, search) = tokio::join!(
+                projector::rebuild::rebuild(&deps.store, &db, &deps.pool, force, &reporter),
+                search
+            );
             drop(reporter);
             shown.await?;
             let report = report?;
+            if let Some((checkpoint, took)) = search? {
+                println!(
+                    "rebuilt the search index in {} from events 1..={checkpoint} in {:.1}s",
+                    search_dir.search_dir.display(),
+                    took.as_secs_f64()
+                );
+            }
             println!(
                 "rebuilt the read models from {} events in {:.1}s and swapped them in",
                 report.events,

@@ -9,10 +9,12 @@
 use std::cmp::Ordering;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::{LazyLock, Mutex};
 
 use infra::http::ApiError;
 use tantivy::collector::{Collector, SegmentCollector};
 use tantivy::columnar::{Column, StrColumn};
+use tantivy::index::SegmentId;
 use tantivy::{DocAddress, DocId, Score, SegmentOrdinal, SegmentReader};
 
 use super::schema::{ID_HI, ID_LO, PROJECT_ID, STATUS, TAG, TAG_SEPARATOR, TYPE, id_of_halves};
@@ -93,6 +95,48 @@ impl Facet {
             _ => Some(raw),
         }
     }
+}
+
+/// Most segments whose id columns [`ID_COLUMNS`] keeps: a few times the
+/// disk segments of one searcher.
+const MAX_CACHED_SEGMENTS: usize = 64;
+/// Segments smaller than this open their columns each time: the search
+/// overlay's pieces are many, short-lived and cheap to open, and would
+/// only push the large disk segments out of the cache.
+const MIN_CACHED_DOCS: u32 = 10_000;
+
+/// A segment's id columns, high half first.
+type IdColumns = (Column<u64>, Column<u64>);
+
+/// The id columns of the segments searched lately: opening a column reads
+/// its whole block index, which cost a search more than collecting its
+/// page. A segment never changes, so its columns stay valid as long as it
+/// lives; when the cache is full it starts over, which also lets go of
+/// the files of segments merged away since.
+static ID_COLUMNS: LazyLock<Mutex<HashMap<SegmentId, IdColumns>>> = LazyLock::new(Mutex::default);
+
+/// `reader`'s id columns, high half first.
+fn id_columns(reader: &SegmentReader) -> tantivy::Result<IdColumns> {
+    let fast = reader.fast_fields();
+    if reader.max_doc() < MIN_CACHED_DOCS {
+        return Ok((fast.u64(ID_HI)?, fast.u64(ID_LO)?));
+    }
+    let segment = reader.segment_id();
+    let cached = ID_COLUMNS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&segment)
+        .cloned();
+    if let Some(columns) = cached {
+        return Ok(columns);
+    }
+    let columns = (fast.u64(ID_HI)?, fast.u64(ID_LO)?);
+    let mut cache = ID_COLUMNS.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() >= MAX_CACHED_SEGMENTS {
+        cache.clear();
+    }
+    cache.insert(segment, columns.clone());
+    Ok(columns)
 }
 
 /// Counts per facet, in the order asked: value → count.
@@ -187,12 +231,13 @@ impl Collector for PageCollector {
             let terms = column.as_ref().map_or(0, |c| c.num_terms());
             facets.push((f.clone(), column, vec![0; terms]));
         }
+        let (hi, lo) = id_columns(reader)?;
         Ok(PageSegment {
             segment,
             limit: self.limit,
             after: self.after,
-            hi: fast.u64(ID_HI)?,
-            lo: fast.u64(ID_LO)?,
+            hi,
+            lo,
             best: BinaryHeap::with_capacity(self.limit + 1),
             facets,
         })

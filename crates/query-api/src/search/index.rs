@@ -13,17 +13,28 @@
 //!   index and the first event.
 //! * **Batches, not events.** Events are applied in batches: everything
 //!   that is already waiting (up to [`MAX_BATCH`]), or what arrives within
-//!   [`MAX_DELAY`] of the first of a batch when the reader is caught up. A
-//!   commit and a reader reload per batch keep a create searchable within
-//!   tens of milliseconds under load without a commit per event.
+//!   [`MAX_DELAY`] of the first of a batch when the reader is caught up.
+//! * **Searchable before it is on disk.** Each batch goes into an in-memory
+//!   overlay ([`overlay`]), searchable at once, and to the disk writer,
+//!   which commits about every [`DISK_COMMIT_EVERY`] on a thread of its
+//!   own: a commit (a segment, a reload, merges) costs tens to hundreds of
+//!   milliseconds on a busy machine, too much to pay per batch. The
+//!   checkpoint searches wait for moves with the overlay; the one a
+//!   restart resumes from moves with the disk commits, and the overlay is
+//!   simply rebuilt from the log after it. A batch of [`CATCH_UP_BATCH`]
+//!   events or more (catching up: nobody waits on one write) skips the
+//!   overlay and is committed before it is searchable.
 //! * **Bounded memory.** One indexing thread with a heap of
-//!   [`WRITER_HEAP_BYTES`]; tantivy flushes a segment when it is full.
+//!   [`WRITER_HEAP_BYTES`] (tantivy flushes a segment when it is full),
+//!   and the overlay's bounds ([`overlay::MAX_DOCS`],
+//!   [`overlay::MAX_BYTES`], [`overlay::MAX_PIECES`]).
 
+mod overlay;
 mod unsynced;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -44,6 +55,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use self::overlay::Overlay;
+pub(crate) use self::overlay::View;
 use self::unsynced::UnsyncedDirectory;
 use super::schema::{Fields, SCHEMA_VERSION};
 
@@ -54,6 +67,13 @@ pub const WRITER_HEAP_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_BATCH: usize = 10_000;
 /// How long a batch waits for more events once the reader is caught up.
 pub const MAX_DELAY: Duration = Duration::from_millis(10);
+/// How often the disk index commits what the overlay holds (sooner when
+/// the overlay is full).
+pub const DISK_COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// The longest a shutdown waits for the last commit.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+/// A batch this large goes to disk directly (see the module doc).
+pub const CATCH_UP_BATCH: usize = 1_000;
 
 /// What every commit records besides its documents.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -80,11 +100,18 @@ fn current_boot() -> Option<String> {
 pub struct SearchIndex {
     pub(crate) fields: Fields,
     dir: PathBuf,
-    stream: String,
-    /// [`current_boot`], recorded in every commit.
-    boot: Option<String>,
-    reader: IndexReader,
-    writer: Mutex<IndexWriter>,
+    /// The disk index, for the schema and settings the overlay's pieces
+    /// copy.
+    index: Index,
+    /// The disk writer's thread: each batch's changes, and when to commit.
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    disk_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The disk writer's last commit, as it reports it.
+    disk: watch::Receiver<DiskCommit>,
+    /// The overlay, as the indexing loop keeps it.
+    overlay: Mutex<Overlay>,
+    /// What searches read, published after each batch.
+    view: RwLock<Arc<View>>,
     checkpoint: watch::Sender<u64>,
 }
 
@@ -94,6 +121,160 @@ impl std::fmt::Debug for SearchIndex {
             .field("dir", &self.dir)
             .field("checkpoint", &self.checkpoint())
             .finish_non_exhaustive()
+    }
+}
+
+/// What the indexing loop asks of the disk writer's thread.
+enum Job {
+    /// Delete each id's document and add its new one, if any, up to event
+    /// `last`; committed within [`DISK_COMMIT_EVERY`].
+    Apply {
+        ops: Vec<(tantivy::Term, Option<TantivyDocument>)>,
+        last: u64,
+    },
+    /// Commit what was applied now.
+    Commit,
+    /// Empty the index and commit it at checkpoint 0.
+    Reset,
+    /// Take jobs again after a failure (the ones sent before were dropped).
+    Resume,
+}
+
+/// The disk writer's report after each job that commits.
+#[derive(Clone)]
+struct DiskCommit {
+    /// Counts the reports, so a job's own can be waited for.
+    report: u64,
+    /// The checkpoint of the last commit.
+    seq: u64,
+    /// The disk index at that commit.
+    searcher: Searcher,
+    /// Why the last job failed: the writer went back to its last commit
+    /// and drops jobs until [`Job::Resume`].
+    error: Option<Arc<String>>,
+}
+
+/// The disk writer's thread: applies the batches it is sent, and commits
+/// them with their checkpoint as a payload about every
+/// [`DISK_COMMIT_EVERY`], or when asked.
+struct DiskWriter {
+    writer: IndexWriter,
+    reader: IndexReader,
+    stream: String,
+    /// [`current_boot`], recorded in every commit.
+    boot: Option<String>,
+    report: watch::Sender<DiskCommit>,
+}
+
+impl DiskWriter {
+    fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut committed = self.report.borrow().seq;
+        let mut applied = committed;
+        let mut last_commit = Instant::now();
+        let mut failed = false;
+        loop {
+            let job = if applied > committed {
+                let due =
+                    (last_commit + DISK_COMMIT_EVERY).saturating_duration_since(Instant::now());
+                match jobs.recv_timeout(due) {
+                    Ok(job) => Some(job),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match jobs.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => break,
+                }
+            };
+            let done = match job {
+                Some(Job::Resume) => {
+                    failed = false;
+                    Ok(())
+                }
+                _ if failed => continue,
+                Some(Job::Apply { ops, last }) => {
+                    let added = self.apply(ops);
+                    applied = last;
+                    match added {
+                        Ok(()) if last_commit.elapsed() < DISK_COMMIT_EVERY => continue,
+                        Ok(()) => self.commit(applied),
+                        Err(e) => Err(e),
+                    }
+                }
+                Some(Job::Commit) | None if applied == committed => Ok(()),
+                Some(Job::Commit) | None => self.commit(applied),
+                Some(Job::Reset) => {
+                    applied = 0;
+                    self.writer
+                        .delete_all_documents()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|_| self.commit(0))
+                }
+            };
+            let error = match done {
+                Ok(()) => {
+                    committed = applied;
+                    last_commit = Instant::now();
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "the search index's disk writer failed; going back to its last commit");
+                    if let Err(e) = self.writer.rollback() {
+                        tracing::warn!(error = %e, "rolling the search index's writer back failed");
+                    }
+                    applied = committed;
+                    failed = true;
+                    Some(Arc::new(format!("{e:#}")))
+                }
+            };
+            self.report.send_modify(|r| {
+                r.report += 1;
+                r.seq = committed;
+                r.searcher = self.reader.searcher();
+                r.error = error;
+            });
+        }
+        // The index is closing: what was applied is committed, so a
+        // restart resumes right after it.
+        if applied > committed
+            && !failed
+            && let Err(e) = self.commit(applied)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "the search index's last commit failed");
+        }
+        if let Err(e) = self.writer.wait_merging_threads() {
+            tracing::warn!(error = %e, "the search index's merges ended in error");
+        }
+    }
+
+    fn apply(&mut self, ops: Vec<(tantivy::Term, Option<TantivyDocument>)>) -> anyhow::Result<()> {
+        for (id, doc) in ops {
+            self.writer.delete_term(id);
+            if let Some(doc) = doc {
+                self.writer.add_document(doc)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits what the writer holds with checkpoint `last`, and reloads
+    /// the reader.
+    fn commit(&mut self, last: u64) -> anyhow::Result<()> {
+        let payload = serde_json::to_string(&Payload {
+            schema_version: SCHEMA_VERSION,
+            stream: self.stream.clone(),
+            checkpoint: last,
+            boot: self.boot.clone(),
+        })?;
+        let started = Instant::now();
+        let mut commit = self.writer.prepare_commit()?;
+        commit.set_payload(&payload);
+        commit.commit()?;
+        self.reader.reload()?;
+        infra::metrics::record_search_commit(last, started.elapsed());
+        Ok(())
     }
 }
 
@@ -131,17 +312,39 @@ impl SearchIndex {
         };
         Fields::register_tokenizers(&index);
         let writer = index.writer_with_num_threads(1, WRITER_HEAP_BYTES)?;
-        let reader = index
+        let reader: IndexReader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
+        let searcher = reader.searcher();
+        let (report, disk) = watch::channel(DiskCommit {
+            report: 0,
+            seq: checkpoint,
+            searcher: searcher.clone(),
+            error: None,
+        });
+        let (jobs, received) = std::sync::mpsc::channel();
+        let disk_writer = DiskWriter {
+            writer,
+            reader,
+            stream: stream.to_owned(),
+            boot,
+            report,
+        };
+        let disk_thread = std::thread::Builder::new()
+            .name("search-disk".into())
+            .spawn(move || disk_writer.run(received))?;
+        let overlay = Overlay::new(searcher, checkpoint);
+        let view = overlay.view(checkpoint);
         Ok(SearchIndex {
             fields,
             dir: dir.to_owned(),
-            stream: stream.to_owned(),
-            boot,
-            reader,
-            writer: Mutex::new(writer),
+            index,
+            jobs: Mutex::new(Some(jobs)),
+            disk_thread: Mutex::new(Some(disk_thread)),
+            disk,
+            overlay: Mutex::new(overlay),
+            view: RwLock::new(Arc::new(view)),
             checkpoint: watch::channel(checkpoint).0,
         })
     }
@@ -189,12 +392,19 @@ impl SearchIndex {
         ProjectionWatch::following(self.checkpoint.subscribe())
     }
 
-    /// The checkpoint, and a searcher that reflects at least it.
-    pub(crate) fn searcher(&self) -> (u64, Searcher) {
-        // The checkpoint moves only after the reader reloads, so reading
-        // it first never reports more than the searcher holds.
-        let seq = self.checkpoint();
-        (seq, self.reader.searcher())
+    /// What searches read now: the disk index and the overlay, at a
+    /// checkpoint at least the one [`SearchIndex::checkpoint`] reported
+    /// before.
+    pub(crate) fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Makes `overlay` what searches read, at event `seq`.
+    fn publish(&self, overlay: &Overlay, seq: u64) {
+        let view = Arc::new(overlay.view(seq));
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
+        // After the view: a search that waited for `seq` reads it.
+        self.checkpoint.send_replace(seq);
     }
 
     /// Follows the log from the checkpoint on until `shutdown`, reading it
@@ -203,7 +413,18 @@ impl SearchIndex {
         let mut backoff = Duration::from_millis(100);
         loop {
             let followed = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    // What the overlay holds goes to disk, so a restart
+                    // resumes from where this process stopped.
+                    let last = self.checkpoint();
+                    let committed = |r: &DiskCommit| r.seq >= last || r.error.is_some();
+                    let flushed =
+                        tokio::time::timeout(SHUTDOWN_FLUSH, self.disk_job(Job::Commit, committed));
+                    if !matches!(flushed.await, Ok(Ok(_))) {
+                        tracing::warn!("the search index's last commit did not complete; a restart reads the log from the one before");
+                    }
+                    return;
+                }
                 r = self.follow(&store, None) => r,
             };
             match followed {
@@ -221,13 +442,16 @@ impl SearchIndex {
     }
 
     /// Applies the log from the checkpoint on, in batches, until the read
-    /// ends, or until `until` is applied. Cancel-safe between batches (a
-    /// batch is committed or not at all).
+    /// ends, or until `until` is applied and committed to disk.
+    /// Cancel-safe between batches.
     pub async fn follow(
         self: &Arc<Self>,
         store: &EventStore,
         until: Option<u64>,
     ) -> anyhow::Result<()> {
+        if self.disk.borrow().error.is_some() {
+            self.recover().await?;
+        }
         let last = store.last_seq().await?;
         if self.checkpoint() > last {
             tracing::warn!(
@@ -235,10 +459,10 @@ impl SearchIndex {
                 last,
                 "the search index is ahead of the log (was the log reset?); rebuilding it"
             );
-            self.reset()?;
+            self.reset().await?;
         }
         if until.is_some_and(|u| self.checkpoint() >= u) {
-            return Ok(());
+            return self.settle(self.checkpoint()).await;
         }
         let mut reader = store.read_log(self.checkpoint() + 1).await?;
         loop {
@@ -260,33 +484,67 @@ impl SearchIndex {
                 }
             }
             let done = until.is_some_and(|u| batch.last().is_some_and(|m| m.seq >= u));
-            self.apply(batch).await?;
+            self.apply(batch, done).await?;
             if done {
                 return Ok(());
             }
         }
     }
 
-    /// Applies a batch and commits it with its checkpoint, off the async
-    /// threads.
-    async fn apply(self: &Arc<Self>, batch: Vec<StoredMessage>) -> anyhow::Result<()> {
+    /// Applies a batch: into the overlay, searchable at once, and to the
+    /// disk writer, which commits it within [`DISK_COMMIT_EVERY`]. A batch
+    /// of [`CATCH_UP_BATCH`] events or more (the index is catching up, no
+    /// write is waiting on it), or one to `settle`, goes to disk only and
+    /// is committed before it is searchable, as is everything before it.
+    async fn apply(
+        self: &Arc<Self>,
+        batch: Vec<StoredMessage>,
+        settle: bool,
+    ) -> anyhow::Result<()> {
         let started = Instant::now();
         let Some(last) = batch.last().map(|m| m.seq) else {
             return Ok(());
         };
         let events = batch.len();
+        let direct = settle || events >= CATCH_UP_BATCH;
         let this = self.clone();
-        let docs = tokio::task::spawn_blocking(move || this.apply_blocking(&batch, last)).await??;
+        let (docs, full) =
+            tokio::task::spawn_blocking(move || this.apply_blocking(&batch, last, direct))
+                .await??;
+        if direct || full {
+            self.settle(last).await?;
+        }
         infra::metrics::record_search_batch(events as u64, last, started.elapsed());
-        self.checkpoint.send_replace(last);
-        tracing::debug!(events, docs, checkpoint = last, "search index committed");
+        tracing::debug!(
+            events,
+            docs,
+            checkpoint = last,
+            "search index applied a batch"
+        );
         Ok(())
     }
 
-    fn apply_blocking(&self, batch: &[StoredMessage], last: u64) -> anyhow::Result<usize> {
-        let searcher = self.reader.searcher();
+    /// Returns the number of agents the batch touched, and whether the
+    /// overlay is full.
+    fn apply_blocking(
+        &self,
+        batch: &[StoredMessage],
+        last: u64,
+        direct: bool,
+    ) -> anyhow::Result<(usize, bool)> {
+        let mut overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
+        // A disk commit since the last batch: the overlay drops what it
+        // covers.
+        let disk = self.disk.borrow().clone();
+        if let Some(e) = &disk.error {
+            anyhow::bail!("the search index's disk writer failed: {e}");
+        }
+        if disk.seq > overlay.disk_seq {
+            overlay.committed(&self.fields, disk.searcher, disk.seq)?;
+        }
         // Each agent the batch touches, as it stands after the batch
-        // (`None`: deleted). Updates fold onto this, then onto the index.
+        // (`None`: deleted). Updates fold onto this, then onto the overlay
+        // or the disk index.
         let mut touched: HashMap<Uuid, Option<AgentView>> = HashMap::new();
         for m in batch {
             let Some((env, event)) = agent_event(m) else {
@@ -301,7 +559,7 @@ impl SearchIndex {
                 AgentEvent::Updated(changes) => {
                     let current = match touched.remove(&id) {
                         Some(current) => current,
-                        None => self.stored(&searcher, id)?,
+                        None => overlay.lookup(id, |s, id| self.stored(s, id))?,
                     };
                     let Some(mut view) = current else {
                         tracing::warn!(seq = m.seq, %id, "an update of an agent the index does not have");
@@ -315,44 +573,91 @@ impl SearchIndex {
                 }
             }
         }
-        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let docs = touched.len();
-        for (id, view) in touched {
-            writer.delete_term(self.fields.id_term(id));
-            if let Some(view) = view {
-                writer.add_document(self.fields.document(&view))?;
-            }
+        if !direct {
+            overlay.add(&self.fields, &self.index, last, &touched)?;
+            self.publish(&overlay, last);
         }
-        self.commit(&mut writer, last)?;
-        Ok(docs)
+        let docs = touched.len();
+        let ops = touched
+            .into_iter()
+            .map(|(id, view)| {
+                let doc = view.map(|v| self.fields.document(&v));
+                (self.fields.id_term(id), doc)
+            })
+            .collect();
+        self.send(Job::Apply { ops, last })?;
+        Ok((docs, overlay.is_full()))
     }
 
-    /// Commits what the writer holds with checkpoint `last`, and makes it
-    /// searchable.
-    fn commit(&self, writer: &mut IndexWriter, last: u64) -> anyhow::Result<()> {
-        let payload = serde_json::to_string(&Payload {
-            schema_version: SCHEMA_VERSION,
-            stream: self.stream.clone(),
-            checkpoint: last,
-            boot: self.boot.clone(),
-        })?;
-        let mut commit = writer.prepare_commit()?;
-        commit.set_payload(&payload);
-        commit.commit()?;
-        self.reader.reload()?;
+    fn send(&self, job: Job) -> anyhow::Result<()> {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.as_ref()
+            .context("the search index is closed")?
+            .send(job)
+            .ok()
+            .context("the search index's disk writer stopped")
+    }
+
+    /// Sends `job` and waits for the disk writer's first report after it
+    /// that is `done` (a report of a job sent before may come first).
+    async fn disk_job(
+        &self,
+        job: Job,
+        done: impl Fn(&DiskCommit) -> bool,
+    ) -> anyhow::Result<DiskCommit> {
+        let mut disk = self.disk.clone();
+        let before = disk.borrow_and_update().report;
+        self.send(job)?;
+        let report = disk
+            .wait_for(|r| r.report > before && done(r))
+            .await
+            .ok()
+            .context("the search index's disk writer stopped")?
+            .clone();
+        Ok(report)
+    }
+
+    /// Commits to disk everything up to event `last` (and all applied
+    /// before), then empties the overlay of it and makes it searchable.
+    async fn settle(&self, last: u64) -> anyhow::Result<()> {
+        let committed = |r: &DiskCommit| r.seq >= last || r.error.is_some();
+        let report = self.disk_job(Job::Commit, committed).await?;
+        if let Some(e) = &report.error {
+            anyhow::bail!("the search index's disk writer failed: {e}");
+        }
+        let mut overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
+        if report.seq > overlay.disk_seq {
+            overlay.committed(&self.fields, report.searcher, report.seq)?;
+        }
+        self.publish(&overlay, last.max(self.checkpoint()));
+        Ok(())
+    }
+
+    /// After the disk writer failed: it went back to its last commit, so
+    /// the overlay starts over from there, and so does the reading.
+    async fn recover(&self) -> anyhow::Result<()> {
+        // A failed writer reports nothing before it resumes.
+        let report = self.disk_job(Job::Resume, |_| true).await?;
+        let overlay = Overlay::new(report.searcher, report.seq);
+        self.publish(&overlay, report.seq);
+        *self.overlay.lock().unwrap_or_else(|p| p.into_inner()) = overlay;
         Ok(())
     }
 
     /// Empties the index, at checkpoint 0.
-    fn reset(&self) -> anyhow::Result<()> {
-        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        writer.delete_all_documents()?;
-        self.commit(&mut writer, 0)?;
-        self.checkpoint.send_replace(0);
+    async fn reset(&self) -> anyhow::Result<()> {
+        let emptied = |r: &DiskCommit| r.seq == 0 || r.error.is_some();
+        let report = self.disk_job(Job::Reset, emptied).await?;
+        if let Some(e) = &report.error {
+            anyhow::bail!("emptying the search index failed: {e}");
+        }
+        let overlay = Overlay::new(report.searcher, 0);
+        self.publish(&overlay, 0);
+        *self.overlay.lock().unwrap_or_else(|p| p.into_inner()) = overlay;
         Ok(())
     }
 
-    /// The agent `id` as the committed index holds it.
+    /// The agent `id` as the committed disk index holds it.
     fn stored(&self, searcher: &Searcher, id: Uuid) -> anyhow::Result<Option<AgentView>> {
         let query = TermQuery::new(self.fields.id_term(id), IndexRecordOption::Basic);
         let Some((_, address)) = searcher
@@ -362,16 +667,20 @@ impl SearchIndex {
         else {
             return Ok(None);
         };
-        self.agent(searcher, address).map(Some)
+        let doc: TantivyDocument = searcher.doc(address)?;
+        self.agent_of(&doc).map(Some)
     }
 
-    /// The stored agent of a document.
+    /// The stored agent of a document of `view`.
     pub(crate) fn agent(
         &self,
-        searcher: &Searcher,
+        view: &View,
         address: tantivy::DocAddress,
     ) -> anyhow::Result<AgentView> {
-        let doc: TantivyDocument = searcher.doc(address)?;
+        self.agent_of(&view.doc(address)?)
+    }
+
+    fn agent_of(&self, doc: &TantivyDocument) -> anyhow::Result<AgentView> {
         let bytes = doc
             .get_first(self.fields.agent)
             .and_then(|v| v.as_bytes())
@@ -379,13 +688,31 @@ impl SearchIndex {
         Ok(serde_json::from_slice(bytes)?)
     }
 
-    /// Waits for the tantivy threads (merges) to finish, so the directory
-    /// can be moved.
+    /// Stops the disk writer, once it has committed what it was sent, and
+    /// waits for its merges to finish, so the directory can be moved.
     fn close(self: Arc<Self>) -> anyhow::Result<()> {
         let this = Arc::into_inner(self).context("the search index is still in use")?;
-        let writer = this.writer.into_inner().unwrap_or_else(|p| p.into_inner());
-        writer.wait_merging_threads()?;
+        drop(this);
         Ok(())
+    }
+}
+
+impl Drop for SearchIndex {
+    /// Closes the disk writer: its last commit, its merges, and the
+    /// directory's lock released before this returns, so the directory
+    /// can be opened again at once.
+    fn drop(&mut self) {
+        drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self
+            .disk_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::warn!("the search index's disk writer panicked");
+        }
     }
 }
 

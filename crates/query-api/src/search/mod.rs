@@ -181,8 +181,13 @@ impl Search {
 
 /// One page of `search` from `index`, and the checkpoint it reflects.
 pub fn run(index: &SearchIndex, search: &Search) -> anyhow::Result<(u64, SearchPage)> {
-    let (seq, searcher) = index.searcher();
-    let plan = query::Plan::new(&index.fields, &search.words, &search.filters, &searcher)?;
+    let view = index.view();
+    let plan = query::Plan::new(
+        &index.fields,
+        &search.words,
+        &search.filters,
+        view.searcher(),
+    )?;
     let limit = usize::try_from(search.limit).unwrap_or(0);
     let collector = PageCollector {
         // One more than the page: it only says there is a next page.
@@ -192,20 +197,20 @@ pub fn run(index: &SearchIndex, search: &Search) -> anyhow::Result<(u64, SearchP
         facets: search.facets.clone(),
     };
     // An index made before documents were kept in id order is read whole.
-    let sorted = schema::sorted_by_id(searcher.index());
+    let sorted = schema::sorted_by_id(view.searcher().index());
     let mut fruits = Vec::new();
-    for (ord, reader) in searcher.segment_readers().iter().enumerate() {
+    // The disk index's segments, then the overlay's (see [`index`]).
+    for (ord, (reader, alive)) in view.segments().enumerate() {
         let Some(mut matches) = plan.segment(reader)? else {
             continue;
         };
         let mut segment = collector.for_segment(ord as SegmentOrdinal, reader)?;
-        let alive = reader.alive_bitset();
         let mut doc = matches.doc();
         while doc != TERMINATED {
             if sorted && segment.is_closed(matches.bound, doc) {
                 break;
             }
-            if alive.is_none_or(|a| a.is_alive(doc)) {
+            if alive.is_alive(doc) {
                 segment.collect(doc, matches.score());
             }
             doc = matches.advance();
@@ -216,7 +221,7 @@ pub fn run(index: &SearchIndex, search: &Search) -> anyhow::Result<(u64, SearchP
     let mut items = Vec::with_capacity(found.hits.len().min(limit));
     for hit in found.hits.iter().take(limit) {
         items.push(SearchHit {
-            agent: index.agent(&searcher, hit.address)?,
+            agent: index.agent(&view, hit.address)?,
             score: f64::from(hit.score),
         });
     }
@@ -232,7 +237,7 @@ pub fn run(index: &SearchIndex, search: &Search) -> anyhow::Result<(u64, SearchP
         });
     let facets = (!search.facets.is_empty()).then(|| facets::counts(&search.facets, found.facets));
     Ok((
-        seq,
+        view.seq,
         SearchPage {
             items,
             next_cursor,

@@ -38,18 +38,27 @@
 //! its documents in descending id order (see [`super::schema`]), so once a
 //! page is full of hits worth that bound, no later document can enter it
 //! and the segment stops there (see [`super::facets::PageSegment`]).
+//!
+//! Proximity is read for the documents that are scored, not searched for
+//! ahead: a phrase is only checked on a document that matches every word.
+//! For two words, the `near` term of the pair (see [`super::schema`]) says
+//! first which documents of a field can hold them near each other, so a
+//! pair that never stands near adds nothing to the bound, and the page
+//! closes early, without reading the positions of every document that
+//! holds both words.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use tantivy::postings::SegmentPostings;
 use tantivy::query::{
     AutomatonWeight, ConstScorer, DfaWrapper, EnableScoring, FuzzyTermQuery, PhraseQuery, Query,
     Scorer, Weight,
 };
 use tantivy::schema::IndexRecordOption;
-use tantivy::{DocId, DocSet, Score, Searcher, SegmentReader, TERMINATED, Term};
+use tantivy::{DocId, DocSet, Score, Searcher, SeekDangerResult, SegmentReader, TERMINATED, Term};
 
-use super::schema::{Fields, tag_term};
+use super::schema::{Fields, near_term, pairs_near, tag_term};
 use crate::filters::Filters;
 
 /// What a multi-word query gains when its words stand near each other.
@@ -126,12 +135,21 @@ struct WordPlan {
     classes: Vec<(Class, f32)>,
 }
 
+/// The words of a multi-word query near each other in one field.
+struct NearPlan {
+    /// The phrase of the query's words, with [`PROXIMITY_SLOP`].
+    phrase: Box<dyn Weight>,
+    /// For two different words (neither a number): their `near` term, which
+    /// every document where the phrase matches holds.
+    pair: Option<Term>,
+}
+
 /// A search, ready to run on each segment of one searcher.
 pub struct Plan {
     fields: Fields,
     words: Vec<WordPlan>,
-    /// The words near each other, one phrase per field (multi-word only).
-    near: Vec<Box<dyn Weight>>,
+    /// One per field (multi-word only).
+    near: Vec<NearPlan>,
     filters: Vec<Term>,
 }
 
@@ -170,14 +188,23 @@ impl Plan {
         }
         let mut near = Vec::new();
         if words.len() > 1 {
-            for f in &fields.text {
+            for (ordinal, f) in fields.text.iter().enumerate() {
                 let terms = words
                     .iter()
                     .map(|w| Term::from_field_text(f.field, w))
                     .collect();
                 let mut phrase = PhraseQuery::new(terms);
                 phrase.set_slop(PROXIMITY_SLOP);
-                near.push(phrase.weight(EnableScoring::enabled_from_searcher(searcher))?);
+                let pair = match words {
+                    [a, b] if a != b && pairs_near(a) && pairs_near(b) => Some(
+                        Term::from_field_text(fields.near, &near_term(ordinal, a, b)),
+                    ),
+                    _ => None,
+                };
+                near.push(NearPlan {
+                    phrase: phrase.weight(EnableScoring::enabled_from_searcher(searcher))?,
+                    pair,
+                });
             }
         }
         Ok(Plan {
@@ -212,14 +239,12 @@ impl Plan {
             required.push(Box::new(union));
         }
         let mut near = Vec::new();
-        for weight in &self.near {
-            let scorer = weight.scorer(reader, 1.0)?;
-            if scorer.doc() != TERMINATED {
-                near.push(Box::new(ConstScorer::new(scorer, PROXIMITY)) as Box<dyn Scorer>);
+        for plan in &self.near {
+            if let Some(field) = NearField::new(reader, plan)? {
+                near.push(field);
             }
         }
-        let near = (!near.is_empty()).then(|| MaxUnion::new(near));
-        if near.is_some() {
+        if !near.is_empty() {
             bound += PROXIMITY;
         }
         Ok(Some(SegmentMatches::new(required, near, bound)))
@@ -347,13 +372,106 @@ impl Scorer for MaxUnion {
     }
 }
 
+/// Whether the words of a query stand near each other in one field of the
+/// documents of a segment, asked of documents in increasing order.
+enum NearField {
+    /// Without a `near` term: the phrase's matches, found ahead (a scan of
+    /// the documents holding every word, reading their positions).
+    Phrase(Box<dyn Scorer>),
+    /// With one: the documents holding the `near` term, where the phrase is
+    /// checked when asked.
+    Paired {
+        /// Boxed: a segment's postings reader is large, and a query holds
+        /// one of these per field.
+        candidates: Box<SegmentPostings>,
+        phrase: Box<dyn Scorer>,
+        /// No document below this one matches the phrase, except the one
+        /// `found` at creation.
+        floor: DocId,
+        found: Option<DocId>,
+    },
+}
+
+impl NearField {
+    /// `None` when no document of the segment can match.
+    fn new(reader: &SegmentReader, plan: &NearPlan) -> tantivy::Result<Option<NearField>> {
+        let Some(pair) = &plan.pair else {
+            let scorer = plan.phrase.scorer(reader, 1.0)?;
+            return Ok((scorer.doc() != TERMINATED).then_some(NearField::Phrase(scorer)));
+        };
+        let Some(candidates) = reader
+            .inverted_index(pair.field())?
+            .read_postings(pair, IndexRecordOption::Basic)?
+        else {
+            return Ok(None);
+        };
+        let first = candidates.doc();
+        if first == TERMINATED {
+            return Ok(None);
+        }
+        // Placed at the first candidate without scanning ahead: from here on
+        // the phrase is only asked about candidates, in increasing order.
+        let (at_first, phrase) = plan.phrase.scorer_danger(reader, first, 1.0)?;
+        let (floor, found) = match at_first {
+            SeekDangerResult::Found => (first + 1, Some(first)),
+            SeekDangerResult::SeekLowerBound(lower) => (lower, None),
+        };
+        Ok(Some(NearField::Paired {
+            candidates: Box::new(candidates),
+            phrase,
+            floor,
+            found,
+        }))
+    }
+
+    /// Whether the words stand near each other in `doc`, which is above
+    /// every document asked before.
+    fn holds(&mut self, doc: DocId) -> bool {
+        match self {
+            NearField::Phrase(scorer) => scorer.doc() <= doc && scorer.seek(doc) == doc,
+            NearField::Paired {
+                candidates,
+                phrase,
+                floor,
+                found,
+            } => {
+                if candidates.doc() < doc {
+                    candidates.seek(doc);
+                }
+                if candidates.doc() != doc {
+                    return false;
+                }
+                if *found == Some(doc) {
+                    return true;
+                }
+                if doc < *floor {
+                    return false;
+                }
+                // A phrase scorer left where a document was not found takes
+                // only `seek_danger`, to strictly increasing targets.
+                match phrase.seek_danger(doc) {
+                    SeekDangerResult::Found => {
+                        *floor = doc + 1;
+                        true
+                    }
+                    SeekDangerResult::SeekLowerBound(lower) => {
+                        *floor = lower;
+                        false
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A query's matches in one segment, in document order: the documents of
 /// every required scorer (words and filters), scored by their sum, plus
 /// [`PROXIMITY`] when the words stand near each other.
 pub struct SegmentMatches {
     /// Rarest first, so the leapfrog proposes as few candidates as it can.
     required: Vec<Box<dyn Scorer>>,
-    near: Option<MaxUnion>,
+    /// One per field that can hold the words near each other.
+    near: Vec<NearField>,
     doc: DocId,
     /// The best score a document of this segment could have.
     pub bound: Score,
@@ -362,7 +480,7 @@ pub struct SegmentMatches {
 impl SegmentMatches {
     fn new(
         mut required: Vec<Box<dyn Scorer>>,
-        near: Option<MaxUnion>,
+        near: Vec<NearField>,
         bound: Score,
     ) -> SegmentMatches {
         required.sort_by_key(|s| s.size_hint());
@@ -419,11 +537,8 @@ impl SegmentMatches {
     pub fn score(&mut self) -> Score {
         let doc = self.doc;
         let mut score: Score = self.required.iter_mut().map(|s| s.score()).sum();
-        if let Some(near) = &mut self.near
-            && near.doc() <= doc
-            && near.seek(doc) == doc
-        {
-            score += near.score();
+        if self.near.iter_mut().any(|field| field.holds(doc)) {
+            score += PROXIMITY;
         }
         score
     }

@@ -14,6 +14,11 @@
 //! the API shows it is stored whole, as JSON: a hit needs no other read,
 //! and an update folds onto it.
 //!
+//! Words that stand near each other in a field are also indexed as one
+//! `near` term per pair ([`near_term`]), so a two-word query learns from
+//! one term lookup whether (and where) its words can stand near each
+//! other, instead of reading the positions of every document holding both.
+//!
 //! Every segment keeps its documents in descending id order ([`settings`]):
 //! among equal scores the best hits come first, so a query can stop a
 //! segment as soon as its page is full of the best scores it can reach.
@@ -22,13 +27,15 @@ use infra::views::AgentView;
 use tantivy::schema::{
     FAST, Field, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing, TextOptions,
 };
-use tantivy::tokenizer::{LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer};
+use tantivy::tokenizer::{
+    LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer, TokenStream,
+};
 use tantivy::{Index, IndexSettings, IndexSortByField, Order, TantivyDocument};
 use uuid::Uuid;
 
 /// Raised whenever the schema or the analysis changes: an index written
 /// under another version is rebuilt from the log.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The analyser of every searched field.
 pub const WORDS: &str = "words";
@@ -38,6 +45,12 @@ const LONGEST_WORD: usize = 64;
 
 /// Separates a tag's key from its value in the `tag` filter term.
 pub const TAG_SEPARATOR: char = '\u{1f}';
+
+/// How many positions apart two words of a field may stand and still make
+/// a `near` term: one more than the proximity slop, as a two-word phrase
+/// with slop `s` accepts the second word from one position before the
+/// first to `s + 1` positions after it.
+pub const NEAR_WINDOW: u32 = super::query::PROXIMITY_SLOP + 1;
 
 /// A searched text field and its rank among the fields: a match in a
 /// higher one ranks first (name > type and capabilities > tags >
@@ -62,6 +75,8 @@ pub struct Fields {
     pub agent_type: Field,
     pub project_id: Field,
     pub tag: Field,
+    /// Pairs of words near each other in one text field ([`near_term`]).
+    pub near: Field,
     pub agent: Field,
 }
 
@@ -94,6 +109,7 @@ impl Fields {
         let agent_type = b.add_text_field(TYPE, STRING | FAST);
         let project_id = b.add_text_field(PROJECT_ID, STRING | FAST);
         let tag = b.add_text_field(TAG, STRING | FAST);
+        let near = b.add_text_field("near", STRING);
         let agent = b.add_bytes_field("agent", STORED);
         let schema = b.build();
         let text = |field, weight| TextField { field, weight };
@@ -113,6 +129,7 @@ impl Fields {
             agent_type,
             project_id,
             tag,
+            near,
             agent,
             schema,
         }
@@ -120,13 +137,7 @@ impl Fields {
 
     /// Registers the analyser the schema names on `index`.
     pub fn register_tokenizers(index: &Index) {
-        index.tokenizers().register(
-            WORDS,
-            TextAnalyzer::builder(SimpleTokenizer::default())
-                .filter(RemoveLongFilter::limit(LONGEST_WORD))
-                .filter(LowerCaser)
-                .build(),
-        );
+        index.tokenizers().register(WORDS, words_analyzer());
     }
 
     /// The term that names agent `id`'s document.
@@ -138,16 +149,33 @@ impl Fields {
     pub fn document(&self, agent: &AgentView) -> TantivyDocument {
         let [name, agent_type, capabilities, tags, description] = self.text.map(|t| t.field);
         let mut doc = TantivyDocument::new();
-        doc.add_text(name, &agent.name);
-        doc.add_text(agent_type, &agent.agent_type);
-        for c in &agent.capabilities {
-            doc.add_text(capabilities, c);
+        let tag_texts: Vec<String> = agent.tags.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let mut analyzer = words_analyzer();
+        let mut pairs = Vec::new();
+        let values: [(Field, Vec<&str>); 5] = [
+            (name, vec![agent.name.as_str()]),
+            (agent_type, vec![agent.agent_type.as_str()]),
+            (
+                capabilities,
+                agent.capabilities.iter().map(String::as_str).collect(),
+            ),
+            (tags, tag_texts.iter().map(String::as_str).collect()),
+            (description, vec![agent.description.as_str()]),
+        ];
+        for (ordinal, (field, texts)) in values.iter().enumerate() {
+            for text in texts {
+                doc.add_text(*field, text);
+            }
+            near_pairs(&mut analyzer, ordinal, texts, &mut pairs);
+        }
+        pairs.sort_unstable();
+        pairs.dedup();
+        for pair in &pairs {
+            doc.add_text(self.near, pair);
         }
         for (k, v) in &agent.tags {
-            doc.add_text(tags, format!("{k} {v}"));
             doc.add_text(self.tag, tag_term(k, v));
         }
-        doc.add_text(description, &agent.description);
         doc.add_text(self.id, agent.id.to_string());
         let (hi, lo) = id_halves(agent.id);
         doc.add_u64(self.id_hi, hi);
@@ -166,6 +194,59 @@ impl Fields {
 impl Default for Fields {
     fn default() -> Self {
         Fields::new()
+    }
+}
+
+/// The analyser of the searched fields: runs of letters and digits,
+/// lowercased, words over [`LONGEST_WORD`] bytes left out.
+fn words_analyzer() -> TextAnalyzer {
+    TextAnalyzer::builder(SimpleTokenizer::default())
+        .filter(RemoveLongFilter::limit(LONGEST_WORD))
+        .filter(LowerCaser)
+        .build()
+}
+
+/// Whether a word takes part in `near` terms: not a number. Numbers are
+/// left out because nearly every one is unique (an agent's own number
+/// beside each word of its name would double the term dictionary), and a
+/// rare word's phrase is cheap to check from its positions anyway.
+pub fn pairs_near(word: &str) -> bool {
+    !word.chars().all(|c| c.is_ascii_digit())
+}
+
+/// The `near` term of two different words standing at most
+/// [`NEAR_WINDOW`] positions apart, in either order, in the text field of
+/// `ordinal` (its place in [`Fields::text`]).
+pub fn near_term(ordinal: usize, a: &str, b: &str) -> String {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    format!("{ordinal}{TAG_SEPARATOR}{first}{TAG_SEPARATOR}{second}")
+}
+
+/// Adds to `out` the `near` terms of one text field's values, with the
+/// positions tantivy gives their words: each value starts one position
+/// after the end of the one before.
+fn near_pairs(analyzer: &mut TextAnalyzer, ordinal: usize, texts: &[&str], out: &mut Vec<String>) {
+    let mut words: Vec<(u32, String)> = Vec::new();
+    let mut start = 0;
+    for text in texts {
+        let mut end = start;
+        let mut stream = analyzer.token_stream(text);
+        while let Some(token) = stream.next() {
+            let position = start + token.position as u32;
+            end = end.max(position + 1);
+            words.push((position, token.text.clone()));
+        }
+        start = end + 1;
+    }
+    for (i, (at, a)) in words.iter().enumerate() {
+        for (to, b) in &words[i + 1..] {
+            if to - at > NEAR_WINDOW {
+                break;
+            }
+            if a != b && pairs_near(a) && pairs_near(b) {
+                out.push(near_term(ordinal, a, b));
+            }
+        }
     }
 }
 
