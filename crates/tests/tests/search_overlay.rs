@@ -69,7 +69,7 @@ async fn each_write_is_searchable_at_its_sequence_under_a_steady_write_load() {
 async fn a_newer_version_in_memory_hides_the_one_on_disk_in_hits_and_facets() {
     let app = TestApp::spawn().await;
     let token = app.admin_token().await;
-    // The disk commits about once a second: a round whose search ran
+    // The disk commits about every 250 ms: a round whose search ran
     // before the commit of its changes shows the overlay at work; one in
     // five such rounds is plenty.
     for round in 0..5 {

@@ -38,11 +38,13 @@ pub const MAX_DOCS: usize = 50_000;
 /// Most bytes the overlay's pieces take.
 pub const MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Most pieces (batches) the overlay holds: each is a segment every search
-/// visits.
-pub const MAX_PIECES: usize = 200;
+/// visits, so they are kept few (see `DISK_COMMIT_EVERY`).
+pub const MAX_PIECES: usize = 64;
 /// The arena of the writer of one piece (it grows as needed; this is the
 /// point at which a piece would be split, which a batch never reaches).
-const PIECE_HEAP_BYTES: usize = 256 * 1024 * 1024;
+/// tantivy sizes a writer's term table from it, and allocates and zeroes
+/// that table for every piece, so it is kept small.
+const PIECE_HEAP_BYTES: usize = 16 * 1024 * 1024;
 
 /// Per segment, the documents a newer version replaces or deletes.
 type Skips = Vec<Option<Arc<BitSet>>>;
