@@ -292,6 +292,15 @@ pub fn record_search_commit(checkpoint: u64, elapsed: Duration) {
     metrics::gauge!("ymera_search_disk_checkpoint").set(checkpoint as f64);
 }
 
+/// What a search visits now: the disk index's segments, and the pieces of
+/// the in-memory overlay (each a segment too). Every search walks each
+/// one's term dictionaries, so the sum is what its cost grows with.
+pub fn record_search_segments(disk: usize, memory: usize) {
+    install();
+    metrics::gauge!("ymera_search_segments", "kind" => "disk").set(disk as f64);
+    metrics::gauge!("ymera_search_segments", "kind" => "memory").set(memory as f64);
+}
+
 /// The number of open live-feed connections.
 pub fn live_connections() -> i64 {
     install().live.load(Ordering::Relaxed)

@@ -53,6 +53,7 @@ use infra::views::AgentView;
 use serde::{Deserialize, Serialize};
 use tantivy::collector::TopDocs;
 use tantivy::index::SegmentComponent;
+use tantivy::merge_policy::LogMergePolicy;
 use tantivy::query::TermQuery;
 use tantivy::schema::{IndexRecordOption, Value};
 use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument};
@@ -102,6 +103,20 @@ struct Payload {
     #[serde(default)]
     boot: Option<String>,
 }
+
+/// How the disk index merges its segments: tantivy's log-sized levels,
+/// merged once four segments share one (its default waits for eight).
+/// Every search walks each segment's term dictionaries, so their number is
+/// what a query's cost grows with: a million agents built from the log
+/// stood in 9 segments under the default.
+fn merge_policy() -> LogMergePolicy {
+    let mut policy = LogMergePolicy::default();
+    policy.set_min_num_segments(MERGE_AT_SEGMENTS);
+    policy
+}
+
+/// See [`merge_policy`].
+const MERGE_AT_SEGMENTS: usize = 4;
 
 /// This boot of the machine, where the OS names it.
 fn current_boot() -> Option<String> {
@@ -326,6 +341,7 @@ impl SearchIndex {
         };
         Fields::register_tokenizers(&index);
         let writer = index.writer_with_num_threads(1, WRITER_HEAP_BYTES)?;
+        writer.set_merge_policy(Box::new(merge_policy()));
         let reader: IndexReader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -416,6 +432,8 @@ impl SearchIndex {
     /// Makes `overlay` what searches read, at event `seq`.
     fn publish(&self, overlay: &Overlay, seq: u64) {
         let view = Arc::new(overlay.view(seq));
+        let disk = view.searcher().segment_readers().len();
+        infra::metrics::record_search_segments(disk, view.segments().count() - disk);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = view;
         // After the view: a search that waited for `seq` reads it.
         self.checkpoint.send_replace(seq);
@@ -695,21 +713,28 @@ impl SearchIndex {
         self.agent_of(&doc).map(Some)
     }
 
-    /// The stored agent of a document of `view`.
-    pub(crate) fn agent(
+    /// Calls `f` with the stored agent of a document of `view`, as the
+    /// JSON `serde_json` wrote of its [`AgentView`].
+    pub(crate) fn with_agent_json<T>(
         &self,
         view: &View,
         address: tantivy::DocAddress,
-    ) -> anyhow::Result<AgentView> {
-        self.agent_of(&view.doc(address)?)
+        f: impl FnOnce(&str) -> T,
+    ) -> anyhow::Result<T> {
+        let doc = view.doc(address)?;
+        let bytes = doc
+            .get_first(self.fields.agent)
+            .and_then(|v| v.as_str())
+            .context("a search document without its agent")?;
+        Ok(f(bytes))
     }
 
     fn agent_of(&self, doc: &TantivyDocument) -> anyhow::Result<AgentView> {
         let bytes = doc
             .get_first(self.fields.agent)
-            .and_then(|v| v.as_bytes())
+            .and_then(|v| v.as_str())
             .context("a search document without its agent")?;
-        Ok(serde_json::from_slice(bytes)?)
+        Ok(serde_json::from_str(bytes)?)
     }
 
     /// Stops the disk writer, once it has committed what it was sent, and

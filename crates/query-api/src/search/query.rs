@@ -29,9 +29,12 @@
 //! The query is not handed to tantivy's generic boolean machinery: a word's
 //! fuzzy and prefix matches would each fill a bitset of every matching
 //! document before the first hit, and every match would be scored. Instead
-//! [`Plan`] builds each word's Levenshtein automata once per query, finds
-//! the terms they accept in each segment's dictionary, and reads those
-//! terms' postings lazily: a word is the best of its terms
+//! [`Plan`] builds one Levenshtein automaton per word and query (the
+//! widest the word allows: its typos, as a prefix for the last word), walks
+//! each field's dictionary in each segment with it once, places each term
+//! it accepts in its tier by the distance the automaton gives (an
+//! automaton per tier walked the dictionary up to four times), and reads
+//! those terms' postings lazily: a word is the best of its terms
 //! ([`MaxUnion`]), a query the leapfrog intersection of its words and
 //! filters ([`SegmentMatches`]). Each segment also knows the best score any
 //! of its documents could reach ([`SegmentMatches::bound`]): the index keeps
@@ -47,16 +50,19 @@
 //! closes early, without reading the positions of every document that
 //! holds both words.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use levenshtein_automata::{DFA, Distance, LevenshteinAutomatonBuilder};
 use tantivy::postings::SegmentPostings;
+use tantivy::postings::TermInfo;
 use tantivy::query::{
-    AutomatonWeight, ConstScorer, DfaWrapper, EnableScoring, FuzzyTermQuery, PhraseQuery, Query,
-    Scorer, Weight,
+    BitSetDocSet, ConstScorer, EnableScoring, PhraseQuery, Query, Scorer, Weight,
 };
 use tantivy::schema::IndexRecordOption;
-use tantivy::{DocId, DocSet, Score, Searcher, SeekDangerResult, SegmentReader, TERMINATED, Term};
+use tantivy::{
+    BitSet, DocId, DocSet, InvertedIndexReader, Score, Searcher, SeekDangerResult, SegmentReader,
+    TERMINATED, Term,
+};
 
 use super::schema::{Fields, near_term, pairs_near, tag_term};
 use crate::filters::Filters;
@@ -70,7 +76,7 @@ pub const PROXIMITY_SLOP: u32 = 2;
 const TIER: f32 = 1000.0;
 /// What matching a whole word adds over matching its prefix.
 const EXACT: f32 = 0.5;
-/// Most terms of one (field, prefix or typo class) read as postings of
+/// Most terms of one (field, tier) read as postings of
 /// their own; past it (`a` as a prefix of thousands of words) the class is
 /// read once into a bitset, as tantivy does, which costs a pass over its
 /// postings but keeps the union narrow.
@@ -89,14 +95,78 @@ pub fn typos_allowed(word: &str) -> u8 {
     }
 }
 
-/// One way a word matches a field's terms, with its tier's worth (before
-/// the field's weight).
-enum Class {
-    /// The word itself: one term.
+/// The Levenshtein automaton builders for 0, 1 and 2 typos, a swap of
+/// neighbouring letters counted as one (as tantivy's fuzzy queries build
+/// them).
+static BUILDERS: LazyLock<[LevenshteinAutomatonBuilder; 3]> =
+    LazyLock::new(|| [0, 1, 2].map(|d| LevenshteinAutomatonBuilder::new(d, true)));
+
+/// A query word's automaton: the terms within its typos, or with a prefix
+/// within them for the last word. It also tells how far a term it accepts
+/// is from the word, so one walk of a dictionary finds every term of every
+/// tier.
+struct WordDfa(DFA);
+
+impl WordDfa {
+    fn new(word: &str, typos: u8, prefix: bool) -> WordDfa {
+        let builder = &BUILDERS[usize::from(typos.min(2))];
+        WordDfa(if prefix {
+            builder.build_prefix_dfa(word)
+        } else {
+            builder.build_dfa(word)
+        })
+    }
+
+    /// The typos between `term` (one it accepts) and the word.
+    fn typos(&self, term: &[u8]) -> u8 {
+        match self.0.eval(term) {
+            Distance::Exact(d) | Distance::AtLeast(d) => d,
+        }
+    }
+}
+
+impl tantivy_fst::Automaton for WordDfa {
+    type State = u32;
+
+    fn start(&self) -> u32 {
+        self.0.initial_state()
+    }
+
+    fn is_match(&self, state: &u32) -> bool {
+        matches!(self.0.distance(*state), Distance::Exact(_))
+    }
+
+    fn can_match(&self, state: &u32) -> bool {
+        *state != levenshtein_automata::SINK_STATE
+    }
+
+    fn accept(&self, state: &u32, byte: u8) -> u32 {
+        self.0.transition(*state, byte)
+    }
+}
+
+/// How a word's terms are found in a field's dictionary.
+enum Lookup {
+    /// The word itself, one term: a word with no typo allowed that is not
+    /// the last.
     Exact,
-    /// The terms an automaton accepts: the last word's prefixes (with no
-    /// typo), and typos (with or without the prefix).
-    Automaton(Arc<DfaWrapper>),
+    /// Every term the automaton accepts, in one walk of the dictionary,
+    /// each then placed in its tier ([`tier`]).
+    Walk(Arc<WordDfa>),
+}
+
+/// The tiers of a word's matches, best first, and what each is worth
+/// (before the field's weight).
+const TIERS: [f32; 4] = [3.0 * TIER + EXACT, 3.0 * TIER, 2.0 * TIER, TIER];
+
+/// The tier ([`TIERS`]) of `term`, accepted by `dfa` for `word`: the word
+/// itself, a word it is a prefix of (the last word), then by typos.
+fn tier(word: &[u8], dfa: &WordDfa, term: &[u8]) -> usize {
+    if term == word {
+        return 0;
+    }
+    // An accepted term is within two typos.
+    usize::from(dfa.typos(term).min(2)) + 1
 }
 
 impl std::fmt::Debug for Plan {
@@ -129,10 +199,10 @@ impl std::fmt::Debug for SegmentMatches {
     }
 }
 
-/// A query word: its classes, best first.
+/// A query word, and how its terms are found.
 struct WordPlan {
     word: String,
-    classes: Vec<(Class, f32)>,
+    lookup: Lookup,
 }
 
 /// The words of a multi-word query near each other in one field.
@@ -165,25 +235,15 @@ impl Plan {
         let mut plans = Vec::with_capacity(words.len());
         for (i, word) in words.iter().enumerate() {
             let last = i + 1 == words.len();
-            // Any text field names the term: an automaton reads the text.
-            let term = Term::from_field_text(fields.name, word);
-            let mut classes = vec![(Class::Exact, 3.0 * TIER + EXACT)];
-            if last {
-                let prefix = FuzzyTermQuery::new_prefix(term.clone(), 0, true).automaton()?;
-                classes.push((Class::Automaton(Arc::new(prefix)), 3.0 * TIER));
-            }
-            for d in 1..=typos_allowed(word) {
-                let fuzzy = if last {
-                    FuzzyTermQuery::new_prefix(term.clone(), d, true)
-                } else {
-                    FuzzyTermQuery::new(term.clone(), d, true)
-                };
-                let worth = f32::from(3 - d) * TIER;
-                classes.push((Class::Automaton(Arc::new(fuzzy.automaton()?)), worth));
-            }
+            let typos = typos_allowed(word);
+            let lookup = if last || typos > 0 {
+                Lookup::Walk(Arc::new(WordDfa::new(word, typos, last)))
+            } else {
+                Lookup::Exact
+            };
             plans.push(WordPlan {
                 word: word.clone(),
-                classes,
+                lookup,
             });
         }
         let mut near = Vec::new();
@@ -251,7 +311,7 @@ impl Plan {
     }
 
     /// One word's matches in a segment: each of its terms in each field,
-    /// worth its best class there; `None` when no term matches.
+    /// worth its tier there; `None` when no term matches.
     fn word_scorer(
         &self,
         reader: &SegmentReader,
@@ -260,42 +320,62 @@ impl Plan {
         let mut parts: Vec<Box<dyn Scorer>> = Vec::new();
         for f in &self.fields.text {
             let index = reader.inverted_index(f.field)?;
-            // A term the better class took already adds nothing.
-            let mut seen: HashSet<usize> = HashSet::new();
-            for (class, worth) in &word.classes {
+            let dfa = match &word.lookup {
+                Lookup::Exact => {
+                    let term = Term::from_field_text(f.field, &word.word);
+                    if let Some(info) = index.get_term_info(&term)? {
+                        let postings =
+                            index.read_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
+                        parts.push(Box::new(ConstScorer::new(postings, TIERS[0] + f.weight)));
+                    }
+                    continue;
+                }
+                Lookup::Walk(dfa) => dfa,
+            };
+            let mut tiers: [Vec<TermInfo>; TIERS.len()] = Default::default();
+            let mut terms = index.terms().search(dfa.as_ref()).into_stream()?;
+            while terms.advance() {
+                let tier = tier(word.word.as_bytes(), dfa, terms.key());
+                tiers[tier].push(terms.value().clone());
+            }
+            for (infos, worth) in tiers.iter().zip(TIERS) {
                 let worth = worth + f.weight;
-                match class {
-                    Class::Exact => {
-                        let term = Term::from_field_text(f.field, &word.word);
-                        if let Some(info) = index.get_term_info(&term)? {
-                            seen.insert(info.postings_range.start);
-                            let postings = index
-                                .read_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
-                            parts.push(Box::new(ConstScorer::new(postings, worth)));
-                        }
-                    }
-                    Class::Automaton(dfa) => {
-                        let weight = AutomatonWeight::<DfaWrapper>::new(f.field, dfa.clone());
-                        let infos: Vec<_> = weight
-                            .get_match_term_infos(reader)?
-                            .into_iter()
-                            .filter(|info| seen.insert(info.postings_range.start))
-                            .collect();
-                        if infos.len() > MAX_LAZY_TERMS {
-                            parts.push(weight.scorer(reader, worth)?);
-                            continue;
-                        }
-                        for info in infos {
-                            let postings = index
-                                .read_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
-                            parts.push(Box::new(ConstScorer::new(postings, worth)));
-                        }
-                    }
+                if infos.len() > MAX_LAZY_TERMS {
+                    parts.push(Box::new(ConstScorer::new(
+                        union_bitset(&index, reader.max_doc(), infos)?,
+                        worth,
+                    )));
+                    continue;
+                }
+                for info in infos {
+                    let postings =
+                        index.read_postings_from_terminfo(info, IndexRecordOption::Basic)?;
+                    parts.push(Box::new(ConstScorer::new(postings, worth)));
                 }
             }
         }
         Ok((!parts.is_empty()).then(|| MaxUnion::new(parts)))
     }
+}
+
+/// The documents of any of `infos`' postings, read into a bitset in one
+/// pass each.
+fn union_bitset(
+    index: &InvertedIndexReader,
+    max_doc: DocId,
+    infos: &[TermInfo],
+) -> tantivy::Result<BitSetDocSet> {
+    let mut docs = BitSet::with_max_value(max_doc);
+    for info in infos {
+        let mut block = index.read_block_postings_from_terminfo(info, IndexRecordOption::Basic)?;
+        while !block.docs().is_empty() {
+            for &doc in block.docs() {
+                docs.insert(doc);
+            }
+            block.advance();
+        }
+    }
+    Ok(BitSetDocSet::from(docs))
 }
 
 /// The documents of any of several scorers, each scored by the best of
@@ -566,6 +646,103 @@ fn filter_terms(fields: &Fields, filters: &Filters) -> Vec<Term> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tantivy::query::FuzzyTermQuery;
+    use tantivy_fst::Automaton;
+
+    fn accepts<A: Automaton>(a: &A, term: &str) -> bool {
+        let mut state = a.start();
+        for &b in term.as_bytes() {
+            state = a.accept(&state, b);
+        }
+        a.is_match(&state)
+    }
+
+    /// The tier of each term as an automaton per tier (tantivy's fuzzy
+    /// queries) puts it: the best whose automaton accepts it.
+    fn tier_by_automata(word: &str, last: bool, term: &str) -> Option<usize> {
+        if term == word {
+            return Some(0);
+        }
+        let t = Term::from_field_text(Fields::new().name, word);
+        let query = |d| {
+            if last {
+                FuzzyTermQuery::new_prefix(t.clone(), d, true)
+            } else {
+                FuzzyTermQuery::new(t.clone(), d, true)
+            }
+        };
+        (0..=typos_allowed(word))
+            .filter(|&d| d > 0 || last)
+            .find(|&d| accepts(&query(d).automaton().unwrap(), term))
+            .map(|d| usize::from(d) + 1)
+    }
+
+    #[test]
+    fn one_walk_places_each_term_in_the_tier_an_automaton_per_tier_does() {
+        let terms = [
+            "summarizer",
+            "summarizers",
+            "sumarizer",
+            "summarzier",
+            "summariser",
+            "sumarizzer",
+            "summ",
+            "sum",
+            "summary",
+            "scout",
+            "scouts",
+            "scoutt",
+            "socut",
+            "shout",
+            "scot",
+            "planner",
+            "plannre",
+            "planer",
+            "plan",
+            "invoice",
+            "invoise",
+            "invoices",
+            "transl",
+            "translator",
+            "tanslator",
+            "trnslatr",
+            "424242",
+            "424243",
+            "4242420",
+            "a",
+            "",
+        ];
+        let words = [
+            "summarizer",
+            "sumarizzer",
+            "scout",
+            "plannre",
+            "invoise",
+            "transl",
+            "424242",
+            "sum",
+            "a",
+        ];
+        for word in words {
+            for last in [false, true] {
+                let typos = typos_allowed(word);
+                let dfa = (last || typos > 0).then(|| WordDfa::new(word, typos, last));
+                for term in terms {
+                    let walked = match &dfa {
+                        Some(dfa) => {
+                            accepts(dfa, term).then(|| tier(word.as_bytes(), dfa, term.as_bytes()))
+                        }
+                        None => (term == word).then_some(0),
+                    };
+                    assert_eq!(
+                        walked,
+                        tier_by_automata(word, last, term),
+                        "{word:?} (last: {last}) against {term:?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn typo_allowances_follow_word_length() {
