@@ -64,7 +64,7 @@ use tantivy::{
     TERMINATED, Term,
 };
 
-use super::schema::{Fields, near_term, pairs_near, tag_term};
+use super::schema::{Fields, Key, near_term, pairs_near, tag_term};
 use crate::filters::Filters;
 
 /// What a multi-word query gains when its words stand near each other.
@@ -256,9 +256,9 @@ impl Plan {
                 let mut phrase = PhraseQuery::new(terms);
                 phrase.set_slop(PROXIMITY_SLOP);
                 let pair = match words {
-                    [a, b] if a != b && pairs_near(a) && pairs_near(b) => Some(
-                        Term::from_field_text(fields.near, &near_term(ordinal, a, b)),
-                    ),
+                    [a, b] if a != b && pairs_near(a) && pairs_near(b) => {
+                        Some(fields.key(Key::Near, &near_term(ordinal, a, b)))
+                    }
                     _ => None,
                 };
                 near.push(NearPlan {
@@ -624,21 +624,21 @@ impl SegmentMatches {
     }
 }
 
-/// The filters as terms of the fast fields, all required.
+/// The filters as `keys` terms, all required.
 fn filter_terms(fields: &Fields, filters: &Filters) -> Vec<Term> {
     let mut terms = Vec::new();
     if let Some(s) = filters.status {
-        terms.push(Term::from_field_text(fields.status, s.as_str()));
+        terms.push(fields.key(Key::Status, s.as_str()));
     }
     if let Some(t) = &filters.agent_type {
-        terms.push(Term::from_field_text(fields.agent_type, t.as_str()));
+        terms.push(fields.key(Key::Type, t.as_str()));
     }
     if let Some(p) = filters.project_id {
-        terms.push(Term::from_field_text(fields.project_id, &p.to_string()));
+        terms.push(fields.key(Key::ProjectId, &p.to_string()));
     }
     for (k, v) in &filters.tags {
         let v = v.as_str().unwrap_or_default();
-        terms.push(Term::from_field_text(fields.tag, &tag_term(k, v)));
+        terms.push(fields.key(Key::Tag, &tag_term(k, v)));
     }
     terms
 }

@@ -7,16 +7,24 @@
 //! through it too, so `text-summarization` is indexed as `text` and
 //! `summarization`. Positions are kept for proximity.
 //!
-//! Filters (`status`, `type`, `project_id`, `tag`) are raw terms with fast
-//! columns: a filter is a term query inside the engine, a facet a count
-//! over the column. The id is a raw term (to replace or delete a document)
-//! and two fast `u64` halves (the tiebreak of equal scores). The agent as
-//! the API shows it is stored whole, as JSON text: a hit needs no other
-//! read (it is answered as stored), and an update folds onto it.
+//! Every exact term (the id, each filter value, each `near` pair) is a term
+//! of one raw field, `keys`, named by its kind's prefix ([`Key`]): a filter
+//! is a term query inside the engine, the id's term replaces or deletes a
+//! document. One field rather than one per kind because each indexed
+//! field costs every segment a term dictionary, whose builder tantivy
+//! allocates and initialises whole (about 0.17 ms) however few its terms:
+//! the overlay writes a small segment per batch (see `index::overlay`),
+//! and with eleven indexed fields a piece of one agent took 2.5 ms to
+//! build, with six 1.7 ms (of 75 agents: 4.0 and 3.2 ms). The filters'
+//! values are also fast columns (`status`, `type`, `project_id`, `tag`,
+//! not indexed): a facet is a count over one. The id has two fast `u64`
+//! halves too (the tiebreak of equal scores). The agent as the API shows
+//! it is stored whole, as JSON text: a hit needs no other read (it is
+//! answered as stored), and an update folds onto it.
 //!
 //! Words that stand near each other in a field are also indexed as one
-//! `near` term per pair ([`near_term`]), so a two-word query learns from
-//! one term lookup whether (and where) its words can stand near each
+//! [`Key::Near`] term per pair ([`near_term`]), so a two-word query learns
+//! from one term lookup whether (and where) its words can stand near each
 //! other, instead of reading the positions of every document holding both.
 //!
 //! Every segment keeps its documents in descending id order ([`settings`]):
@@ -36,7 +44,7 @@ use uuid::Uuid;
 /// Raised whenever the schema or the analysis changes, or the JSON of an
 /// [`AgentView`] (search answers each hit's stored JSON as it is): an
 /// index written under another version is rebuilt from the log.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The analyser of every searched field.
 pub const WORDS: &str = "words";
@@ -62,6 +70,33 @@ pub struct TextField {
     pub weight: f32,
 }
 
+/// The kinds of exact term the `keys` field holds, each its own prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// The agent's id: its document's name, to replace or delete it.
+    Id,
+    Status,
+    Type,
+    ProjectId,
+    /// A tag, as [`tag_term`] writes it.
+    Tag,
+    /// Two words near each other in one text field ([`near_term`]).
+    Near,
+}
+
+impl Key {
+    fn prefix(self) -> &'static str {
+        match self {
+            Key::Id => "id:",
+            Key::Status => "status:",
+            Key::Type => "type:",
+            Key::ProjectId => "project:",
+            Key::Tag => "tag:",
+            Key::Near => "near:",
+        }
+    }
+}
+
 /// The fields, resolved once.
 #[derive(Debug, Clone)]
 pub struct Fields {
@@ -69,15 +104,15 @@ pub struct Fields {
     /// The searched fields, best first.
     pub text: [TextField; 5],
     pub name: Field,
-    pub id: Field,
+    /// Every exact term, of each [`Key`].
+    pub keys: Field,
     pub id_hi: Field,
     pub id_lo: Field,
+    /// The filters' fast columns (not indexed: their terms are `keys`).
     pub status: Field,
     pub agent_type: Field,
     pub project_id: Field,
     pub tag: Field,
-    /// Pairs of words near each other in one text field ([`near_term`]).
-    pub near: Field,
     pub agent: Field,
 }
 
@@ -103,14 +138,13 @@ impl Fields {
         let capabilities = b.add_text_field("capabilities", words.clone());
         let tags = b.add_text_field("tags", words.clone());
         let description = b.add_text_field("description", words);
-        let id = b.add_text_field("id", STRING);
+        let keys = b.add_text_field("keys", STRING);
         let id_hi = b.add_u64_field(ID_HI, FAST);
         let id_lo = b.add_u64_field(ID_LO, FAST);
-        let status = b.add_text_field(STATUS, STRING | FAST);
-        let agent_type = b.add_text_field(TYPE, STRING | FAST);
-        let project_id = b.add_text_field(PROJECT_ID, STRING | FAST);
-        let tag = b.add_text_field(TAG, STRING | FAST);
-        let near = b.add_text_field("near", STRING);
+        let status = b.add_text_field(STATUS, FAST);
+        let agent_type = b.add_text_field(TYPE, FAST);
+        let project_id = b.add_text_field(PROJECT_ID, FAST);
+        let tag = b.add_text_field(TAG, FAST);
         // Text, not bytes: tantivy reads a stored bytes value back one byte
         // at a time, a text value in one copy (a tenth of a search's time
         // went to reading hits' bytes back).
@@ -126,14 +160,13 @@ impl Fields {
                 text(description, 1.0),
             ],
             name,
-            id,
+            keys,
             id_hi,
             id_lo,
             status,
             agent_type,
             project_id,
             tag,
-            near,
             agent,
             schema,
         }
@@ -144,9 +177,14 @@ impl Fields {
         index.tokenizers().register(WORDS, words_analyzer());
     }
 
+    /// The `keys` term of `value` as a `kind`.
+    pub fn key(&self, kind: Key, value: &str) -> tantivy::Term {
+        tantivy::Term::from_field_text(self.keys, &key_text(kind, value))
+    }
+
     /// The term that names agent `id`'s document.
     pub fn id_term(&self, id: Uuid) -> tantivy::Term {
-        tantivy::Term::from_field_text(self.id, &id.to_string())
+        self.key(Key::Id, &id.to_string())
     }
 
     /// The document of `agent`.
@@ -175,19 +213,26 @@ impl Fields {
         pairs.sort_unstable();
         pairs.dedup();
         for pair in &pairs {
-            doc.add_text(self.near, pair);
+            doc.add_text(self.keys, key_text(Key::Near, pair));
         }
         for (k, v) in &agent.tags {
-            doc.add_text(self.tag, tag_term(k, v));
+            let tag = tag_term(k, v);
+            doc.add_text(self.keys, key_text(Key::Tag, &tag));
+            doc.add_text(self.tag, tag);
         }
-        doc.add_text(self.id, agent.id.to_string());
+        let id = agent.id.to_string();
+        doc.add_text(self.keys, key_text(Key::Id, &id));
         let (hi, lo) = id_halves(agent.id);
         doc.add_u64(self.id_hi, hi);
         doc.add_u64(self.id_lo, lo);
+        doc.add_text(self.keys, key_text(Key::Status, &agent.status));
         doc.add_text(self.status, &agent.status);
+        doc.add_text(self.keys, key_text(Key::Type, &agent.agent_type));
         doc.add_text(self.agent_type, &agent.agent_type);
         if let Some(p) = agent.project_id {
-            doc.add_text(self.project_id, p.to_string());
+            let p = p.to_string();
+            doc.add_text(self.keys, key_text(Key::ProjectId, &p));
+            doc.add_text(self.project_id, p);
         }
         // Serialising a view of plain data cannot fail.
         doc.add_text(self.agent, serde_json::to_string(agent).unwrap_or_default());
@@ -199,6 +244,15 @@ impl Default for Fields {
     fn default() -> Self {
         Fields::new()
     }
+}
+
+/// The text of the `keys` term of `value` as a `kind`.
+fn key_text(kind: Key, value: &str) -> String {
+    let prefix = kind.prefix();
+    let mut text = String::with_capacity(prefix.len() + value.len());
+    text.push_str(prefix);
+    text.push_str(value);
+    text
 }
 
 /// The analyser of the searched fields: runs of letters and digits,
@@ -218,7 +272,7 @@ pub fn pairs_near(word: &str) -> bool {
     !word.chars().all(|c| c.is_ascii_digit())
 }
 
-/// The `near` term of two different words standing at most
+/// The [`Key::Near`] value of two different words standing at most
 /// [`NEAR_WINDOW`] positions apart, in either order, in the text field of
 /// `ordinal` (its place in [`Fields::text`]).
 pub fn near_term(ordinal: usize, a: &str, b: &str) -> String {
@@ -226,7 +280,7 @@ pub fn near_term(ordinal: usize, a: &str, b: &str) -> String {
     format!("{ordinal}{TAG_SEPARATOR}{first}{TAG_SEPARATOR}{second}")
 }
 
-/// Adds to `out` the `near` terms of one text field's values, with the
+/// Adds to `out` the [`Key::Near`] values of one text field's values, with the
 /// positions tantivy gives their words: each value starts one position
 /// after the end of the one before.
 fn near_pairs(analyzer: &mut TextAnalyzer, ordinal: usize, texts: &[&str], out: &mut Vec<String>) {
@@ -276,7 +330,8 @@ pub fn sorted_by_id(index: &Index) -> bool {
         .is_some_and(|s| s.field == ID_HI && s.order == Order::Desc)
 }
 
-/// The `tag` filter term of tag `key: value`.
+/// The [`Key::Tag`] value of tag `key: value`, and its value in the `tag`
+/// column.
 pub fn tag_term(key: &str, value: &str) -> String {
     format!("{key}{TAG_SEPARATOR}{value}")
 }

@@ -265,7 +265,7 @@ fn mark(
     ids: impl Iterator<Item = Uuid> + Clone,
 ) -> anyhow::Result<()> {
     for (reader, skip) in searcher.segment_readers().iter().zip(skips.iter_mut()) {
-        let inverted = reader.inverted_index(fields.id)?;
+        let inverted = reader.inverted_index(fields.keys)?;
         for id in ids.clone() {
             let Some(mut postings) =
                 inverted.read_postings(&fields.id_term(id), IndexRecordOption::Basic)?
