@@ -64,7 +64,7 @@ use tantivy::{
     TERMINATED, Term,
 };
 
-use super::schema::{Fields, Key, near_term, pairs_near, tag_term};
+use super::schema::{Fields, Key, pairs_near, tag_term};
 use crate::filters::Filters;
 
 /// What a multi-word query gains when its words stand near each other.
@@ -257,7 +257,7 @@ impl Plan {
                 phrase.set_slop(PROXIMITY_SLOP);
                 let pair = match words {
                     [a, b] if a != b && pairs_near(a) && pairs_near(b) => {
-                        Some(fields.key(Key::Near, &near_term(ordinal, a, b)))
+                        Some(fields.near_term(ordinal, a, b))
                     }
                     _ => None,
                 };

@@ -23,7 +23,7 @@
 //! answered as stored), and an update folds onto it.
 //!
 //! Words that stand near each other in a field are also indexed as one
-//! [`Key::Near`] term per pair ([`near_term`]), so a two-word query learns
+//! [`Key::Near`] term per pair ([`Fields::near_term`]), so a two-word query learns
 //! from one term lookup whether (and where) its words can stand near each
 //! other, instead of reading the positions of every document holding both.
 //!
@@ -80,7 +80,7 @@ pub enum Key {
     ProjectId,
     /// A tag, as [`tag_term`] writes it.
     Tag,
-    /// Two words near each other in one text field ([`near_term`]).
+    /// Two words near each other in one text field ([`Fields::near_term`]).
     Near,
 }
 
@@ -179,21 +179,42 @@ impl Fields {
 
     /// The `keys` term of `value` as a `kind`.
     pub fn key(&self, kind: Key, value: &str) -> tantivy::Term {
-        tantivy::Term::from_field_text(self.keys, &key_text(kind, value))
+        let mut text = String::new();
+        write_key(&mut text, kind, &[value]);
+        tantivy::Term::from_field_text(self.keys, &text)
     }
 
     /// The term that names agent `id`'s document.
     pub fn id_term(&self, id: Uuid) -> tantivy::Term {
-        self.key(Key::Id, &id.to_string())
+        self.key(
+            Key::Id,
+            id.hyphenated().encode_lower(&mut Uuid::encode_buffer()),
+        )
     }
 
-    /// The document of `agent`.
+    /// The [`Key::Near`] term of two different words standing at most
+    /// [`NEAR_WINDOW`] positions apart, in either order, in the text field
+    /// of `ordinal` (its place in [`Fields::text`]).
+    pub fn near_term(&self, ordinal: usize, a: &str, b: &str) -> tantivy::Term {
+        let mut text = String::new();
+        write_near(&mut text, ordinal, a, b);
+        tantivy::Term::from_field_text(self.keys, &text)
+    }
+
+    /// The document of `agent`. Every key is written into one buffer and
+    /// copied into the document from there (a document keeps its values'
+    /// bytes, not the strings they came in): there are some fifty keys to
+    /// an agent, most of them `near` pairs, and building each as a string
+    /// of its own was a third of a document's cost.
     pub fn document(&self, agent: &AgentView) -> TantivyDocument {
         let [name, agent_type, capabilities, tags, description] = self.text.map(|t| t.field);
         let mut doc = TantivyDocument::new();
-        let tag_texts: Vec<String> = agent.tags.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        let mut analyzer = words_analyzer();
-        let mut pairs = Vec::new();
+        let mut key = String::with_capacity(128);
+        let tag_texts: Vec<String> = agent
+            .tags
+            .iter()
+            .map(|(k, v)| [k.as_str(), " ", v.as_str()].concat())
+            .collect();
         let values: [(Field, Vec<&str>); 5] = [
             (name, vec![agent.name.as_str()]),
             (agent_type, vec![agent.agent_type.as_str()]),
@@ -204,34 +225,43 @@ impl Fields {
             (tags, tag_texts.iter().map(String::as_str).collect()),
             (description, vec![agent.description.as_str()]),
         ];
+        let mut analyzer = words_analyzer();
+        let mut words = Vec::new();
         for (ordinal, (field, texts)) in values.iter().enumerate() {
             for text in texts {
                 doc.add_text(*field, text);
             }
-            near_pairs(&mut analyzer, ordinal, texts, &mut pairs);
+            field_words(&mut analyzer, ordinal, texts, &mut words);
         }
+        let mut pairs = near_pairs(&words);
         pairs.sort_unstable();
         pairs.dedup();
-        for pair in &pairs {
-            doc.add_text(self.keys, key_text(Key::Near, pair));
+        for (ordinal, a, b) in pairs {
+            write_near(&mut key, ordinal, a, b);
+            doc.add_text(self.keys, &key);
         }
         for (k, v) in &agent.tags {
-            let tag = tag_term(k, v);
-            doc.add_text(self.keys, key_text(Key::Tag, &tag));
-            doc.add_text(self.tag, tag);
+            write_key(&mut key, Key::Tag, &[k, TAG_SEPARATOR_STR, v]);
+            doc.add_text(self.keys, &key);
+            doc.add_text(self.tag, &key[Key::Tag.prefix().len()..]);
         }
-        let id = agent.id.to_string();
-        doc.add_text(self.keys, key_text(Key::Id, &id));
+        let mut uuid = Uuid::encode_buffer();
+        let id = agent.id.hyphenated().encode_lower(&mut uuid);
+        write_key(&mut key, Key::Id, &[id]);
+        doc.add_text(self.keys, &key);
         let (hi, lo) = id_halves(agent.id);
         doc.add_u64(self.id_hi, hi);
         doc.add_u64(self.id_lo, lo);
-        doc.add_text(self.keys, key_text(Key::Status, &agent.status));
+        write_key(&mut key, Key::Status, &[&agent.status]);
+        doc.add_text(self.keys, &key);
         doc.add_text(self.status, &agent.status);
-        doc.add_text(self.keys, key_text(Key::Type, &agent.agent_type));
+        write_key(&mut key, Key::Type, &[&agent.agent_type]);
+        doc.add_text(self.keys, &key);
         doc.add_text(self.agent_type, &agent.agent_type);
         if let Some(p) = agent.project_id {
-            let p = p.to_string();
-            doc.add_text(self.keys, key_text(Key::ProjectId, &p));
+            let p = p.hyphenated().encode_lower(&mut uuid);
+            write_key(&mut key, Key::ProjectId, &[p]);
+            doc.add_text(self.keys, &key);
             doc.add_text(self.project_id, p);
         }
         // Serialising a view of plain data cannot fail.
@@ -246,13 +276,31 @@ impl Default for Fields {
     }
 }
 
-/// The text of the `keys` term of `value` as a `kind`.
-fn key_text(kind: Key, value: &str) -> String {
-    let prefix = kind.prefix();
-    let mut text = String::with_capacity(prefix.len() + value.len());
-    text.push_str(prefix);
-    text.push_str(value);
-    text
+/// [`TAG_SEPARATOR`] as a string.
+const TAG_SEPARATOR_STR: &str = "\u{1f}";
+
+/// Writes into `out` (emptied first) the text of the `keys` term of a
+/// `kind` whose value is `parts` one after the other.
+fn write_key(out: &mut String, kind: Key, parts: &[&str]) {
+    out.clear();
+    out.push_str(kind.prefix());
+    for part in parts {
+        out.push_str(part);
+    }
+}
+
+/// Writes into `out` the text of [`Fields::near_term`]: the field's
+/// ordinal and the two words, the lesser first.
+fn write_near(out: &mut String, ordinal: usize, a: &str, b: &str) {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    // There are five text fields: an ordinal is one digit.
+    let digit = char::from_digit(ordinal as u32, 10).unwrap_or('9');
+    write_key(out, Key::Near, &[]);
+    out.push(digit);
+    out.push(TAG_SEPARATOR);
+    out.push_str(first);
+    out.push(TAG_SEPARATOR);
+    out.push_str(second);
 }
 
 /// The analyser of the searched fields: runs of letters and digits,
@@ -272,19 +320,14 @@ pub fn pairs_near(word: &str) -> bool {
     !word.chars().all(|c| c.is_ascii_digit())
 }
 
-/// The [`Key::Near`] value of two different words standing at most
-/// [`NEAR_WINDOW`] positions apart, in either order, in the text field of
-/// `ordinal` (its place in [`Fields::text`]).
-pub fn near_term(ordinal: usize, a: &str, b: &str) -> String {
-    let (first, second) = if a <= b { (a, b) } else { (b, a) };
-    format!("{ordinal}{TAG_SEPARATOR}{first}{TAG_SEPARATOR}{second}")
-}
+/// A word of a text field: the field's ordinal, the position tantivy gives
+/// it, the word.
+type Word = (usize, u32, String);
 
-/// Adds to `out` the [`Key::Near`] values of one text field's values, with the
-/// positions tantivy gives their words: each value starts one position
-/// after the end of the one before.
-fn near_pairs(analyzer: &mut TextAnalyzer, ordinal: usize, texts: &[&str], out: &mut Vec<String>) {
-    let mut words: Vec<(u32, String)> = Vec::new();
+/// Adds to `out` the words of one text field's values, at the positions
+/// tantivy gives them: each value starts one position after the end of
+/// the one before.
+fn field_words(analyzer: &mut TextAnalyzer, ordinal: usize, texts: &[&str], out: &mut Vec<Word>) {
     let mut start = 0;
     for text in texts {
         let mut end = start;
@@ -292,20 +335,28 @@ fn near_pairs(analyzer: &mut TextAnalyzer, ordinal: usize, texts: &[&str], out: 
         while let Some(token) = stream.next() {
             let position = start + token.position as u32;
             end = end.max(position + 1);
-            words.push((position, token.text.clone()));
+            out.push((ordinal, position, token.text.clone()));
         }
         start = end + 1;
     }
-    for (i, (at, a)) in words.iter().enumerate() {
-        for (to, b) in &words[i + 1..] {
-            if to - at > NEAR_WINDOW {
+}
+
+/// The pairs of different words (neither a number) standing at most
+/// [`NEAR_WINDOW`] positions apart in one field, as (ordinal, word, word).
+fn near_pairs(words: &[Word]) -> Vec<(usize, &str, &str)> {
+    let mut pairs = Vec::new();
+    for (i, (ordinal, at, a)) in words.iter().enumerate() {
+        for (other, to, b) in &words[i + 1..] {
+            if other != ordinal || to - at > NEAR_WINDOW {
                 break;
             }
             if a != b && pairs_near(a) && pairs_near(b) {
-                out.push(near_term(ordinal, a, b));
+                let (first, second) = if a <= b { (a, b) } else { (b, a) };
+                pairs.push((*ordinal, first.as_str(), second.as_str()));
             }
         }
     }
+    pairs
 }
 
 /// The settings an index is created with: documents sorted by the id's
@@ -333,7 +384,7 @@ pub fn sorted_by_id(index: &Index) -> bool {
 /// The [`Key::Tag`] value of tag `key: value`, and its value in the `tag`
 /// column.
 pub fn tag_term(key: &str, value: &str) -> String {
-    format!("{key}{TAG_SEPARATOR}{value}")
+    [key, TAG_SEPARATOR_STR, value].concat()
 }
 
 /// An id as two `u64`s, high first: compared as a pair, they order as the
@@ -351,6 +402,63 @@ pub fn id_of_halves(hi: u64, lo: u64) -> Uuid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `keys` values of `doc`.
+    fn keys_of(fields: &Fields, doc: &TantivyDocument) -> Vec<String> {
+        use tantivy::schema::Value;
+        doc.get_all(fields.keys)
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn term_text(term: &tantivy::Term) -> String {
+        term.value().as_str().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn a_document_holds_the_keys_a_query_looks_up() {
+        let fields = Fields::new();
+        let id = Uuid::now_v7();
+        let project = Uuid::now_v7();
+        let agent = AgentView {
+            id,
+            name: "Alpha Beta".into(),
+            agent_type: "llm".into(),
+            description: "one two three four five 42 six".into(),
+            status: "active".into(),
+            capabilities: vec!["text-summarization".into()],
+            config: serde_json::json!({}),
+            tags: [("team".to_owned(), "atlas".to_owned())].into(),
+            project_id: Some(project),
+            version: 1,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+            created_by: "admin".into(),
+        };
+        let keys = keys_of(&fields, &fields.document(&agent));
+        let has = |term: tantivy::Term| keys.contains(&term_text(&term));
+        assert!(has(fields.id_term(id)));
+        assert!(has(fields.key(Key::Status, "active")));
+        assert!(has(fields.key(Key::Type, "llm")));
+        assert!(has(fields.key(Key::ProjectId, &project.to_string())));
+        assert!(has(fields.key(Key::Tag, &tag_term("team", "atlas"))));
+        // Near pairs: in either order, up to NEAR_WINDOW positions apart,
+        // within one field, never with a number.
+        assert!(has(fields.near_term(0, "beta", "alpha")));
+        assert!(has(fields.near_term(4, "one", "four")));
+        assert!(!has(fields.near_term(4, "one", "five")));
+        assert!(!has(fields.near_term(4, "five", "42")));
+        assert!(has(fields.near_term(4, "five", "six")));
+        assert!(has(fields.near_term(2, "text", "summarization")));
+        assert!(has(fields.near_term(3, "team", "atlas")));
+        assert!(!has(fields.near_term(4, "alpha", "one")));
+        let near = keys.iter().filter(|k| k.starts_with("near:")).count();
+        let mut unique = keys.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "each key once: {keys:?}");
+        assert_eq!(near, 1 + 1 + 1 + 11, "{keys:?}");
+    }
 
     #[test]
     fn id_halves_round_trip_and_keep_order() {
