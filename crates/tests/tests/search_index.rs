@@ -491,6 +491,60 @@ async fn a_kill_9_in_the_middle_of_indexing_leaves_an_index_equal_to_a_fresh_one
     );
 }
 
+/// A backlog is indexed in full batches held for one commit (see
+/// `CATCH_UP_COMMIT_EVERY`): an update of an agent that a held batch
+/// created, read before that batch is committed, is folded onto it all the
+/// same (the held batches are committed first), and nothing is searchable
+/// before it is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catching_up_in_held_batches_folds_updates_onto_held_agents() {
+    let sandbox = Sandbox::new().await;
+    let writer = sandbox.start(Role::Command).await;
+    let token = writer.admin_token().await;
+    let store = writer.deps.store.clone();
+    let mut seeder = tests::seed::Seeder::new(&store);
+    let at = chrono::Utc::now();
+    // In the first full batch: agents that the third one updates.
+    let early: Vec<uuid::Uuid> = (0..100).map(|_| uuid::Uuid::now_v7()).collect();
+    for (i, id) in early.iter().enumerate() {
+        let data = tests::seed::agent_created(&format!("early {i}"), "seed", "active", &[], None);
+        seeder.agent(*id, "agent.created", data, at).await;
+    }
+    tests::seed::agents_in_bulk(&store, 20_000).await;
+    for id in &early {
+        let changes = json!({"description": "refolded after holding", "status": "paused"});
+        seeder.agent(*id, "agent.updated", changes, at).await;
+    }
+    tests::seed::agents_in_bulk(&store, 10_000).await;
+    let last = writer.last_seq().await;
+
+    let app = sandbox.start(Role::Query).await;
+    index_at(&app, last).await;
+    let page = app
+        .search(&token, &[("q", "refolded"), ("limit", "500")], last)
+        .await;
+    assert_eq!(names(&page).len(), 100, "every update folded: {page}");
+    assert!(
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["status"] == "paused" && a["name"].as_str().unwrap().starts_with("early"))
+    );
+    let facets = [("q", "early"), ("limit", "1"), ("facets", "status")];
+    let page = app.search(&token, &facets, last).await;
+    assert_eq!(page["facets"]["status"], json!({"paused": 100}), "{page}");
+    assert_eq!(
+        app.search(
+            &token,
+            &[("q", "seed"), ("limit", "1"), ("facets", "status")],
+            last
+        )
+        .await["facets"]["status"],
+        json!({"active": 30_000, "paused": 100})
+    );
+}
+
 /// Rewrites the payload of the last commit in `dir` as if it had been
 /// written in another boot of the machine.
 fn as_if_written_before_a_reboot(dir: &Path) {

@@ -18,8 +18,9 @@
 //!   and [`MAX_PIECES`] pieces: past any of them the indexing waits for
 //!   the disk commit that empties the overlay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tantivy::directory::RamDirectory;
 use tantivy::index::SegmentReader;
@@ -40,6 +41,9 @@ pub const MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Most pieces (batches) the overlay holds: each is a segment every search
 /// visits, so they are kept few (see `DISK_COMMIT_EVERY`).
 pub const MAX_PIECES: usize = 64;
+/// Most agents the batches held for a later commit may touch (see
+/// [`Overlay::hold`]).
+pub const MAX_HELD: usize = 250_000;
 /// The memory budget of the writer of one piece. A piece's writer never
 /// flushes (one segment, written whole by `finalize`), so this only sizes
 /// the term table tantivy allocates and zeroes up front for each piece;
@@ -132,6 +136,18 @@ pub(super) struct Overlay {
     /// Each agent a batch since `disk` touched: the last event that did,
     /// and the agent after it (`None`: deleted).
     recent: HashMap<Uuid, (u64, Option<AgentView>)>,
+    /// What the disk writer holds uncommitted (catching up), if anything.
+    pub held: Option<Held>,
+}
+
+/// The batches the disk writer holds for a later commit.
+pub(super) struct Held {
+    /// When the first of them was applied.
+    since: Instant,
+    /// The last event of the last of them.
+    through: u64,
+    /// The agents they touched.
+    agents: HashSet<Uuid>,
 }
 
 impl Overlay {
@@ -143,7 +159,33 @@ impl Overlay {
             disk_skips,
             pieces: Vec::new(),
             recent: HashMap::new(),
+            held: None,
         }
+    }
+
+    /// Whether agent `id` was touched by a batch the disk writer holds.
+    pub fn is_held(&self, id: Uuid) -> bool {
+        self.held.as_ref().is_some_and(|h| h.agents.contains(&id))
+    }
+
+    /// The last event the disk writer holds (or the last committed).
+    pub fn held_through(&self) -> u64 {
+        self.held.as_ref().map_or(self.disk_seq, |h| h.through)
+    }
+
+    /// Notes a batch the disk writer holds: the `agents` it touched, up to
+    /// event `last`. Returns whether it is time to commit: about every
+    /// [`CATCH_UP_COMMIT_EVERY`](super::CATCH_UP_COMMIT_EVERY), or at
+    /// [`MAX_HELD`] agents.
+    pub fn hold(&mut self, agents: impl Iterator<Item = Uuid>, last: u64) -> bool {
+        let held = self.held.get_or_insert_with(|| Held {
+            since: Instant::now(),
+            through: last,
+            agents: HashSet::new(),
+        });
+        held.through = last;
+        held.agents.extend(agents);
+        held.since.elapsed() >= super::CATCH_UP_COMMIT_EVERY || held.agents.len() >= MAX_HELD
     }
 
     /// The agent `id` as the overlay, or else the disk, holds it.
@@ -159,17 +201,19 @@ impl Overlay {
     }
 
     /// Adds the batch that ends at event `last`: each agent it touched as
-    /// it stands after it (`None`: deleted), and the documents of those
-    /// that live.
+    /// it stands after it (`None`: deleted), those of them it created, and
+    /// the documents of those that live.
     pub fn add(
         &mut self,
         fields: &Fields,
         like: &Index,
         last: u64,
         touched: &HashMap<Uuid, Option<AgentView>>,
+        created: &HashSet<Uuid>,
         live: Vec<TantivyDocument>,
     ) -> anyhow::Result<()> {
-        let ids = || touched.keys().copied();
+        // An agent the batch created has no earlier version to hide.
+        let ids = || touched.keys().copied().filter(|id| !created.contains(id));
         mark(fields, &self.disk, &mut self.disk_skips, ids())?;
         for piece in &mut self.pieces {
             mark(fields, &piece.searcher, &mut piece.skips, ids())?;
@@ -210,6 +254,9 @@ impl Overlay {
     /// covers go, and the new disk segments skip what remains in memory.
     pub fn committed(&mut self, fields: &Fields, disk: Searcher, seq: u64) -> anyhow::Result<()> {
         self.pieces.retain(|p| p.last > seq);
+        if self.held.as_ref().is_some_and(|h| h.through <= seq) {
+            self.held = None;
+        }
         // An agent last touched at or before `seq` is on disk as it
         // stands, and in no remaining piece.
         self.recent.retain(|_, (at, _)| *at > seq);
