@@ -36,7 +36,10 @@
 //!   rebuild of a million events took 67 s beside the PostgreSQL
 //!   rebuild's 58. An update of an agent a held batch touched, or a batch
 //!   for the overlay, first commits what is held (an update is folded
-//!   onto the agent as the index last committed it).
+//!   onto the agent as the index last committed it). The documents of a
+//!   batch that skips the overlay are built on the disk writer's thread,
+//!   at its lower priority ([`DISK_NICENESS`]): a backlog is indexed with
+//!   the cores the requests and the live projection leave.
 //! * **Bounded memory.** One indexing thread with a heap of
 //!   [`WRITER_HEAP_BYTES`] (tantivy flushes a segment when it is full),
 //!   and the overlay's bounds ([`overlay::MAX_DOCS`],
@@ -214,7 +217,18 @@ enum Route {
 /// One agent's change on disk: the term of its document to delete (none
 /// for an agent created in the batch: it has no document yet), and its
 /// new document (none once deleted).
-type DiskOp = (Option<tantivy::Term>, Option<TantivyDocument>);
+type DiskOp = (Option<tantivy::Term>, Option<NewDoc>);
+
+/// An agent's new document, for the disk writer.
+enum NewDoc {
+    /// Built already: it went into the overlay too.
+    Built(TantivyDocument),
+    /// To build on the disk writer's thread: a batch that skips the
+    /// overlay (catching up) is built there, at the writer's lower
+    /// priority, so that a backlog being indexed leaves the cores to the
+    /// requests and to the live projection first.
+    Agent(Box<AgentView>),
+}
 
 /// The disk writer's report after each job that commits.
 #[derive(Clone)]
@@ -234,6 +248,7 @@ struct DiskCommit {
 /// them with their checkpoint as a payload about every
 /// [`DISK_COMMIT_EVERY`], or when asked.
 struct DiskWriter {
+    fields: Fields,
     writer: IndexWriter,
     reader: IndexReader,
     stream: String,
@@ -334,9 +349,13 @@ impl DiskWriter {
             if let Some(id) = id {
                 self.writer.delete_term(id);
             }
-            if let Some(doc) = doc {
-                self.writer.add_document(doc)?;
-            }
+            match doc {
+                Some(NewDoc::Built(doc)) => self.writer.add_document(doc)?,
+                Some(NewDoc::Agent(agent)) => {
+                    self.writer.add_document(self.fields.document(&agent))?
+                }
+                None => continue,
+            };
         }
         Ok(())
     }
@@ -409,6 +428,7 @@ impl SearchIndex {
         // is lowered, so that the threads tantivy starts for it inherit it.
         let (made, writer_made) = std::sync::mpsc::sync_channel(1);
         let disk_index = index.clone();
+        let disk_fields = fields.clone();
         let stream = stream.to_owned();
         let disk_thread = std::thread::Builder::new()
             .name("search-disk".into())
@@ -424,6 +444,7 @@ impl SearchIndex {
                 writer.set_merge_policy(Box::new(merge_policy()));
                 let _ = made.send(Ok(()));
                 let disk_writer = DiskWriter {
+                    fields: disk_fields,
                     writer,
                     reader,
                     stream,
@@ -704,31 +725,37 @@ impl SearchIndex {
                 }
             }
         }
-        // Each document is built once, for the overlay and the disk alike.
-        let built: Vec<(Uuid, Option<TantivyDocument>)> = touched
-            .iter()
-            .map(|(id, view)| (*id, view.as_ref().map(|v| self.fields.document(v))))
-            .collect();
-        if route == Route::Overlay {
-            let live = built.iter().filter_map(|(_, doc)| doc.clone()).collect();
-            overlay.add(&self.fields, &self.index, last, &touched, &created, live)?;
-            self.publish(&overlay, last);
-        }
         let docs = touched.len();
-        let ops = built
-            .into_iter()
-            .map(|(id, doc)| {
-                let earlier = (!created.contains(&id)).then(|| self.fields.id_term(id));
-                (earlier, doc)
-            })
-            .collect();
+        let earlier = |id: Uuid| (!created.contains(&id)).then(|| self.fields.id_term(id));
+        let (ops, commit) = match route {
+            Route::Overlay => {
+                // Each document is built once, for the overlay and the
+                // disk alike.
+                let built: Vec<(Uuid, Option<TantivyDocument>)> = touched
+                    .iter()
+                    .map(|(id, view)| (*id, view.as_ref().map(|v| self.fields.document(v))))
+                    .collect();
+                let live = built.iter().filter_map(|(_, doc)| doc.clone()).collect();
+                overlay.add(&self.fields, &self.index, last, &touched, &created, live)?;
+                self.publish(&overlay, last);
+                let ops = built
+                    .into_iter()
+                    .map(|(id, doc)| (earlier(id), doc.map(NewDoc::Built)))
+                    .collect();
+                (ops, overlay.is_full())
+            }
+            Route::Held | Route::Commit => {
+                let ids: Vec<Uuid> = touched.keys().copied().collect();
+                let ops = touched
+                    .into_iter()
+                    .map(|(id, view)| (earlier(id), view.map(|v| NewDoc::Agent(Box::new(v)))))
+                    .collect();
+                let commit = route == Route::Commit || overlay.hold(ids.into_iter(), last);
+                (ops, commit)
+            }
+        };
         let held = route == Route::Held;
         self.send(Job::Apply { ops, last, held })?;
-        let commit = match route {
-            Route::Overlay => overlay.is_full(),
-            Route::Held => overlay.hold(touched.into_keys(), last),
-            Route::Commit => true,
-        };
         Ok((docs, commit))
     }
 
