@@ -545,6 +545,36 @@ async fn catching_up_in_held_batches_folds_updates_onto_held_agents() {
     );
 }
 
+/// A backlog that ends with a full batch (nothing read after it that
+/// would commit what is held) is committed once the log has nothing more
+/// to give: 20,000 events, two full batches, both held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_that_ends_in_held_batches_is_committed_when_the_log_pauses() {
+    let sandbox = Sandbox::new().await;
+    let writer = sandbox.start(Role::Command).await;
+    let token = writer.admin_token().await;
+    let count = 20_000 - writer.last_seq().await;
+    tests::seed::agents_in_bulk(&writer.deps.store, count as usize).await;
+    let last = writer.last_seq().await;
+    assert_eq!(last, 20_000, "two full batches");
+
+    let app = sandbox.start(Role::Query).await;
+    eventually(
+        Duration::from_secs(60),
+        "the held batches committed",
+        || async { (health_checkpoint(&app).await == last).then_some(()) },
+    )
+    .await;
+    let page = app
+        .search(
+            &token,
+            &[("q", "bulk"), ("limit", "1"), ("facets", "status")],
+            last,
+        )
+        .await;
+    assert_eq!(page["facets"]["status"], json!({"active": count}), "{page}");
+}
+
 /// Rewrites the payload of the last commit in `dir` as if it had been
 /// written in another boot of the machine.
 fn as_if_written_before_a_reboot(dir: &Path) {

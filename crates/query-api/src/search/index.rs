@@ -34,8 +34,9 @@
 //!   A commit per batch wrote a segment of 10,000 agents at a time, each
 //!   merged again and again, and stalled the reading at every one: a
 //!   rebuild of a million events took 67 s beside the PostgreSQL
-//!   rebuild's 58. An update of an agent a held batch touched, or a batch
-//!   for the overlay, first commits what is held (an update is folded
+//!   rebuild's 58. An update of an agent a held batch touched, a batch
+//!   for the overlay, or a pause of the log (caught up) first commits
+//!   what is held (an update is folded
 //!   onto the agent as the index last committed it). The documents of a
 //!   batch that skips the overlay are built on the disk writer's thread,
 //!   at its lower priority ([`DISK_NICENESS`]): a backlog is indexed with
@@ -596,7 +597,19 @@ impl SearchIndex {
             .checked_sub(MAX_DELAY)
             .unwrap_or_else(tokio::time::Instant::now);
         loop {
-            let Some(first) = reader.next().await else {
+            let next = match self.held_through() {
+                // Caught up with batches held: they are committed (made
+                // searchable) as soon as the log has nothing more to read.
+                Some(held) => match tokio::time::timeout(MAX_DELAY, reader.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        self.settle(held).await?;
+                        reader.next().await
+                    }
+                },
+                None => reader.next().await,
+            };
+            let Some(first) = next else {
                 anyhow::bail!("the log read ended");
             };
             let mut batch = vec![first?];
@@ -757,6 +770,12 @@ impl SearchIndex {
         let held = route == Route::Held;
         self.send(Job::Apply { ops, last, held })?;
         Ok((docs, commit))
+    }
+
+    /// The last event of the batches the disk writer holds, if any.
+    fn held_through(&self) -> Option<u64> {
+        let overlay = self.overlay.lock().unwrap_or_else(|p| p.into_inner());
+        overlay.held.is_some().then(|| overlay.held_through())
     }
 
     /// Commits what the disk writer holds, and makes it searchable, from
