@@ -38,6 +38,19 @@ const REBALANCE: Duration = Duration::from_millis(250);
 /// that an operator must resolve).
 const LAYOUT_RETRY: Duration = Duration::from_secs(5);
 
+/// Shows every partition of `store`'s log as stood by, in `/health` and
+/// the metrics, until this process owns it; returns how many there are.
+/// [`run`] does it too, but as a task of its own it may start after the
+/// process already answers: call this first, so that no look at the
+/// process finds it neither owning nor standing by.
+pub fn stand_by(store: &EventStore, ownership: &Ownership) -> u32 {
+    let count = store.partitions().clamp(1, projection::MAX_PARTITIONS);
+    for partition in Partition::all(count) {
+        ownership.set(partition, false);
+    }
+    count
+}
+
 /// Runs this process's share of the live projection, split the way the
 /// store's log is ([`EventStore::partitions`]), until `shutdown`, sharing
 /// it with every other process that runs this on the same log.
@@ -49,11 +62,7 @@ pub async fn run(
     ownership: Ownership,
     shutdown: CancellationToken,
 ) {
-    let count = store.partitions().clamp(1, projection::MAX_PARTITIONS);
-    // Every partition shows as stood by until this process owns it.
-    for partition in Partition::all(count) {
-        ownership.set(partition, false);
-    }
+    let count = stand_by(&store, &ownership);
     loop {
         match projection::ensure_layout(&pool, count).await {
             Ok(()) => break,

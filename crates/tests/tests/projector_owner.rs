@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use projector::{Outcome, Projector, ProjectorError, Settings};
@@ -64,7 +64,24 @@ async fn applied(client: &reqwest::Client, addr: SocketAddr) -> u64 {
 #[derive(Debug, Clone)]
 struct Sample {
     leases: [Option<String>; 2],
-    checkpoint: u64,
+    /// `None` when the test's own look at the database did not get a
+    /// connection within the pool's wait (the machine busy with the other
+    /// tests): a look missed, not anything the projectors did.
+    checkpoint: Option<u64>,
+    /// When the look was sent, and when both processes had answered.
+    sent: Instant,
+    answered: Instant,
+}
+
+impl Sample {
+    /// Whether the look was under way when the owner was killed (at
+    /// `kill`): each process tells its lease when its own answer is made,
+    /// so the killed owner's answer may come from before the kill and the
+    /// standby's from after its takeover. Such a look shows two owners
+    /// that never were at once.
+    fn spans(&self, kill: Option<Instant>) -> bool {
+        kill.is_some_and(|kill| self.sent <= kill && kill <= self.answered)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -108,19 +125,28 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
 
     // Both processes and the checkpoint, looked at all along.
     let done = CancellationToken::new();
+    let kill = Arc::new(OnceLock::new());
     let sampler = {
         let (client, pool, done) = (client.clone(), app.deps.pool.clone(), done.clone());
         tokio::spawn(async move {
             let mut samples = Vec::new();
             while !done.is_cancelled() {
+                let sent = Instant::now();
                 let (a, b, checkpoint) = tokio::join!(
                     lease(&client, addrs[0]),
                     lease(&client, addrs[1]),
                     infra::projection::checkpoint(&pool),
                 );
+                let checkpoint = match checkpoint {
+                    Ok(checkpoint) => Some(checkpoint),
+                    Err(sqlx::Error::PoolTimedOut) => None,
+                    Err(e) => panic!("reading the checkpoint: {e}"),
+                };
                 samples.push(Sample {
                     leases: [a, b],
-                    checkpoint: checkpoint.unwrap(),
+                    checkpoint,
+                    sent,
+                    answered: Instant::now(),
                 });
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -168,6 +194,7 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
     );
     let before_kill = infra::projection::checkpoint(&app.deps.pool).await.unwrap();
     let mut killed = children[owner].take().unwrap();
+    kill.set(Instant::now()).unwrap();
     killed.start_kill().unwrap(); // SIGKILL: no chance to give the lease up
     killed.wait().await.unwrap();
     let killed_at = Instant::now();
@@ -218,25 +245,38 @@ async fn one_owner_at_a_time_and_the_standby_takes_over_a_killed_owner() {
     );
 
     // The checkpoint never moved backwards.
-    for pair in samples.windows(2) {
+    let checkpoints: Vec<u64> = samples.iter().filter_map(|s| s.checkpoint).collect();
+    assert!(
+        checkpoints.len() * 10 >= samples.len() * 9,
+        "only {} of {} looks read the checkpoint",
+        checkpoints.len(),
+        samples.len()
+    );
+    for pair in checkpoints.windows(2) {
         assert!(
-            pair[1].checkpoint >= pair[0].checkpoint,
+            pair[1] >= pair[0],
             "the checkpoint moved back from {} to {}",
-            pair[0].checkpoint,
-            pair[1].checkpoint
+            pair[0],
+            pair[1]
         );
     }
-    // Never two owners; exactly one whenever both answered.
+    // Never two owners; exactly one whenever both answered (but in a look
+    // that spans the kill, see `Sample::spans`).
     let owners = |s: &Sample| {
         s.leases
             .iter()
             .filter(|l| l.as_deref() == Some("owner"))
             .count()
     };
-    assert!(samples.iter().all(|s| owners(s) <= 1), "two owners at once");
+    let kill = kill.get().copied();
+    let two = samples
+        .iter()
+        .filter(|s| owners(s) > 1 && !s.spans(kill))
+        .collect::<Vec<_>>();
+    assert!(two.is_empty(), "two owners at once: {two:?}");
     let both_up: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.leases.iter().all(Option::is_some))
+        .filter(|s| s.leases.iter().all(Option::is_some) && !s.spans(kill))
         .collect();
     assert!(both_up.len() > 10, "{} samples with both up", both_up.len());
     assert!(

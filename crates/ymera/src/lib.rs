@@ -400,6 +400,7 @@ pub async fn start(
     let mut tasks = tokio::task::JoinSet::new();
     let ownership = role.projects().then(Ownership::default);
     if let Some(ownership) = &ownership {
+        projector::partitions::stand_by(&deps.store, ownership);
         tasks.spawn(projector::partitions::run(
             deps.store.clone(),
             deps.pool.clone(),
