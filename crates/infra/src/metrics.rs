@@ -152,6 +152,14 @@ fn describe() {
         "ymera_live_consumers",
         "JetStream consumers the live feed holds: its reader of the stream, and the replays in progress"
     );
+    describe_counter!(
+        "ymera_agent_reads_total",
+        "Agents read by id (GET /agents/{id}) from the read model"
+    );
+    describe_counter!(
+        "ymera_agent_read_batches_total",
+        "Queries that read them: reads that arrive while earlier ones are under way share one, so reads / batches is the mean batch"
+    );
     describe_gauge!("ymera_uptime_seconds", "Seconds since the process started");
     describe_gauge!(
         "ymera_projector_owner",
@@ -273,6 +281,13 @@ pub fn record_projector_batch(batch: &ProjectorBatch<'_>) {
     for at in batch.occurred_at {
         visible.record(seconds_between(*at, batch.committed_at));
     }
+}
+
+/// Records one query that read `reads` agents by id together.
+pub fn record_agent_read_batch(reads: usize) {
+    install();
+    metrics::counter!("ymera_agent_reads_total").increment(reads as u64);
+    metrics::counter!("ymera_agent_read_batches_total").increment(1);
 }
 
 /// Records a committed batch of the search index: `events` read from the

@@ -19,7 +19,7 @@ use crate::filters::Filters;
 use crate::paging::{CreatedCursor, PageParams, PageQuery, keyset_page, newest_first};
 use crate::params::{Params, parse_time};
 use crate::problems::{RequestProblems, Unavailable};
-use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader, projection_seq};
+use crate::projection::{CHECKPOINT, Fresh, MinSeq, MinSeqHeader};
 use crate::rows::{AGENT_COLUMNS, agent_of};
 
 /// `GET /agents/{id}`'s parameter: the past time to rebuild the agent at,
@@ -64,13 +64,7 @@ pub async fn get_agent(
 ) -> Result<Response, ApiError> {
     let (agent, seq) = match as_of {
         Some(at) => crate::history::agent_as_of(&state, id, at).await?,
-        None => {
-            let row = sqlx::query(sqlx::AssertSqlSafe(GET_AGENT.as_str()))
-                .bind(id)
-                .fetch_one(&state.pool)
-                .await?;
-            (agent_of(&row)?, projection_seq(&row)?)
-        }
+        None => state.lookup.get(id).await?,
     };
     let Some(agent) = agent else {
         return Err(ApiError::NotFound(match as_of {
@@ -82,8 +76,9 @@ pub async fn get_agent(
 }
 
 /// One agent by id (`$1`) with the projection's checkpoint, from one
-/// snapshot: a row with a null `id` when there is no such agent. Public so
-/// the benchmark's raw limit runs the very statement the endpoint runs.
+/// snapshot: a row with a null `id` when there is no such agent. The read
+/// the endpoint would make for each request without batching
+/// ([`crate::lookup`]): the benchmark's raw limit runs it.
 pub static GET_AGENT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT c.seq AS projection_seq, {AGENT_COLUMNS} FROM {} LEFT JOIN agents a ON a.id = $1",

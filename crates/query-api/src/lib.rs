@@ -13,6 +13,7 @@ pub mod analytics;
 pub mod export;
 pub mod history;
 pub mod live;
+pub mod lookup;
 pub mod metrics;
 pub mod projects;
 pub mod search;
@@ -50,6 +51,8 @@ pub struct QueryState {
     pub exports: Arc<export::Exports>,
     /// This process's search index, kept from the log by its own reader.
     pub search: Arc<search::SearchIndex>,
+    /// Reads of agents by id, batched under load.
+    pub lookup: lookup::AgentLookup,
 }
 
 impl FromRef<QueryState> for Arc<Auth> {

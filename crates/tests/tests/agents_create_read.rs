@@ -295,3 +295,64 @@ async fn list_pages_newest_first_and_filters() {
         );
     }
 }
+
+/// Reads by id that arrive together share queries (`query_api::lookup`):
+/// each still gets its own agent, with the checkpoint it was read at; an
+/// id asked for by many requests at once gets the same agent in each; an
+/// unknown id in a batch of known ones gets its 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_by_id_that_arrive_together_share_queries_and_each_gets_its_own_agent() {
+    const READS: usize = 400;
+    let app = TestApp::spawn().await;
+    let token = app.admin_token().await;
+    let agents = (0..40)
+        .map(|i| agent_body(&format!("reader {i}")))
+        .collect();
+    let ids = app.bulk_create(&token, agents).await;
+    app.settled(&token).await;
+    let last = app.last_seq().await;
+    let unknown: Vec<String> = (0..4).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let reads_before = app.metric("ymera_agent_reads_total").await.unwrap_or(0.0);
+    let batches_before = app
+        .metric("ymera_agent_read_batches_total")
+        .await
+        .unwrap_or(0.0);
+
+    // Every agent ten times over and the unknown ids, all at once.
+    let mut reads = tokio::task::JoinSet::new();
+    for k in 0..READS {
+        let (id, name) = if k % 10 == 9 {
+            (unknown[k % unknown.len()].clone(), None)
+        } else {
+            let i = k % ids.len();
+            (ids[i].clone(), Some(format!("reader {i}")))
+        };
+        let read = app.request(Method::GET, &format!("/api/v1/agents/{id}"), Some(&token));
+        reads.spawn(async move { (id, name, read.send().await.unwrap()) });
+    }
+    while let Some(read) = reads.join_next().await {
+        let (id, name, r) = read.unwrap();
+        let Some(name) = name else {
+            assert_eq!(r.status(), 404, "{id} is unknown");
+            assert_eq!(
+                header(&r, "content-type").as_deref(),
+                Some("application/problem+json")
+            );
+            continue;
+        };
+        assert_eq!(r.status(), 200, "{id}");
+        assert!(header_u64(&r, "x-projection-seq") >= last);
+        assert_eq!(header(&r, "etag").as_deref(), Some("\"1\""));
+        let agent: Value = r.json().await.unwrap();
+        assert_eq!(agent["id"], id.as_str());
+        assert_eq!(agent["name"], name.as_str(), "{id}");
+    }
+
+    let reads = app.metric("ymera_agent_reads_total").await.unwrap() - reads_before;
+    let batches = app.metric("ymera_agent_read_batches_total").await.unwrap() - batches_before;
+    assert_eq!(reads, READS as f64, "every read counted once");
+    assert!(
+        batches < reads,
+        "{READS} reads at once took {batches} queries: none shared one"
+    );
+}

@@ -184,6 +184,7 @@ pub fn app(
     }
     let query_state = search.map(|search| QueryState {
         search,
+        lookup: query_api::lookup::AgentLookup::spawn(deps.pool.clone()),
         pool: deps.pool.clone(),
         store: deps.store.clone(),
         auth: auth.clone(),

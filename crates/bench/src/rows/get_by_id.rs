@@ -1,8 +1,10 @@
 //! Get by id: `GET /agents/{id}` from many clients in a closed loop over
 //! the agents in the read model, against `ymera all`.
 //!
-//! Raw limit: the endpoint's own `SELECT` through sqlx, at the same
-//! concurrency, on a pool of 16 connections (the server's default). The
+//! Raw limit: a plain one-agent `SELECT` through sqlx for each read (the
+//! statement the endpoint would run per request; it shares one query among
+//! the reads that arrive together instead), at the same concurrency, on a
+//! pool of 16 connections (the server's default). The
 //! note adds the HTTP floor: `GET /livez` from the same client, a ceiling
 //! for any endpoint on this machine.
 
@@ -90,7 +92,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
         0.5,
         true,
         format!(
-            "{} clients over {} agents; raw = the endpoint's SELECT through sqlx, {} concurrent \
+            "{} clients over {} agents; raw = a one-agent SELECT through sqlx per read, {} concurrent \
              on a pool of 16 connections (the server's default); HTTP floor: GET /livez (no \
              token, no database) from the same client answers {:.0} ops/s, a ceiling for any \
              endpoint on this machine ({:.2} of raw)",

@@ -235,6 +235,18 @@ impl From<NotCaughtUp> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if matches!(e, sqlx::Error::PoolTimedOut) || crate::db::is_unavailable(&e) {
+            ApiError::of_database(&e)
+        } else {
+            ApiError::Internal(e.into())
+        }
+    }
+}
+
+impl ApiError {
+    /// How a database error is answered, from a reference: for an error
+    /// that many requests share (one read answering a batch of them).
+    pub fn of_database(e: &sqlx::Error) -> ApiError {
         if matches!(e, sqlx::Error::PoolTimedOut) {
             // Every connection busy (overload) or none can be opened (an
             // outage): the pool cannot tell which. Same 503 either way.
@@ -244,11 +256,11 @@ impl From<sqlx::Error> for ApiError {
                  database is down); retry shortly"
                     .into(),
             )
-        } else if crate::db::is_unavailable(&e) {
+        } else if crate::db::is_unavailable(e) {
             tracing::warn!(error = %e, "database unavailable");
             ApiError::Unavailable("the database is unavailable; retry shortly".into())
         } else {
-            ApiError::Internal(e.into())
+            ApiError::Internal(anyhow::anyhow!("database: {e}"))
         }
     }
 }
