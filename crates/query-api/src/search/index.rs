@@ -155,10 +155,6 @@ fn merge_policy() -> LogMergePolicy {
 /// See [`merge_policy`].
 const MERGE_AT_SEGMENTS: usize = 4;
 
-/// How many times, a second apart, the merge after the first catch-up is
-/// tried while the merge policy's own merges hold some of the segments.
-const MERGE_ATTEMPTS: u32 = 120;
-
 /// This boot of the machine, where the OS names it.
 fn current_boot() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -916,31 +912,24 @@ impl SearchIndex {
     fn merge_after_catching_up(self: &Arc<Self>) {
         let this = self.clone();
         tokio::spawn(async move {
-            // A merge cannot start while the merge policy is merging some
-            // of the segments: tried again a while.
-            for attempt in 1..=MERGE_ATTEMPTS {
-                let (started, merge) = tokio::sync::oneshot::channel();
-                if this.send(Job::Merge(started)).is_err() {
+            let (started, merge) = tokio::sync::oneshot::channel();
+            if this.send(Job::Merge(started)).is_err() {
+                return;
+            }
+            // Dropped unsent: nothing to merge.
+            let Ok(merge) = merge.await else {
+                return;
+            };
+            let began = Instant::now();
+            match merge.await {
+                Ok(_) => tracing::info!(
+                    elapsed_ms = began.elapsed().as_millis() as u64,
+                    "merged the search index's segments into one after catching up"
+                ),
+                Err(e) => {
+                    // One of them was being merged already.
+                    tracing::info!(error = %e, "the search index's segments were left to the merge policy");
                     return;
-                }
-                // Dropped unsent: nothing (more) to merge.
-                let Ok(merge) = merge.await else {
-                    return;
-                };
-                let began = Instant::now();
-                match merge.await {
-                    Ok(_) => {
-                        tracing::info!(
-                            elapsed_ms = began.elapsed().as_millis() as u64,
-                            "merged the search index's segments into one after catching up"
-                        );
-                        break;
-                    }
-                    Err(e) if attempt == MERGE_ATTEMPTS => {
-                        tracing::info!(error = %e, "the search index's segments were left to the merge policy");
-                        return;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
                 }
             }
             let reloads = this.disk.borrow().reloads;
