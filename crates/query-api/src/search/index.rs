@@ -51,7 +51,6 @@ mod unsynced;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -179,11 +178,6 @@ pub struct SearchIndex {
     /// What searches read, published after each batch.
     view: RwLock<Arc<View>>,
     checkpoint: watch::Sender<u64>,
-    /// Whether the log has been read since the index opened.
-    followed: AtomicBool,
-    /// Whether the catch-up under way is the one the index started with,
-    /// whose segments are merged once it is committed.
-    merge_when_caught_up: AtomicBool,
 }
 
 impl std::fmt::Debug for SearchIndex {
@@ -520,8 +514,6 @@ impl SearchIndex {
             overlay: Mutex::new(overlay),
             view: RwLock::new(Arc::new(view)),
             checkpoint: watch::channel(checkpoint).0,
-            followed: AtomicBool::new(false),
-            merge_when_caught_up: AtomicBool::new(false),
         })
     }
 
@@ -642,11 +634,6 @@ impl SearchIndex {
         if until.is_some_and(|u| self.checkpoint() >= u) {
             return self.settle(self.checkpoint()).await;
         }
-        if !self.followed.swap(true, Ordering::SeqCst)
-            && last.saturating_sub(self.checkpoint()) >= CATCH_UP_BATCH as u64
-        {
-            self.merge_when_caught_up.store(true, Ordering::SeqCst);
-        }
         let mut reader = store.read_log(self.checkpoint() + 1).await?;
         // When the last batch was applied: a batch is applied at most
         // every MAX_DELAY, and what arrived while the last one was being
@@ -662,9 +649,7 @@ impl SearchIndex {
                     Ok(next) => next,
                     Err(_) => {
                         self.settle(held).await?;
-                        if self.merge_when_caught_up.swap(false, Ordering::SeqCst) {
-                            self.merge_after_catching_up();
-                        }
+                        self.merge_after_catching_up();
                         reader.next().await
                     }
                 },
@@ -898,17 +883,13 @@ impl SearchIndex {
         Ok(())
     }
 
-    /// Once the catch-up an index starts with (a build from the log, or a
-    /// backlog of a full batch or more since its last run) is committed,
-    /// merges its segments into one, in the background. It leaves several
-    /// (each the size of the indexing heap), and every search walks each
-    /// one's term dictionaries for every word, typo and prefix, so fewer
-    /// segments make every query cheaper. The catch-up is searchable
-    /// before (the merge may take seconds, and the disk writer goes on
-    /// committing meanwhile); the merged segment is swapped in when done.
-    /// Only that catch-up: one under live load (a burst of bulk writes)
-    /// would merge the whole index while requests need the cores, and
-    /// took the write-to-searchable p99 from 64 to 96 ms.
+    /// Once a catch-up is committed, merges its segments into one, in the
+    /// background: a catch-up leaves several (each is the size of the
+    /// indexing heap), and every search walks each one's term dictionaries
+    /// for every word, typo and prefix, so fewer segments make every query
+    /// cheaper. The catch-up is searchable before (the merge may take
+    /// seconds, and the disk writer goes on committing meanwhile); the
+    /// merged segment is swapped in when done.
     fn merge_after_catching_up(self: &Arc<Self>) {
         let this = self.clone();
         tokio::spawn(async move {
