@@ -68,10 +68,7 @@ use tantivy::index::SegmentComponent;
 use tantivy::merge_policy::LogMergePolicy;
 use tantivy::query::TermQuery;
 use tantivy::schema::{IndexRecordOption, Value};
-use tantivy::{
-    FutureResult, Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, SegmentMeta,
-    TantivyDocument,
-};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -201,12 +198,9 @@ enum Job {
     },
     /// Commit what was applied now.
     Commit,
-    /// Start merging the committed segments into one, and hand the merge
-    /// back to be waited for (see [`SearchIndex::merge_after_catching_up`]);
-    /// dropped when there is nothing to merge.
-    Merge(tokio::sync::oneshot::Sender<FutureResult<Option<SegmentMeta>>>),
-    /// Take in what finished merges changed; commits nothing.
-    Reload,
+    /// Merge the committed segments into one (see
+    /// [`SearchIndex::merge_after_catching_up`]); commits nothing.
+    Merge,
     /// Empty the index and commit it at checkpoint 0.
     Reset,
     /// Take jobs again after a failure (the ones sent before were dropped).
@@ -245,8 +239,6 @@ enum NewDoc {
 struct DiskCommit {
     /// Counts the reports, so a job's own can be waited for.
     report: u64,
-    /// Counts the [`Job::Reload`]s done.
-    reloads: u64,
     /// The checkpoint of the last commit.
     seq: u64,
     /// The disk index at that commit.
@@ -294,21 +286,12 @@ impl DiskWriter {
                 }
             };
             let done = match job {
-                Some(Job::Merge(started)) => {
-                    if let Some(merge) = self.start_merge() {
-                        let _ = started.send(merge);
-                    }
-                    continue;
-                }
-                Some(Job::Reload) => {
-                    if let Err(e) = self.reader.reload() {
-                        tracing::warn!(error = %e, "reloading the search index after a merge failed");
-                    }
+                Some(Job::Merge) => {
+                    self.merge_segments();
                     // What the searcher shows changed, not what is
                     // committed.
                     self.report.send_modify(|r| {
                         r.report += 1;
-                        r.reloads += 1;
                         r.searcher = self.reader.searcher();
                     });
                     continue;
@@ -391,16 +374,32 @@ impl DiskWriter {
         Ok(())
     }
 
-    /// Starts merging every committed segment into one, on tantivy's
-    /// merge threads: this thread goes on committing meanwhile. `None`
-    /// when there is one segment or none.
-    fn start_merge(&mut self) -> Option<FutureResult<Option<SegmentMeta>>> {
-        match self.writer.index().searchable_segment_ids() {
-            Ok(segments) if segments.len() > 1 => Some(self.writer.merge(&segments)),
-            Ok(_) => None,
+    /// Merges every committed segment into one, and reloads the reader.
+    /// A merge that cannot start (one of the segments is being merged
+    /// already) is left to the merge policy.
+    fn merge_segments(&mut self) {
+        let segments = match self.writer.index().searchable_segment_ids() {
+            Ok(segments) if segments.len() > 1 => segments,
+            Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "listing the search index's segments failed");
-                None
+                return;
+            }
+        };
+        let started = Instant::now();
+        match self.writer.merge(&segments).wait() {
+            Ok(_) => {
+                if let Err(e) = self.reader.reload() {
+                    tracing::warn!(error = %e, "reloading the search index after a merge failed");
+                }
+                tracing::info!(
+                    segments = segments.len(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "merged the search index's segments into one after catching up"
+                );
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "the search index's segments were left to the merge policy")
             }
         }
     }
@@ -464,7 +463,6 @@ impl SearchIndex {
         let searcher = reader.searcher();
         let (report, disk) = watch::channel(DiskCommit {
             report: 0,
-            reloads: 0,
             seq: checkpoint,
             searcher: searcher.clone(),
             error: None,
@@ -888,39 +886,17 @@ impl SearchIndex {
     /// indexing heap), and every search walks each one's term dictionaries
     /// for every word, typo and prefix, so fewer segments make every query
     /// cheaper. The catch-up is searchable before (the merge may take
-    /// seconds, and the disk writer goes on committing meanwhile); the
-    /// merged segment is swapped in when done.
+    /// seconds); the merged segment is swapped in when done, unless a later
+    /// commit (which holds it) was taken in first.
     fn merge_after_catching_up(self: &Arc<Self>) {
         let this = self.clone();
         tokio::spawn(async move {
-            let (started, merge) = tokio::sync::oneshot::channel();
-            if this.send(Job::Merge(started)).is_err() {
-                return;
-            }
-            // Dropped unsent: nothing to merge.
-            let Ok(merge) = merge.await else {
-                return;
-            };
-            let began = Instant::now();
-            match merge.await {
-                Ok(_) => tracing::info!(
-                    elapsed_ms = began.elapsed().as_millis() as u64,
-                    "merged the search index's segments into one after catching up"
-                ),
-                Err(e) => {
-                    // One of them was being merged already.
-                    tracing::info!(error = %e, "the search index's segments were left to the merge policy");
-                    return;
-                }
-            }
-            let reloads = this.disk.borrow().reloads;
-            let reloaded = |r: &DiskCommit| r.reloads > reloads || r.error.is_some();
-            let report = match this.disk_job(Job::Reload, reloaded).await {
+            let report = match this.disk_job(Job::Merge, |_| true).await {
                 Ok(report) if report.error.is_none() => report,
                 _ => return,
             };
             let mut overlay = this.overlay.lock().unwrap_or_else(|p| p.into_inner());
-            if report.seq < overlay.disk_seq {
+            if report.seq != overlay.disk_seq {
                 return;
             }
             match overlay.committed(&this.fields, report.searcher, report.seq) {
