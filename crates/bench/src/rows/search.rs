@@ -61,9 +61,6 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
     let server = Server::start_as(&ctx.ymera, "query-api", &vars, Some(token)).await?;
     indexed(&server, published, Duration::from_secs(1800)).await?;
     let build_secs = started.elapsed().as_secs_f64();
-    let merged = Instant::now();
-    let segments = merged_into_one(&server, Duration::from_secs(300)).await?;
-    let merge_secs = merged.elapsed().as_secs_f64();
     let rss = server.memory()?.0;
 
     // Each query alone first, for the note.
@@ -110,8 +107,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
         p99 <= 50.0,
         format!(
             "{published} agents indexed by a `ymera query-api` from the log in {build_secs:.1} s \
-             ({:.0} events/s, start-up included), its segments then merged into {segments} in \
-             {merge_secs:.1} s more, its RSS then {:.0} MiB; {} clients cycling \
+             ({:.0} events/s, start-up included), its RSS then {:.0} MiB; {} clients cycling \
              over {}; reference = the get-by-id row's ops/s; each query alone: {}",
             published as f64 / build_secs,
             rss as f64 / 1048576.0,
@@ -120,25 +116,6 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Row> {
             alone.join("; "),
         ),
     ))
-}
-
-/// Waits, at most `deadline`, until `server`'s search index has merged
-/// the segments its catch-up left into one (its disk segments, from the
-/// metrics); how many there are then.
-async fn merged_into_one(server: &Server, deadline: Duration) -> anyhow::Result<u64> {
-    let started = Instant::now();
-    loop {
-        let text = server.get("/metrics").send().await?.text().await?;
-        let disk = text
-            .lines()
-            .find_map(|l| l.strip_prefix("ymera_search_segments{kind=\"disk\"} "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as u64;
-        if disk <= 1 || started.elapsed() >= deadline {
-            return Ok(disk);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Waits until `server`'s search index has applied event `seq`.

@@ -198,9 +198,6 @@ enum Job {
     },
     /// Commit what was applied now.
     Commit,
-    /// Merge the committed segments into one (see
-    /// [`SearchIndex::merge_after_catching_up`]); commits nothing.
-    Merge,
     /// Empty the index and commit it at checkpoint 0.
     Reset,
     /// Take jobs again after a failure (the ones sent before were dropped).
@@ -286,16 +283,6 @@ impl DiskWriter {
                 }
             };
             let done = match job {
-                Some(Job::Merge) => {
-                    self.merge_segments();
-                    // What the searcher shows changed, not what is
-                    // committed.
-                    self.report.send_modify(|r| {
-                        r.report += 1;
-                        r.searcher = self.reader.searcher();
-                    });
-                    continue;
-                }
                 Some(Job::Resume) => {
                     failed = false;
                     Ok(())
@@ -372,36 +359,6 @@ impl DiskWriter {
             };
         }
         Ok(())
-    }
-
-    /// Merges every committed segment into one, and reloads the reader.
-    /// A merge that cannot start (one of the segments is being merged
-    /// already) is left to the merge policy.
-    fn merge_segments(&mut self) {
-        let segments = match self.writer.index().searchable_segment_ids() {
-            Ok(segments) if segments.len() > 1 => segments,
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing the search index's segments failed");
-                return;
-            }
-        };
-        let started = Instant::now();
-        match self.writer.merge(&segments).wait() {
-            Ok(_) => {
-                if let Err(e) = self.reader.reload() {
-                    tracing::warn!(error = %e, "reloading the search index after a merge failed");
-                }
-                tracing::info!(
-                    segments = segments.len(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "merged the search index's segments into one after catching up"
-                );
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "the search index's segments were left to the merge policy")
-            }
-        }
     }
 
     /// Commits what the writer holds with checkpoint `last`, and reloads
@@ -647,7 +604,6 @@ impl SearchIndex {
                     Ok(next) => next,
                     Err(_) => {
                         self.settle(held).await?;
-                        self.merge_after_catching_up();
                         reader.next().await
                     }
                 },
@@ -879,33 +835,6 @@ impl SearchIndex {
         }
         self.publish(&overlay, last.max(self.checkpoint()));
         Ok(())
-    }
-
-    /// Once a catch-up is committed, merges its segments into one, in the
-    /// background: a catch-up leaves several (each is the size of the
-    /// indexing heap), and every search walks each one's term dictionaries
-    /// for every word, typo and prefix, so fewer segments make every query
-    /// cheaper. The catch-up is searchable before (the merge may take
-    /// seconds); the merged segment is swapped in when done, unless a later
-    /// commit (which holds it) was taken in first.
-    fn merge_after_catching_up(self: &Arc<Self>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let report = match this.disk_job(Job::Merge, |_| true).await {
-                Ok(report) if report.error.is_none() => report,
-                _ => return,
-            };
-            let mut overlay = this.overlay.lock().unwrap_or_else(|p| p.into_inner());
-            if report.seq != overlay.disk_seq {
-                return;
-            }
-            match overlay.committed(&this.fields, report.searcher, report.seq) {
-                Ok(()) => this.publish(&overlay, this.checkpoint()),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "taking the merged search index in failed")
-                }
-            }
-        });
     }
 
     /// After the disk writer failed: it went back to its last commit, so
